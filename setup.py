@@ -1,0 +1,49 @@
+"""Package definition for jaxlab: dependencies with the version ranges we test against."""
+
+from setuptools import setup
+
+setup(
+    name="jaxlab",
+    version="0.1.0",
+    description="A JAX/Flax research codebase for scalable models.",
+    python_requires=">=3.10",
+    py_modules=[
+        "train",
+        "input_pipeline",
+        "tokenizers_lib",
+        "data_setup",
+        "sharding",
+        "checkpointing",
+        "metrics_writer",
+        "config_validation",
+        "optim",
+        "steps",
+        "sampling",
+        "sample",
+        "evaluate",
+        "sweep",
+        "bench",
+        "preemption",
+        "distributed",
+    ],
+    packages=["models", "configs"],
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "tensorflow-cpu>=2.21,<2.22",
+        "tensorflow-datasets>=4.9.10,<4.10",
+        "absl-py>=2.1",
+        "ml-collections>=1.0",
+        # Not pulled in by the above but needed: TensorBoard summaries, TFDS builders.
+        "tensorboard>=2.20",
+        "importlib_resources>=6",
+        "sentencepiece>=0.2",
+        "matplotlib>=3.8",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "scikit-learn>=1.4"],
+    },
+)
