@@ -1,0 +1,166 @@
+"""Orbax checkpoints: keep-N, async saves, newest-valid restore, and reshaping onto any mesh.
+
+A checkpoint holds the train state and a small JSON `meta` item (the step and the config). The
+data order is a pure function of the step, so the step is all the input state there is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class CheckpointMismatchError(ValueError):
+    """The workdir's checkpoint was made by a model of other shapes than the config's."""
+
+
+class Checkpointer:
+    """A thin wrapper over `ocp.CheckpointManager` with the policies above."""
+
+    def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep,
+                enable_async_checkpointing=async_save,
+                create=True,
+            ),
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    def all_steps(self) -> list[int]:
+        """Steps of the complete checkpoints on disk, oldest first."""
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, meta: dict[str, Any], force: bool = False) -> bool:
+        """Saves (asynchronously unless disabled); Orbax deletes old ones only after it commits."""
+        return self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+            force=force,
+        )
+
+    def check_shapes(self, step: int, abstract_state: Any) -> None:
+        """Raises CheckpointMismatchError if the saved arrays' shapes differ from the target's."""
+        saved = self._manager.item_metadata(step)["state"]
+        saved_shapes = {
+            jax.tree_util.keystr(path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(saved)
+            if hasattr(leaf, "shape")
+        }
+        wanted = {
+            jax.tree_util.keystr(path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state)
+        }
+        diffs = [
+            f"{name}: checkpoint {saved_shapes.get(name)} vs config {wanted.get(name)}"
+            for name in sorted(set(saved_shapes) | set(wanted))
+            if saved_shapes.get(name) != wanted.get(name)
+        ]
+        if diffs:
+            raise CheckpointMismatchError(
+                f"The checkpoint at step {step} in {self.directory} does not fit this config's "
+                f"model ({len(diffs)} arrays differ, e.g. {'; '.join(diffs[:3])}). Use a new "
+                "--workdir, or pass --config.restart=True to move the old checkpoints aside and "
+                "start afresh."
+            )
+
+    def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
+        """Restores the newest checkpoint that reads back whole, onto `abstract_state`'s
+        shardings; warns about and skips damaged ones. None if there is no usable checkpoint."""
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                self.check_shapes(step, abstract_state)
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # unreadable metadata: a damaged checkpoint
+                logging.warning("Checkpoint %d is damaged (%s); trying an older one.", step, e)
+                continue
+            try:
+                restored = self._manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state),
+                        meta=ocp.args.JsonRestore(),
+                    ),
+                )
+            except Exception as e:
+                logging.warning(
+                    "Checkpoint %d in %s is damaged or incomplete (%s: %s); trying an older one.",
+                    step,
+                    self.directory,
+                    type(e).__name__,
+                    str(e)[:300],
+                )
+                continue
+            return restored["state"], restored["meta"]
+        return None
+
+    def wait(self) -> None:
+        """Blocks until any asynchronous save has been committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def move_aside(workdir: str) -> str | None:
+    """Renames an existing checkpoints directory (config.restart=True); nothing is deleted."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory) or not os.listdir(directory):
+        return None
+    target = f"{directory}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+    if jax.process_index() == 0:
+        shutil.move(directory, target)
+    return target
+
+
+def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Writes the run's config next to its checkpoints (read back by sample.py, evaluate.py)."""
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """Reads back the config a run was trained with."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {workdir} a jaxlab workdir?")
+    with open(path) as f:
+        return ml_collections.ConfigDict(_lists_to_tuples(json.load(f)))
+
+
+def _lists_to_tuples(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _lists_to_tuples(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return tuple(_lists_to_tuples(v) for v in x)
+    return x
+
+
+def to_host(tree: Any) -> Any:
+    """Fetches a (possibly sharded, multi-process) pytree to host numpy arrays."""
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() > 1:
+        tree = multihost_utils.process_allgather(tree, tiled=True)
+    return jax.tree.map(np.asarray, tree)

@@ -1,0 +1,149 @@
+"""Checks a config before anything compiles; every error names the field and the fix."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from typing import Any
+
+import jax
+import ml_collections
+
+import models
+import sharding
+from configs import base
+
+
+class ConfigError(ValueError):
+    """The config asks for something impossible or misspelt."""
+
+
+_CHOICES = {
+    "task": ("classification", "lm"),
+    "tokenizer": ("char", "byte", "sentencepiece"),
+    "optimizer": ("adamw", "adam", "sgd"),
+    "lr_schedule": ("cosine", "constant"),
+    "parallelism": ("jit", "pmap"),
+    "dtype": ("float32", "bfloat16", "float16"),
+}
+_POSITIVE = ("batch_size", "eval_batch_size", "grad_accum_steps", "log_every_steps",
+             "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints")  # fmt: skip
+_NON_NEGATIVE = ("learning_rate", "min_learning_rate", "warmup_steps", "weight_decay",
+                 "grad_clip_norm", "label_smoothing")  # fmt: skip
+
+
+def _suggest(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def _check_keys(config: Any, schema: Any, prefix: str) -> None:
+    """Unknown keys and wrong types, recursively, against configs/base.py."""
+    for key in config.keys():
+        if key not in schema:
+            raise ConfigError(
+                f"Unknown config field {prefix}{key}.{_suggest(key, list(schema.keys()))} "
+                "Every field is defined in configs/base.py."
+            )
+        value, default = config[key], schema[key]
+        if prefix == "" and key == "model":
+            continue  # model fields depend on the model family: see _check_model
+        if isinstance(default, ml_collections.ConfigDict):
+            if not isinstance(value, ml_collections.ConfigDict | dict):
+                raise ConfigError(f"config.{prefix}{key} must be a group of fields, got {value!r}.")
+            _check_keys(value, default, f"{prefix}{key}.")
+            continue
+        if not _same_kind(value, default):
+            raise ConfigError(
+                f"config.{prefix}{key}={value!r} has type {type(value).__name__}; "
+                f"expected {type(default).__name__} (like the default {default!r})."
+            )
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    """Whether `value` may replace `default` (ints may stand for floats, bools for nothing else)."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float)
+    if isinstance(default, int | str):
+        return isinstance(value, type(default))
+    return True
+
+
+def _check_model(config: ml_collections.ConfigDict) -> None:
+    name = config.model.get("name")
+    if name not in models.MODELS:
+        raise ConfigError(
+            f"config.model.name={name!r} is not a known model; choose one of "
+            f"{sorted(models.MODELS)}.{_suggest(str(name), list(models.MODELS))}"
+        )
+    fields = {f.name for f in dataclasses.fields(models.MODELS[name])} - {"parent", "name"}
+    for key in config.model.keys():
+        if key != "name" and key not in fields:
+            raise ConfigError(
+                f"config.model.{key} is not a field of the {name!r} model.{_suggest(key, fields)} "
+                f"Its fields: {sorted(fields - {'dtype'})}."
+            )
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Raises ConfigError naming the field and the fix for the first problem found."""
+    _check_keys(config, base.get_config(), "")
+    for key, choices in _CHOICES.items():
+        if config[key] not in choices:
+            raise ConfigError(f"config.{key}={config[key]!r}: choose one of {choices}.")
+    for key in _POSITIVE:
+        if config[key] <= 0:
+            raise ConfigError(f"config.{key}={config[key]} must be positive.")
+    for key in _NON_NEGATIVE:
+        if config[key] < 0:
+            raise ConfigError(f"config.{key}={config[key]} must not be negative.")
+    if config.num_train_steps <= 0 and config.num_epochs <= 0:
+        raise ConfigError("Set config.num_train_steps or config.num_epochs to a positive number.")
+    if not 0 <= config.label_smoothing < 1:
+        raise ConfigError(f"config.label_smoothing={config.label_smoothing} must be in [0, 1).")
+    if config.task == "lm" and not 0 < config.val_fraction < 1:
+        raise ConfigError(f"config.val_fraction={config.val_fraction} must be in (0, 1).")
+    if config.init_from.mode not in ("params", "state"):
+        raise ConfigError(f"config.init_from.mode={config.init_from.mode!r}: 'params' or 'state'.")
+    _check_model(config)
+    if config.task == "lm" and config.model.name != "gpt":
+        raise ConfigError("config.task='lm' needs a language model: set config.model.name='gpt'.")
+    check_parallelism(config, num_devices)
+
+
+def check_parallelism(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """The mesh fits the devices and the batch divides over data-parallel devices, processes
+    and microbatches."""
+    num_devices = num_devices or jax.device_count()
+    try:
+        data, fsdp, tensor = sharding.resolve_mesh_shape(dict(config.mesh_shape), num_devices)
+    except sharding.MeshError as e:
+        raise ConfigError(str(e)) from e
+    if config.parallelism == "pmap":
+        data, fsdp = jax.local_device_count() * jax.process_count(), 1
+        if jax.process_count() > 1:
+            raise ConfigError(
+                "config.parallelism='pmap' runs on one process here; use 'jit' on several hosts."
+            )
+    dp = data * fsdp
+    b, k = config.batch_size, config.grad_accum_steps
+    if b % k:
+        raise ConfigError(
+            f"config.batch_size={b} does not divide into config.grad_accum_steps={k} microbatches."
+        )
+    need = math.lcm(dp, jax.process_count())
+    if (b // k) % need:
+        raise ConfigError(
+            f"The microbatch of {b // k} examples (batch_size={b} / grad_accum_steps={k}) does "
+            f"not divide over {dp} data-parallel devices (data={data} x fsdp={fsdp}) and "
+            f"{jax.process_count()} processes; use a batch size that is a multiple of {need * k}."
+        )
+    if config.eval_batch_size % need:
+        raise ConfigError(
+            f"config.eval_batch_size={config.eval_batch_size} does not divide over {dp} "
+            f"data-parallel devices; use a multiple of {need}."
+        )
+    del tensor

@@ -1,0 +1,46 @@
+"""Starts JAX's multi-controller runtime when several processes (hosts) run one job."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from absl import logging
+
+
+def _cluster_detected() -> bool:
+    """True on a multi-host TPU slice, a SLURM job of several tasks, or a multi-pod JobSet."""
+    if os.environ.get("SLURM_JOB_ID"):
+        return int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        return True
+    return bool(os.environ.get("JOBSET_NAME") or os.environ.get("OMPI_COMM_WORLD_SIZE"))
+
+
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    cpu_devices_per_process: int | None = None,
+) -> None:
+    """Initialises jax.distributed from explicit values, or by auto-detection on TPU pods, SLURM
+    and Kubernetes (JobSet); does nothing for an ordinary single-process run."""
+    if cpu_devices_per_process:
+        jax.config.update("jax_num_cpu_devices", cpu_devices_per_process)
+    if coordinator_address:
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+        )
+    elif _cluster_detected():
+        jax.distributed.initialize()
+    else:
+        return
+    logging.info(
+        "jax.distributed: process %d of %d, %d local / %d global devices.",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )

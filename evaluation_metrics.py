@@ -1,0 +1,117 @@
+"""Turns summed evaluation counts into the metrics a paper reports, and the final report."""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+_LN2 = math.log(2.0)
+
+
+def classification_metrics(confusion: np.ndarray) -> dict[str, Any]:
+    """Per-class and macro precision, recall and F1 from a [true, predicted] confusion matrix."""
+    confusion = np.asarray(confusion, np.float64)
+    tp = np.diag(confusion)
+    predicted, actual = confusion.sum(0), confusion.sum(1)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    return {
+        "precision_macro": float(precision.mean()),
+        "recall_macro": float(recall.mean()),
+        "f1_macro": float(f1.mean()),
+        "precision_per_class": precision.tolist(),
+        "recall_per_class": recall.tolist(),
+        "f1_per_class": f1.tolist(),
+        "confusion_matrix": confusion.astype(np.int64).tolist(),
+    }
+
+
+def lm_metrics(loss: float, tokenizer: Any) -> dict[str, float]:
+    """Perplexity and bits per unit; the unit is the tokenizer's (character, byte or token)."""
+    unit = {"CharTokenizer": "char", "ByteTokenizer": "byte"}.get(type(tokenizer).__name__, "token")
+    return {"perplexity": float(math.exp(min(loss, 50.0))), f"bits_per_{unit}": loss / _LN2}
+
+
+def from_sums(sums: dict[str, Any], num_classes: int, tokenizer: Any = None) -> dict[str, Any]:
+    """Metrics of one split from the eval step's summed loss, correct count and confusion."""
+    count = float(sums["count"])
+    out: dict[str, Any] = {
+        "loss": float(sums["loss_sum"]) / count,
+        "accuracy": float(sums["correct"]) / count,
+        "num_examples": int(round(count)),
+    }
+    if num_classes:
+        out.update(classification_metrics(sums["confusion"]))
+    else:
+        out.update(lm_metrics(out["loss"], tokenizer))
+    return out
+
+
+def final_report(
+    config: ml_collections.ConfigDict, results: dict[str, dict], steps: int, num_params: int
+) -> dict[str, Any]:
+    """The contents of final_metrics.json: '<split>_<metric>' for every split, and run facts."""
+    report: dict[str, Any] = {"step": steps, "num_params": num_params, "model": config.model.name}
+    for split, metrics in results.items():
+        for name, value in metrics.items():
+            report[f"{split}_{name}"] = value
+    return report
+
+
+def flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Scalar config fields, flattened with dots, for TensorBoard's HParams tab."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        for key, value in node.items():
+            if isinstance(value, ml_collections.ConfigDict | dict):
+                walk(f"{prefix}{key}.", value)
+            elif isinstance(value, bool | int | float | str):
+                flat[f"{prefix}{key}"] = value
+            else:
+                flat[f"{prefix}{key}"] = str(value)
+
+    walk("", config)
+    return flat
+
+
+def confusion_matrix_image(confusion: np.ndarray, class_names: list[str] | None = None):
+    """Renders a confusion matrix as an RGB uint8 image [H, W, 3] (matplotlib, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    confusion = np.asarray(confusion)
+    n = confusion.shape[0]
+    names = class_names or [str(i) for i in range(n)]
+    fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
+    ax.imshow(confusion, cmap="Blues")
+    for i in range(n):
+        for j in range(n):
+            color = "white" if confusion[i, j] > confusion.max() / 2 else "black"
+            ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7, color=color)
+    ax.set_xticks(range(n), names, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(n), names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    buffer.seek(0)
+    return (plt.imread(buffer)[..., :3] * 255).astype(np.uint8)
+
+
+def log_images(writer: Any, step: int, results: dict[str, dict]) -> None:
+    """Writes a confusion-matrix image for each classification split."""
+    for split, metrics in results.items():
+        if "confusion_matrix" in metrics:
+            image = confusion_matrix_image(np.array(metrics["confusion_matrix"]))
+            writer.write_image(step, f"{split}/confusion_matrix", image)

@@ -1,0 +1,256 @@
+"""tf.data input pipelines over TFDS datasets and text corpora; knows data, nothing about models.
+
+Every training batch is a pure function of (seed, step, process): the pipeline for step s draws
+the global batch's example indices from a stateless generator keyed by (seed, s) and each process
+keeps its own slice. Resuming at step s is `train_batches(start_step=s)`: no iterator state to
+save, no data repeated or skipped, and N processes together see exactly the batch one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+import data_setup
+import tokenizers_lib
+
+# tf.data is only the host-side feeder here: keep TensorFlow off any accelerator.
+tf.config.set_visible_devices([], "GPU")
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class Datasets:
+    """What train.py needs to know about the data."""
+
+    train_batches: Any  # (start_step: int) -> iterator of process-local batches
+    eval_batches: Any  # (split: str) -> finite iterable of process-local padded, masked batches
+    eval_splits: tuple[str, ...]
+    num_train_examples: int  # examples (or tokens, for lm) in the training split
+    example_input: np.ndarray  # one input, batch of 1, for model.init
+    num_classes: int = 0  # classification only
+    tokenizer: Any = None  # lm only
+
+
+def local_batch_size(global_batch: int) -> int:
+    """This process's share of a global batch."""
+    if global_batch % jax.process_count():
+        raise ValueError(
+            f"batch size {global_batch} does not divide over {jax.process_count()} processes."
+        )
+    return global_batch // jax.process_count()
+
+
+def _process_slice(global_batch: int) -> tf.Tensor:
+    """Positions of this process's examples inside a global batch."""
+    local = local_batch_size(global_batch)
+    start = jax.process_index() * local
+    return tf.range(start, start + local, dtype=tf.int64)
+
+
+def _data_dir(config: ml_collections.ConfigDict) -> str:
+    return config.data_dir or data_setup.default_data_dir()
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def _load_image_split(name: str, split: str, data_dir: str) -> tuple[np.ndarray, np.ndarray]:
+    """Whole split into memory as uint8 images [N, H, W, C] and int32 labels."""
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # unknown name
+        raise data_setup.DatasetUnavailableError(
+            f"config.dataset={name!r} is not a TFDS dataset ({e}). Use 'fashion_mnist', 'mnist' or "
+            "another TFDS name, or 'tiny_shakespeare' / a .txt path with config.task='lm'."
+        ) from e
+    if not builder.is_prepared():
+        if name == "fashion_mnist":
+            data_setup.prepare_fashion_mnist(data_dir)
+        else:
+            try:
+                builder.download_and_prepare()
+            except Exception as e:
+                raise data_setup.DatasetUnavailableError(
+                    f"TFDS dataset {name!r} is not prepared in {data_dir} and could not be "
+                    f"downloaded ({type(e).__name__}). Run with network once, or prepare it with "
+                    f"`tfds build {name} --data_dir={data_dir}`."
+                ) from e
+    data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+    return data["image"], data["label"].astype(np.int32)
+
+
+def _image_train_fn(config, images: np.ndarray, labels: np.ndarray):
+    n = len(images)
+    global_batch = config.batch_size
+    images_t, labels_t = tf.constant(images), tf.constant(labels)
+    positions = _process_slice(global_batch)
+    pad, flip = int(config.augment.random_crop_pad), bool(config.augment.random_flip)
+
+    def make_batch(step):
+        # Global example number -> (epoch, position); each epoch is a fresh permutation.
+        g = step * global_batch + positions
+        epoch, pos = g // n, g % n
+        seeds = tf.stack([tf.fill(tf.shape(g), tf.cast(config.seed, tf.int64)), epoch, 0 * g], 1)
+        max_index = tf.fill(tf.shape(g), tf.constant(n - 1, tf.int64))
+        # The raw op: the tf.random.experimental wrapper mis-pads batched [n, 3] seeds.
+        idx = tf.raw_ops.RandomIndexShuffle(index=pos, seed=seeds, max_index=max_index)
+        x = tf.cast(tf.gather(images_t, idx), tf.float32) / 255.0
+        if pad or flip:
+            x = _augment(x, config.seed, step, pad, flip)
+        return {"inputs": x, "targets": tf.gather(labels_t, idx)}
+
+    def train_batches(start_step: int = 0) -> Iterator[Batch]:
+        ds = tf.data.Dataset.range(start_step, 2**62)
+        ds = ds.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+    return train_batches
+
+
+def _augment(x: tf.Tensor, seed: int, step: tf.Tensor, pad: int, flip: bool) -> tf.Tensor:
+    """Random crops (zero padding by `pad` pixels) and horizontal flips, seeded by (seed, step)."""
+    key = tf.stack([tf.cast(seed, tf.int64) + 1_000_003, step])
+    b, h, w = tf.shape(x)[0], x.shape[1], x.shape[2]
+    if flip:
+        coin = tf.random.stateless_uniform([b, 1, 1, 1], seed=key) < 0.5
+        x = tf.where(coin, tf.reverse(x, axis=[2]), x)
+    if pad:
+        x = tf.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+        offsets = tf.random.stateless_uniform(
+            [b, 2], seed=key + 1, maxval=2 * pad + 1, dtype=tf.int32
+        )
+        x = tf.map_fn(
+            lambda a: tf.slice(a[0], [a[1][0], a[1][1], 0], [h, w, -1]),
+            (x, offsets),
+            fn_output_signature=tf.float32,
+        )
+    return x
+
+
+def _padded_eval_fn(config, num_examples: int, gather):
+    """Iterates every example exactly once: the last global batch is padded and masked."""
+    global_batch = config.eval_batch_size
+    positions = _process_slice(global_batch)
+    num_batches = -(-num_examples // global_batch)
+
+    def make_batch(b):
+        g = b * global_batch + positions
+        mask = g < num_examples
+        batch = gather(tf.minimum(g, num_examples - 1))
+        batch["mask"] = tf.cast(mask, tf.float32)
+        return batch
+
+    ds = tf.data.Dataset.range(num_batches).map(make_batch)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _image_datasets(config: ml_collections.ConfigDict) -> Datasets:
+    data_dir = _data_dir(config)
+    train_x, train_y = _load_image_split(config.dataset, "train", data_dir)
+    test_x, test_y = _load_image_split(config.dataset, "test", data_dir)
+    test_x_t, test_y_t = tf.constant(test_x), tf.constant(test_y)
+
+    def gather_test(idx):
+        x = tf.cast(tf.gather(test_x_t, idx), tf.float32) / 255.0
+        return {"inputs": x, "targets": tf.gather(test_y_t, idx)}
+
+    eval_ds = _padded_eval_fn(config, len(test_x), gather_test)
+    return Datasets(
+        train_batches=_image_train_fn(config, train_x, train_y),
+        eval_batches=lambda split="test": eval_ds.as_numpy_iterator(),
+        eval_splits=("test",),
+        num_train_examples=len(train_x),
+        example_input=np.zeros((1,) + train_x.shape[1:], np.float32),
+        num_classes=int(train_y.max()) + 1,
+    )
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def _window_batch_fn(tokens: np.ndarray, global_batch: int, block_size: int, seed: int):
+    """(step) -> batch of random windows of block_size + 1 tokens, as nanoGPT's get_batch."""
+    tokens_t = tf.constant(tokens)
+    positions = _process_slice(global_batch)
+    max_start = len(tokens) - block_size - 1
+    if max_start <= 0:
+        raise ValueError(
+            f"the split has {len(tokens)} tokens, too few for windows of {block_size + 1}; "
+            "use a smaller model.block_size or a larger corpus."
+        )
+
+    def make_batch(step):
+        starts = tf.random.stateless_uniform(
+            [global_batch],
+            seed=tf.stack([tf.cast(seed, tf.int64), step]),
+            maxval=max_start,
+            dtype=tf.int64,
+        )
+        starts = tf.gather(starts, positions)
+        windows = tf.gather(tokens_t, starts[:, None] + tf.range(block_size + 1, dtype=tf.int64))
+        return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
+
+    return make_batch
+
+
+def _text_datasets(config: ml_collections.ConfigDict) -> Datasets:
+    text = data_setup.load_text_corpus(config.dataset, _data_dir(config))
+    tokenizer = tokenizers_lib.build_tokenizer(
+        config.tokenizer, text, config.tokenizer_vocab_size or None
+    )
+    tokens = tokenizer.encode(text).astype(np.int32)
+    # nanoGPT: the first 90% of the corpus trains, the last 10% validates.
+    n_train = int(len(tokens) * (1.0 - config.val_fraction))
+    splits = {"train": tokens[:n_train], "val": tokens[n_train:]}
+    block = int(config.model.block_size)
+    train_fn = _window_batch_fn(splits["train"], config.batch_size, block, config.seed)
+
+    def train_batches(start_step: int = 0) -> Iterator[Batch]:
+        ds = tf.data.Dataset.range(start_step, 2**62).map(
+            train_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        )
+        return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+    # Evaluation: the same fixed, seeded windows at every evaluation (lower-variance curves).
+    eval_steps = config.eval_steps if config.eval_steps > 0 else 20
+    eval_fns = {
+        name: _window_batch_fn(split, config.eval_batch_size, block, config.seed + 7919)
+        for name, split in splits.items()
+    }
+
+    def eval_batches(split: str = "val") -> Iterator[Batch]:
+        def with_mask(batch):
+            batch["mask"] = tf.ones(tf.shape(batch["targets"])[:1], tf.float32)
+            return batch
+
+        ds = tf.data.Dataset.range(eval_steps).map(eval_fns[split]).map(with_mask)
+        return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+    return Datasets(
+        train_batches=train_batches,
+        eval_batches=eval_batches,
+        eval_splits=("train", "val"),
+        num_train_examples=len(splits["train"]),
+        example_input=np.zeros((1, block), np.int32),
+        tokenizer=tokenizer,
+    )
+
+
+def get_datasets(config: ml_collections.ConfigDict) -> Datasets:
+    """Builds the train and eval pipelines that `config.task` and `config.dataset` ask for."""
+    if config.task == "classification":
+        return _image_datasets(config)
+    if config.task == "lm":
+        return _text_datasets(config)
+    raise ValueError(f"config.task={config.task!r}: use 'classification' or 'lm'.")
+

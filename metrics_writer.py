@@ -1,0 +1,78 @@
+"""Writes metrics to TensorBoard event files and `metrics.jsonl`, from process 0 only."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from flax.metrics import tensorboard
+
+
+class MetricsWriter:
+    """Scalars go to TensorBoard and to one JSON line per (step, group); other processes no-op."""
+
+    def __init__(self, workdir: str, resume_step: int = 0):
+        self.enabled = jax.process_index() == 0
+        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+        if not self.enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        _truncate_after(self.jsonl_path, resume_step)
+        self._tb = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write_scalars(self, step: int, scalars: dict[str, Any], prefix: str = "") -> None:
+        """Logs `scalars` (names prefixed, e.g. 'train/loss') at `step`."""
+        if not self.enabled:
+            return
+        values = {f"{prefix}{k}": float(np.asarray(v)) for k, v in scalars.items()}
+        for name, value in values.items():
+            self._tb.scalar(name, value, step)
+        with open(self.jsonl_path, "a") as f:
+            f.write(json.dumps({"step": int(step), **values}) + "\n")
+        self._tb.flush()
+
+    def write_text(self, step: int, name: str, text: str) -> None:
+        """Logs a text summary (config, generated samples)."""
+        if self.enabled:
+            self._tb.text(name, text, step)
+
+    def write_image(self, step: int, name: str, image: np.ndarray) -> None:
+        """Logs an image [H, W, C] (uint8 or float in [0, 1])."""
+        if self.enabled:
+            self._tb.image(name, image, step)
+
+    def write_hparams(self, hparams: dict[str, Any]) -> None:
+        """Logs the run's hyperparameters for TensorBoard's HParams tab."""
+        if self.enabled:
+            self._tb.hparams(hparams)
+
+    def close(self) -> None:
+        """Flushes and closes the event file."""
+        if self.enabled:
+            self._tb.close()
+
+
+def _truncate_after(path: str, step: int) -> None:
+    """On resume, drops lines logged after the restored step by a run that was then killed."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError):
+            continue  # a line cut off by a kill mid-write
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """Reads a metrics.jsonl file back into a list of dicts."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,354 @@
+"""GPT-2-style decoder-only transformer (nanoGPT's model.py in Flax Linen), with a KV cache."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "plain")
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+}
+
+
+def _normal(std: float, names: tuple[str | None, ...]) -> nn.initializers.Initializer:
+    """Normal(0, std) initializer annotated with logical axis names."""
+    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+def _zeros(names: tuple[str | None, ...]) -> nn.initializers.Initializer:
+    """Zeros initializer annotated with logical axis names."""
+    return nn.with_logical_partitioning(nn.initializers.zeros, names)
+
+
+def _layer_norm(use_bias: bool, dtype: jnp.dtype, name: str) -> nn.LayerNorm:
+    """LayerNorm over `embed` with GPT-2's epsilon, scale 1 and bias 0."""
+    return nn.LayerNorm(
+        epsilon=1e-5,
+        use_bias=use_bias,
+        dtype=dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        bias_init=_zeros(("embed",)),
+        name=name,
+    )
+
+
+def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, base: float = 10000.0) -> jnp.ndarray:
+    """Rotary position embedding (rotate-half form) of x[batch, length, heads, head_dim]."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / base ** (jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq  # [length, half]
+    sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def plain_attention(
+    q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray
+) -> jnp.ndarray:
+    """Explicit softmax(q k^T / sqrt(d) + mask) v on [batch, length, heads, head_dim] arrays."""
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention; in decode mode keys/values accumulate in the 'cache'."""
+
+    num_heads: int
+    block_size: int
+    residual_init_std: float
+    use_bias: bool = True
+    rope: bool = False
+    attention_impl: str = "auto"
+    dropout_rate: float = 0.0
+    decode: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, positions: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        """Attends each position of x[batch, length, embed] to itself and earlier positions."""
+        batch, length, embed_dim = x.shape
+        head_dim = embed_dim // self.num_heads
+        qkv_axes = ("batch", "length", "heads", "kv")
+        q, k, v = (
+            nn.with_logical_constraint(
+                nn.DenseGeneral(
+                    (self.num_heads, head_dim),
+                    use_bias=self.use_bias,
+                    dtype=self.dtype,
+                    kernel_init=_normal(0.02, ("embed", "heads", "kv")),
+                    bias_init=_zeros(("heads", "kv")),
+                    name=name,
+                )(x),
+                qkv_axes,
+            )
+            for name in ("query", "key", "value")
+        )
+        if self.rope:
+            q, k = apply_rope(q, positions), apply_rope(k, positions)
+
+        impl = self.attention_impl
+        mask = jnp.tril(jnp.ones((length, length), bool))
+        is_causal = True
+        if self.decode:
+            # Keys/values of every position so far; `init` only creates the (empty) cache.
+            initialized = self.has_variable("cache", "cached_key")
+            cache_shape = (batch, self.block_size, self.num_heads, head_dim)
+            cached_k = self.variable("cache", "cached_key", jnp.zeros, cache_shape, k.dtype)
+            cached_v = self.variable("cache", "cached_value", jnp.zeros, cache_shape, v.dtype)
+            if initialized:
+                start = (0, positions[0], 0, 0)
+                cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, start)
+                cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, start)
+                k, v = cached_k.value, cached_v.value
+                mask = jnp.arange(self.block_size)[None, :] <= positions[:, None]
+                is_causal = False
+                if impl == "cudnn":  # cuDNN's causal mask is top-left aligned; use XLA here
+                    impl = "xla"
+
+        if impl == "plain":
+            y = plain_attention(q, k, v, mask[None, None])
+        else:
+            y = jax.nn.dot_product_attention(
+                q,
+                k,
+                v,
+                mask=None if is_causal else mask[None, None],
+                is_causal=is_causal,
+                implementation=None if impl == "auto" else impl,
+            )
+        y = nn.with_logical_constraint(y, qkv_axes)
+        y = nn.DenseGeneral(
+            embed_dim,
+            axis=(-2, -1),
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            kernel_init=_normal(self.residual_init_std, ("heads", "kv", "embed")),
+            bias_init=_zeros(("embed",)),
+            name="out",
+        )(y)
+        return nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+
+
+class MLP(nn.Module):
+    """Dense(mlp_ratio * embed) -> GELU (tanh) -> Dense(embed) -> dropout."""
+
+    mlp_ratio: int
+    residual_init_std: float
+    use_bias: bool = True
+    dropout_rate: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        """Applies the position-wise feed-forward network to x[batch, length, embed]."""
+        embed_dim = x.shape[-1]
+        h = nn.Dense(
+            self.mlp_ratio * embed_dim,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            kernel_init=_normal(0.02, ("embed", "mlp")),
+            bias_init=_zeros(("mlp",)),
+            name="fc",
+        )(x)
+        h = nn.with_logical_constraint(nn.gelu(h, approximate=True), ("batch", "length", "mlp"))
+        h = nn.Dense(
+            embed_dim,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            kernel_init=_normal(self.residual_init_std, ("mlp", "embed")),
+            bias_init=_zeros(("embed",)),
+            name="proj",
+        )(h)
+        return nn.Dropout(self.dropout_rate, deterministic=not train)(h)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    num_heads: int
+    block_size: int
+    mlp_ratio: int
+    residual_init_std: float
+    use_bias: bool = True
+    rope: bool = False
+    attention_impl: str = "auto"
+    dropout_rate: float = 0.0
+    decode: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, positions: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        """Applies one block to x[batch, length, embed]; positions[length] are absolute."""
+        x = x + CausalSelfAttention(
+            num_heads=self.num_heads,
+            block_size=self.block_size,
+            residual_init_std=self.residual_init_std,
+            use_bias=self.use_bias,
+            rope=self.rope,
+            attention_impl=self.attention_impl,
+            dropout_rate=self.dropout_rate,
+            decode=self.decode,
+            dtype=self.dtype,
+            name="attn",
+        )(_layer_norm(self.use_bias, self.dtype, "ln_1")(x), positions, train)
+        x = x + MLP(
+            mlp_ratio=self.mlp_ratio,
+            residual_init_std=self.residual_init_std,
+            use_bias=self.use_bias,
+            dropout_rate=self.dropout_rate,
+            dtype=self.dtype,
+            name="mlp",
+        )(_layer_norm(self.use_bias, self.dtype, "ln_2")(x), train)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class GPT(nn.Module):
+    """GPT-2 language model: tokens[batch, length] -> float32 logits[batch, length, vocab].
+
+    With `decode=True` each call appends its tokens to a KV cache in the 'cache' collection
+    (create it with `init`, e.g. via `sampling.init_cache`) and positions continue from the
+    cache index; call with `mutable=['cache']`.
+    """
+
+    vocab_size: int = 65
+    block_size: int = 256
+    num_layers: int = 6
+    num_heads: int = 6
+    embed_dim: int = 384
+    mlp_ratio: int = 4
+    dropout_rate: float = 0.0
+    use_bias: bool = True
+    position_embedding: str = "learned"
+    attention_impl: str = "auto"
+    remat_policy: str = "none"
+    dtype: jnp.dtype = jnp.float32
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, tokens: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        """Returns next-token logits (float32) for every position of tokens[batch, length]."""
+        self._check_config()
+        length = tokens.shape[1]
+        if length > self.block_size:
+            raise ValueError(f"Sequence length {length} exceeds block_size {self.block_size}.")
+
+        start = 0
+        if self.decode:
+            initialized = self.has_variable("cache", "cache_index")
+            index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+            if initialized:
+                start = index.value
+                index.value = start + length
+        positions = start + jnp.arange(length, dtype=jnp.int32)
+
+        wte = nn.Embed(
+            self.vocab_size,
+            self.embed_dim,
+            dtype=self.dtype,
+            embedding_init=_normal(0.02, ("vocab", "embed")),
+            name="wte",
+        )
+        x = wte(tokens)
+        if self.position_embedding == "learned":
+            wpe = self.param(
+                "wpe", _normal(0.02, (None, "embed")), (self.block_size, self.embed_dim)
+            )
+            x = x + jnp.take(wpe, positions, axis=0).astype(self.dtype)[None]
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+        block = Block
+        if self.remat_policy != "none" and not self.decode:
+            # static_argnums counts `self`: (self, x, positions, train) -> train is 3.
+            block = nn.remat(Block, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(3,))
+        for i in range(self.num_layers):
+            x = block(
+                num_heads=self.num_heads,
+                block_size=self.block_size,
+                mlp_ratio=self.mlp_ratio,
+                residual_init_std=0.02 / math.sqrt(2 * self.num_layers),
+                use_bias=self.use_bias,
+                rope=self.position_embedding == "rope",
+                attention_impl=self.attention_impl,
+                dropout_rate=self.dropout_rate,
+                decode=self.decode,
+                dtype=self.dtype,
+                name=f"h_{i}",
+            )(x, positions, train)
+
+        x = _layer_norm(self.use_bias, self.dtype, "ln_f")(x)
+        logits = wte.attend(x)  # output projection tied to the token embedding
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        return logits.astype(jnp.float32)
+
+    def _check_config(self) -> None:
+        """Raises ValueError for unknown options or inconsistent shapes."""
+        if self.position_embedding not in ("learned", "rope"):
+            raise ValueError(
+                f"position_embedding={self.position_embedding!r}; use 'learned' or 'rope'."
+            )
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"attention_impl={self.attention_impl!r}; use one of {ATTENTION_IMPLS}."
+            )
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"remat_policy={self.remat_policy!r}; use one of {tuple(REMAT_POLICIES)}."
+            )
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}."
+            )
+        if self.position_embedding == "rope" and (self.embed_dim // self.num_heads) % 2:
+            raise ValueError("rope needs an even head_dim (embed_dim // num_heads).")
+
+
+def num_params(
+    vocab_size: int,
+    block_size: int,
+    num_layers: int,
+    embed_dim: int,
+    mlp_ratio: int = 4,
+    use_bias: bool = True,
+    position_embedding: str = "learned",
+) -> int:
+    """Exact parameter count of a GPT with these settings (the embedding is tied to the output)."""
+    e, hidden, b = embed_dim, mlp_ratio * embed_dim, int(use_bias)
+    layer_norm = e + b * e
+    attention = 4 * (e * e + b * e)  # query, key, value, out
+    mlp = (e * hidden + b * hidden) + (hidden * e + b * e)
+    block = 2 * layer_norm + attention + mlp
+    wpe = block_size * e if position_embedding == "learned" else 0
+    return vocab_size * e + wpe + num_layers * block + layer_norm
+
+
+def non_embedding_params(
+    vocab_size: int,
+    block_size: int,
+    num_layers: int,
+    embed_dim: int,
+    mlp_ratio: int = 4,
+    use_bias: bool = True,
+    position_embedding: str = "learned",
+) -> int:
+    """nanoGPT's convention: num_params minus the position table (wte counts, being the head)."""
+    total = num_params(
+        vocab_size, block_size, num_layers, embed_dim, mlp_ratio, use_bias, position_embedding
+    )
+    return total - (block_size * embed_dim if position_embedding == "learned" else 0)
+
+
+def flops_per_token(
+    n_params_non_embedding: int, num_layers: int, num_heads: int, head_dim: int, seq_len: int
+) -> float:
+    """Training FLOPs per token, 6N + 12·L·H·Q·T (PaLM appendix B, as in nanoGPT's estimate_mfu)."""
+    return 6.0 * n_params_non_embedding + 12.0 * num_layers * num_heads * head_dim * seq_len

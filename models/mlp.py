@@ -1,0 +1,48 @@
+"""Multi-layer perceptron classifier (the Keras 784-128-64-10 starting point)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+# Alternate column- and row-parallel layers (Megatron style): odd layers shard their outputs over
+# `mlp` (tensor axis), even layers their inputs, so tensor parallelism needs no extra all-gathers.
+_KERNEL_AXES = (("embed", "mlp"), ("mlp", "embed"))
+
+
+class MLP(nn.Module):
+    """Flattens its input and applies Dense+ReLU layers, then a linear classifier head."""
+
+    features: Sequence[int] = (128, 64)
+    num_classes: int = 10
+    dropout_rate: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        x = x.reshape((x.shape[0], -1)).astype(self.dtype)
+        x = nn.with_logical_constraint(x, ("batch", "embed"))
+        for i, width in enumerate(self.features):
+            axes = _KERNEL_AXES[i % 2]
+            x = nn.Dense(
+                width,
+                dtype=self.dtype,
+                kernel_init=nn.with_logical_partitioning(nn.linear.default_kernel_init, axes),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
+                name=f"dense_{i}",
+            )(x)
+            x = nn.relu(x)
+            x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        last_axis = _KERNEL_AXES[(len(self.features) - 1) % 2][1] if self.features else "embed"
+        logits = nn.Dense(
+            self.num_classes,
+            dtype=self.dtype,
+            kernel_init=nn.with_logical_partitioning(
+                nn.linear.default_kernel_init, (last_axis, "classes")
+            ),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("classes",)),
+            name="head",
+        )(x)
+        return logits.astype(jnp.float32)

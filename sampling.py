@@ -1,0 +1,129 @@
+"""Autoregressive generation from a GPT with a KV cache: prefill, then a jitted scan over tokens."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from models.gpt import GPT
+
+
+def sample_logits(
+    logits: jax.Array,
+    rng: jax.Array,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> jax.Array:
+    """Samples int32 token ids[batch] from logits[batch, vocab]; temperature 0 means argmax.
+
+    The logits are divided by `temperature`, then restricted to the `top_k` largest and to the
+    nucleus: the smallest set of most likely tokens whose probability reaches `top_p`.
+    """
+    _check_settings(temperature, top_k, top_p)
+    logits = logits.astype(jnp.float32)
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # Keep a token if the tokens more likely than it have not yet reached top_p.
+        keep = jnp.cumsum(probs, axis=-1) - probs < top_p
+        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def init_cache(model: GPT, batch_size: int) -> Any:
+    """An empty (all-zero, index 0) KV cache of `model.clone(decode=True)` for batch_size rows."""
+    decode_model = model.clone(decode=True)
+    tokens = jnp.zeros((batch_size, model.block_size), jnp.int32)
+    shapes = jax.eval_shape(decode_model.init, jax.random.key(0), tokens)["cache"]
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def generate(
+    model: GPT,
+    params: Any,
+    prompt: jax.Array,
+    rng: jax.Array,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> jax.Array:
+    """Continues prompt[batch, prompt_len] by max_new_tokens; returns int32[batch, total]."""
+    prompt = jnp.asarray(prompt, jnp.int32)
+    if prompt.ndim != 2 or prompt.shape[1] == 0:
+        raise ValueError(f"prompt must be a non-empty [batch, length] array, got {prompt.shape}.")
+    prompt_len = prompt.shape[1]
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
+    if prompt_len + max_new_tokens > model.block_size:
+        raise ValueError(
+            f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = "
+            f"{prompt_len + max_new_tokens} exceeds the model's block_size {model.block_size}."
+        )
+    _check_settings(temperature, top_k, top_p)
+    if max_new_tokens == 0:
+        return prompt
+    return _generate(
+        model.clone(decode=True),
+        params,
+        prompt,
+        rng,
+        max_new_tokens=max_new_tokens,
+        temperature=float(temperature),
+        top_k=top_k,
+        top_p=None if top_p is None else float(top_p),
+    )
+
+
+@functools.partial(
+    jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p")
+)
+def _generate(
+    model: GPT,
+    params: Any,
+    prompt: jax.Array,
+    rng: jax.Array,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+) -> jax.Array:
+    """Prefills the cache with the prompt, then scans one token at a time (compiled once)."""
+    sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    rngs = jax.random.split(rng, max_new_tokens)
+
+    cache = init_cache(model, prompt.shape[0])
+    logits, state = model.apply({"params": params, "cache": cache}, prompt, mutable=["cache"])
+    first = sample(logits[:, -1], rngs[0])
+
+    def step(carry, step_rng):
+        token, cache = carry
+        logits, state = model.apply(
+            {"params": params, "cache": cache}, token[:, None], mutable=["cache"]
+        )
+        next_token = sample(logits[:, -1], step_rng)
+        return (next_token, state["cache"]), next_token
+
+    _, rest = jax.lax.scan(step, (first, state["cache"]), rngs[1:])
+    return jnp.concatenate([prompt, first[:, None], rest.T], axis=1)
+
+
+def _check_settings(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raises ValueError for a negative temperature, top_k < 1 or top_p outside (0, 1]."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}.")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 (or None), got {top_k}.")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (or None), got {top_p}.")

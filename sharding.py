@@ -1,0 +1,140 @@
+"""Device mesh and logical-axis sharding: the one module that decides how arrays are laid out.
+
+Models name their parameter and activation axes logically (batch, embed, mlp, heads, ...); the
+rules below map those names onto the mesh axes `data`, `fsdp` and `tensor`:
+- batch over data x fsdp (data parallelism; FSDP is data parallelism with sharded state),
+- parameters and optimizer state over fsdp along `embed` (ZeRO-3 style),
+- attention heads, MLP hidden units and the vocabulary over tensor (Megatron style).
+A config can override single rules with `config.logical_axis_rules`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("kv", None),
+    ("length", None),
+    ("classes", None),
+    ("conv_h", None),
+    ("conv_w", None),
+)
+
+
+class MeshError(ValueError):
+    """The requested mesh or batch does not fit the devices."""
+
+
+def resolve_mesh_shape(mesh_shape: dict[str, int], num_devices: int) -> tuple[int, ...]:
+    """Returns (data, fsdp, tensor) sizes, filling a single -1 with the remaining devices."""
+    unknown = set(mesh_shape) - set(MESH_AXES)
+    if unknown:
+        raise MeshError(f"config.mesh_shape has unknown axes {sorted(unknown)}; use {MESH_AXES}.")
+    sizes = [int(mesh_shape.get(axis, 1)) for axis in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise MeshError(f"config.mesh_shape={dict(mesh_shape)}: at most one axis may be -1.")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise MeshError(f"config.mesh_shape={dict(mesh_shape)}: sizes must be positive or -1.")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise MeshError(
+                f"config.mesh_shape={dict(mesh_shape)}: the fixed axes use {known} devices, "
+                f"which does not divide the {num_devices} devices present."
+            )
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise MeshError(
+            f"config.mesh_shape={dict(mesh_shape)} needs {math.prod(sizes)} devices but "
+            f"{num_devices} are present; make the product {num_devices} or set one axis to -1."
+        )
+    return tuple(sizes)
+
+
+def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[Any] | None = None) -> Mesh:
+    """Builds the (data, fsdp, tensor) mesh over all (or the given) devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = resolve_mesh_shape(dict(config.mesh_shape), len(devices))
+    # Auto axis types: shardings are propagated by XLA (the classic pjit behaviour).
+    return jax.make_mesh(
+        shape,
+        MESH_AXES,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+        devices=devices,
+    )
+
+
+def logical_axis_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
+    """Default rules with the config's overrides (`config.logical_axis_rules`) applied by name."""
+    overrides = {}
+    for rule in config.get("logical_axis_rules", ()) or ():
+        name, axes = rule
+        overrides[name] = tuple(axes) if isinstance(axes, list) else axes
+    rules = [(name, overrides.pop(name, axes)) for name, axes in DEFAULT_RULES]
+    return tuple(rules) + tuple(overrides.items())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """Number of ways the batch is split (data x fsdp)."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> NamedSharding:
+    """Sharding for arrays whose leading axis is the batch."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch",), rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Sharding that keeps a full copy on every device."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def _fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """Drops mesh axes from dimensions they do not divide (those dimensions stay replicated)."""
+    fitted = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=False):
+        if axes is None:
+            fitted.append(None)
+            continue
+        axes_tuple = (axes,) if isinstance(axes, str) else tuple(axes)
+        kept = []
+        for axis in axes_tuple:
+            if dim % (math.prod(mesh.shape[a] for a in kept) * mesh.shape[axis]) == 0:
+                kept.append(axis)
+        fitted.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*fitted)
+
+
+def tree_shardings(abstract_boxed: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
+    """Shardings for a (possibly `nn.LogicallyPartitioned`-boxed) abstract pytree.
+
+    The result has the structure of the unboxed tree. Leaves without logical names are replicated.
+    """
+    logical_specs = nn.get_partition_spec(abstract_boxed)
+    abstract = nn.unbox(abstract_boxed)
+
+    def to_sharding(logical: PartitionSpec, leaf: Any) -> NamedSharding:
+        mesh_spec = nn.logical_to_mesh_axes(tuple(logical), rules) if logical else PartitionSpec()
+        return NamedSharding(mesh, _fit_spec(mesh_spec, tuple(np.shape(leaf)), mesh))
+
+    return jax.tree.map(
+        to_sharding,
+        logical_specs,
+        abstract,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )

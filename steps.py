@@ -1,0 +1,145 @@
+"""The pure step functions: `train_step(state, batch) -> (state, metrics)` and `eval_step`.
+
+They are plain functions of their arguments; train.py wraps them once in `jax.jit` with shardings
+(or `jax.pmap` with `axis_name`). A batch is a dict with 'inputs', 'targets' and, for evaluation,
+'mask' (1 for real examples, 0 for padding). The same cross-entropy serves classifiers (logits
+[B, C]) and language models (logits [B, T, V]).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import linen as nn
+
+import optim
+from train_state import TrainState
+
+
+def cross_entropy(
+    logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None, label_smoothing=0.0
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Returns (sum of per-token losses, sum of correct predictions, number of tokens)."""
+    num_classes = logits.shape[-1]
+    labels = jax.nn.one_hot(targets, num_classes, dtype=jnp.float32)
+    if label_smoothing:
+        labels = optax.smooth_labels(labels, label_smoothing)
+    losses = optax.softmax_cross_entropy(logits.astype(jnp.float32), labels)
+    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    weights = (
+        jnp.ones_like(losses)
+        if mask is None
+        else jnp.broadcast_to(
+            mask.reshape(mask.shape + (1,) * (losses.ndim - mask.ndim)), losses.shape
+        ).astype(jnp.float32)
+    )
+    return jnp.sum(losses * weights), jnp.sum(correct * weights), jnp.sum(weights)
+
+
+def _split_microbatches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
+    """[B, ...] -> [k, B/k, ...], keeping each microbatch a strided slice so that every
+    microbatch stays spread over all data-parallel devices (no resharding)."""
+    return jax.tree.map(
+        lambda x: x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1), batch
+    )
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    config: ml_collections.ConfigDict,
+    axis_name: str | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update on `batch`, accumulating gradients over `config.grad_accum_steps`."""
+    # Dropout randomness is a pure function of (seed, step): resumed runs repeat it exactly.
+    rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+    if axis_name is not None:
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    mutable = list(state.model_state.keys())
+
+    def loss_fn(params, model_state, microbatch, micro_rng):
+        variables = {"params": params, **model_state}
+        out = model.apply(
+            variables,
+            microbatch["inputs"],
+            train=True,
+            rngs={"dropout": micro_rng},
+            mutable=mutable or False,
+        )
+        logits, new_model_state = out if mutable else (out, {})
+        loss_sum, correct, count = cross_entropy(
+            logits, microbatch["targets"], label_smoothing=config.label_smoothing
+        )
+        return loss_sum / count, (new_model_state, correct / count)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    k = int(config.grad_accum_steps)
+    if k == 1:
+        (loss, (model_state, accuracy)), grads = grad_fn(
+            state.params, state.model_state, batch, rng
+        )
+    else:
+        # Mean of k equal-sized microbatch gradients == gradient of the mean loss on the batch.
+        def accumulate(carry, xs):
+            grads_sum, loss_sum, acc_sum, model_state = carry
+            microbatch, i = xs
+            (loss, (model_state, acc)), grads = grad_fn(
+                state.params, model_state, microbatch, jax.random.fold_in(rng, i)
+            )
+            grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+            return (grads_sum, loss_sum + loss, acc_sum + acc, model_state), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        init = (zeros, jnp.zeros(()), jnp.zeros(()), state.model_state)
+        (grads, loss, accuracy, model_state), _ = jax.lax.scan(
+            accumulate, init, (_split_microbatches(batch, k), jnp.arange(k))
+        )
+        grads = jax.tree.map(lambda g: g / k, grads)
+        loss, accuracy = loss / k, accuracy / k
+
+    if axis_name is not None:  # pmap: average over the data-parallel replicas
+        grads, loss, accuracy, model_state = jax.lax.pmean(
+            (grads, loss, accuracy, model_state), axis_name
+        )
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state
+    )
+    metrics = {
+        "loss": loss,
+        "accuracy": accuracy,
+        "grad_norm": optax.global_norm(grads),
+        "learning_rate": schedule(state.step),
+        "skipped_steps": optim.nonfinite_count(opt_state),
+    }
+    return new_state, metrics
+
+
+def eval_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    model: nn.Module,
+    num_classes: int = 0,
+    axis_name: str | None = None,
+) -> dict[str, jax.Array]:
+    """Sums over a (padded, masked) batch: loss, correct, count and, for classifiers, a confusion
+    matrix [true, predicted]. Summing (not averaging) makes padded last batches exact."""
+    variables = {"params": state.params, **state.model_state}
+    logits = model.apply(variables, batch["inputs"], train=False)
+    loss_sum, correct, count = cross_entropy(logits, batch["targets"], batch["mask"])
+    sums = {"loss_sum": loss_sum, "correct": correct, "count": count}
+    if num_classes:
+        true = jax.nn.one_hot(batch["targets"], num_classes) * batch["mask"][:, None]
+        pred = jax.nn.one_hot(jnp.argmax(logits, -1), num_classes)
+        sums["confusion"] = true.T @ pred
+    if axis_name is not None:
+        sums = jax.lax.psum(sums, axis_name)
+    return sums

@@ -1,0 +1,219 @@
+"""Tests for data_setup: offline Fashion-MNIST, Tiny Shakespeare and text corpora."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import data_setup  # noqa: E402
+
+NANOGPT_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> str:
+    """Prepares the datasets in default_data_dir() (a no-op after `make data`) and returns it."""
+    path = data_setup.default_data_dir()
+    data_setup.prepare_fashion_mnist(path)
+    data_setup.prepare_tiny_shakespeare(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shakespeare(data_dir: str) -> str:
+    """Returns the Tiny Shakespeare text, read through TFDS."""
+    return data_setup.load_text_corpus("tiny_shakespeare", data_dir)
+
+
+def test_default_dirs_follow_env(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """JAXLAB_DATA_DIR / JAXLAB_SHARED_DIR override the defaults next to the repository."""
+    monkeypatch.delenv("JAXLAB_DATA_DIR", raising=False)
+    monkeypatch.delenv("JAXLAB_SHARED_DIR", raising=False)
+    repo = os.path.dirname(os.path.abspath(data_setup.__file__))
+    assert data_setup.default_data_dir() == os.path.join(repo, ".data", "tensorflow_datasets")
+    assert data_setup.shared_data_dir() == os.path.normpath(os.path.join(repo, "../shared/data"))
+    monkeypatch.setenv("JAXLAB_DATA_DIR", str(tmp_path / "tfds"))
+    monkeypatch.setenv("JAXLAB_SHARED_DIR", str(tmp_path / "shared"))
+    assert data_setup.default_data_dir() == str(tmp_path / "tfds")
+    assert data_setup.shared_data_dir() == str(tmp_path / "shared")
+    assert data_setup.default_bible_path() == str(tmp_path / "text" / "kjv.txt")
+
+
+def test_dataset_versions_match_tfds(data_dir: str) -> None:
+    """is_prepared() looks for the versions that the installed TFDS builders produce."""
+    import tensorflow_datasets as tfds
+
+    for name, version in data_setup.DATASET_VERSIONS.items():
+        assert str(tfds.builder(name, data_dir=data_dir).version) == version
+        assert data_setup.is_prepared(name, data_dir)
+
+
+def test_tiny_shakespeare_is_the_original_text(shakespeare: str) -> None:
+    """The text read through TFDS is karpathy's input.txt, byte for byte."""
+    assert len(shakespeare) == data_setup.TINY_SHAKESPEARE_NUM_CHARS == 1_115_394
+    digest = hashlib.sha256(shakespeare.encode("utf-8")).hexdigest()
+    assert digest == data_setup.TINY_SHAKESPEARE_SHA256
+    assert shakespeare.startswith("First Citizen:\nBefore we proceed any further, hear me speak.")
+
+
+def test_tiny_shakespeare_vocabulary_matches_nanogpt(shakespeare: str) -> None:
+    """The sorted character set is nanoGPT's 65-character shakespeare_char vocabulary."""
+    assert "".join(sorted(set(shakespeare))) == NANOGPT_CHARS
+    assert len(NANOGPT_CHARS) == 65
+
+
+def test_tiny_shakespeare_splits_match_nanogpt(shakespeare: str, data_dir: str) -> None:
+    """nanoGPT trains on the first 90% and validates on the rest; TFDS train is the same 90%."""
+    import tensorflow_datasets as tfds
+
+    n = len(shakespeare)
+    train, val = shakespeare[: int(n * 0.9)], shakespeare[int(n * 0.9) :]
+    assert (len(train), len(val)) == (1_003_854, 111_540)
+    splits = {}
+    for split in data_setup.TINY_SHAKESPEARE_SPLITS:
+        ds = tfds.load("tiny_shakespeare", split=split, data_dir=data_dir, download=False)
+        splits[split] = "".join(ex["text"].decode("utf-8") for ex in tfds.as_numpy(ds))
+    assert splits["train"] == train
+    assert splits["validation"] + splits["test"] == val
+
+
+def test_tiny_shakespeare_falls_back_to_shared_file(tmp_path, shakespeare: str) -> None:
+    """Without a prepared TFDS copy the shared input.txt is read directly."""
+    empty_data_dir = str(tmp_path / "tfds")
+    assert not data_setup.is_prepared("tiny_shakespeare", empty_data_dir)
+    assert data_setup.load_text_corpus("tiny_shakespeare", empty_data_dir) == shakespeare
+
+
+def test_tiny_shakespeare_missing_or_corrupt(tmp_path) -> None:
+    """A missing or altered input.txt gives DatasetUnavailableError saying what to do."""
+    shared = tmp_path / "shared"
+    with pytest.raises(data_setup.DatasetUnavailableError, match="input.txt") as info:
+        data_setup.prepare_tiny_shakespeare(
+            str(tmp_path / "tfds"), shared_dir=str(shared), allow_download=False
+        )
+    assert data_setup.TINY_SHAKESPEARE_URL in str(info.value)
+    assert "make data" in str(info.value)
+    (shared / "tinyshakespeare").mkdir(parents=True)
+    (shared / "tinyshakespeare" / "input.txt").write_text("not shakespeare\n")
+    with pytest.raises(data_setup.DatasetUnavailableError, match="sha256"):
+        data_setup.prepare_tiny_shakespeare(str(tmp_path / "tfds"), shared_dir=str(shared))
+
+
+def test_prepare_is_idempotent(data_dir: str) -> None:
+    """Preparing again leaves the prepared datasets untouched."""
+    infos = {
+        name: os.path.join(data_dir, name, version, "dataset_info.json")
+        for name, version in data_setup.DATASET_VERSIONS.items()
+    }
+    before = {name: os.stat(path).st_mtime_ns for name, path in infos.items()}
+    data_setup.prepare_fashion_mnist(data_dir)
+    data_setup.prepare_tiny_shakespeare(data_dir)
+    assert {name: os.stat(path).st_mtime_ns for name, path in infos.items()} == before
+    assert data_setup.split_sizes("fashion_mnist", data_dir) == {"train": 60000, "test": 10000}
+
+
+def test_fashion_mnist_unavailable_message(tmp_path) -> None:
+    """Without the Debian files and without downloading, the error says how to get the data."""
+    with pytest.raises(data_setup.DatasetUnavailableError) as info:
+        data_setup.prepare_fashion_mnist(
+            str(tmp_path / "tfds"), source_dir=str(tmp_path / "nothing"), allow_download=False
+        )
+    message = str(info.value)
+    assert "sudo apt-get install dataset-fashion-mnist" in message
+    assert "make data" in message
+    assert "network" in message
+    assert isinstance(info.value, RuntimeError)
+
+
+def test_fashion_mnist_loads(data_dir: str) -> None:
+    """TFDS fashion_mnist has 60000/10000 28x28x1 uint8 images with labels 0..9."""
+    import tensorflow_datasets as tfds
+
+    expected = {"train": 60000, "test": 10000}
+    for split, count in expected.items():
+        ds = tfds.load("fashion_mnist", split=split, data_dir=data_dir, batch_size=-1)
+        data = tfds.as_numpy(ds)
+        images, labels = data["image"], data["label"]
+        assert images.shape == (count, 28, 28, 1)
+        assert images.dtype == np.uint8
+        assert labels.shape == (count,)
+        assert labels.min() == 0 and labels.max() == 9
+        assert np.bincount(labels, minlength=10).tolist() == [count // 10] * 10
+
+
+@pytest.mark.skipif(
+    not os.path.isfile(
+        os.path.join(data_setup.DEBIAN_FASHION_MNIST_DIR, data_setup.FASHION_MNIST_FILES[2])
+    ),
+    reason="Debian dataset-fashion-mnist not installed",
+)
+def test_fashion_mnist_matches_debian_files(data_dir: str) -> None:
+    """The TFDS test split holds the same (label, image) pairs as the Debian IDX files."""
+    import tensorflow_datasets as tfds
+
+    source = data_setup.DEBIAN_FASHION_MNIST_DIR
+    with gzip.open(os.path.join(source, "t10k-images-idx3-ubyte.gz")) as f:
+        raw_images = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 784)
+    with gzip.open(os.path.join(source, "t10k-labels-idx1-ubyte.gz")) as f:
+        raw_labels = np.frombuffer(f.read(), dtype=np.uint8, offset=8)
+    data = tfds.as_numpy(tfds.load("fashion_mnist", split="test", data_dir=data_dir, batch_size=-1))
+    images = data["image"].reshape(-1, 784)
+
+    def keys(images: np.ndarray, labels: np.ndarray) -> list[bytes]:
+        """Returns the sorted byte strings label+image (order-independent comparison)."""
+        return sorted(bytes([int(y)]) + x.tobytes() for x, y in zip(images, labels, strict=True))
+
+    assert keys(images, data["label"]) == keys(raw_images, raw_labels)
+
+
+def test_text_file_corpus(tmp_path) -> None:
+    """Any other string is a path to a UTF-8 text file, read exactly."""
+    text = "Ünïcode line\r\nsecond line\n\tend 🙂"
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(text.encode("utf-8"))
+    assert data_setup.load_text_corpus(str(path)) == text
+
+
+def test_missing_corpus_path(tmp_path) -> None:
+    """A path that does not exist gives DatasetUnavailableError naming it and the known corpora."""
+    missing = str(tmp_path / "no_such_corpus.txt")
+    with pytest.raises(data_setup.DatasetUnavailableError) as info:
+        data_setup.load_text_corpus(missing)
+    message = str(info.value)
+    assert missing in message
+    assert "tiny_shakespeare" in message and "kjv" in message
+
+
+def test_empty_corpus_file(tmp_path) -> None:
+    """An empty text file is rejected."""
+    path = tmp_path / "empty.txt"
+    path.write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        data_setup.load_text_corpus(str(path))
+
+
+@pytest.mark.skipif(shutil.which("bible") is None, reason="Debian bible-kjv-text not installed")
+def test_kjv_corpus(tmp_path) -> None:
+    """'kjv' and 'bible' generate the King James Bible text at <data_dir>/../text/kjv.txt."""
+    data_dir = str(tmp_path / "tensorflow_datasets")
+    text = data_setup.load_text_corpus("kjv", data_dir)
+    assert os.path.isfile(tmp_path / "text" / "kjv.txt")
+    assert len(text) == 4_404_412
+    assert text.startswith("Ge1:1 In the beginning God created the heaven and the earth.\n")
+    assert text.rstrip().endswith("The grace of our Lord Jesus Christ be with you all. Amen.")
+    assert data_setup.load_text_corpus("bible", data_dir) == text
+
+
+def test_bible_command_missing(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """Without the `bible` command the error names the Debian package."""
+    monkeypatch.setattr(data_setup, "BIBLE_COMMAND", "no-such-bible-command")
+    with pytest.raises(data_setup.DatasetUnavailableError, match="bible-kjv-text"):
+        data_setup.write_bible_text(str(tmp_path / "kjv.txt"))

@@ -1,0 +1,258 @@
+"""Tests for the GPT model: causality, KV cache, parameter count, init, partitioning, remat."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+from models.gpt import GPT, flops_per_token, non_embedding_params, num_params
+
+TINY = dict(vocab_size=13, block_size=16, num_layers=2, num_heads=2, embed_dim=16)
+
+
+def _init(model: GPT, length: int = 8, batch: int = 2) -> tuple[dict, jax.Array]:
+    """Initialises model; returns unboxed params and random tokens[batch, length]."""
+    tokens = jax.random.randint(jax.random.key(1), (batch, length), 0, model.vocab_size)
+    params = nn.unbox(model.init(jax.random.key(0), tokens)["params"])
+    return params, tokens
+
+
+def _forward(model: GPT):
+    """Jitted tokens -> logits of model (eager op-by-op execution is slow on CPU)."""
+    return jax.jit(lambda params, tokens: model.apply({"params": params}, tokens))
+
+
+def _count(params: dict) -> int:
+    """Total number of scalars in a params tree."""
+    return sum(x.size for x in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("position_embedding", ["learned", "rope"])
+def test_causal(position_embedding: str) -> None:
+    """Changing a future token never changes the logits at earlier positions."""
+    model = GPT(**TINY, position_embedding=position_embedding, attention_impl="plain")
+    params, tokens = _init(model)
+    changed = tokens.at[:, 5].set((tokens[:, 5] + 1) % model.vocab_size)
+    for impl in ("plain", "xla"):
+        forward = _forward(model.clone(attention_impl=impl))
+        a, b = forward(params, tokens), forward(params, changed)
+        np.testing.assert_array_equal(a[:, :5], b[:, :5])
+        assert not np.allclose(a[:, 5:], b[:, 5:])
+
+
+@pytest.mark.parametrize("position_embedding", ["learned", "rope"])
+@pytest.mark.parametrize("attention_impl", ["auto", "plain"])
+def test_cached_decoding_matches_full_forward(position_embedding: str, attention_impl: str) -> None:
+    """Prefill + one-token-at-a-time decoding reproduces the full forward pass."""
+    model = GPT(**TINY, position_embedding=position_embedding, attention_impl=attention_impl)
+    params, tokens = _init(model, length=11)
+    full = _forward(model)(params, tokens)
+
+    decoder = model.clone(decode=True)
+    decode_step = jax.jit(
+        lambda cache, chunk: decoder.apply(
+            {"params": params, "cache": cache}, chunk, mutable=["cache"]
+        )
+    )
+    cache = decoder.init(jax.random.key(0), jnp.zeros((2, model.block_size), jnp.int32))["cache"]
+    assert int(cache["cache_index"]) == 0
+    chunks = [tokens[:, :4]] + [tokens[:, t : t + 1] for t in range(4, 11)]
+    outputs = []
+    for chunk in chunks:
+        logits, state = decoder.apply({"params": params, "cache": cache}, chunk, mutable=["cache"])
+        cache = state["cache"]
+        outputs.append(logits)
+    assert int(cache["cache_index"]) == 11
+    np.testing.assert_allclose(jnp.concatenate(outputs, axis=1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(),
+        dict(use_bias=False),
+        dict(position_embedding="rope"),
+        dict(use_bias=False, position_embedding="rope", mlp_ratio=2, num_layers=3),
+    ],
+)
+def test_num_params_matches_model(kwargs: dict) -> None:
+    """The analytic parameter count equals the initialised model's."""
+    config = {**TINY, **kwargs}
+    params, _ = _init(GPT(**config))
+    expected = num_params(
+        config["vocab_size"],
+        config["block_size"],
+        config["num_layers"],
+        config["embed_dim"],
+        config.get("mlp_ratio", 4),
+        config.get("use_bias", True),
+        config.get("position_embedding", "learned"),
+    )
+    assert _count(params) == expected
+    wpe = params["wpe"].size if "wpe" in params else 0
+    assert non_embedding_params(
+        config["vocab_size"],
+        config["block_size"],
+        config["num_layers"],
+        config["embed_dim"],
+        config.get("mlp_ratio", 4),
+        config.get("use_bias", True),
+        config.get("position_embedding", "learned"),
+    ) == (expected - wpe)
+
+
+def test_flops_per_token() -> None:
+    """6N + 12 L H Q T, e.g. for GPT-2 small's attention term."""
+    assert flops_per_token(1000, 12, 12, 64, 1024) == 6000 + 12 * 12 * 12 * 64 * 1024
+
+
+def test_plain_attention_matches_xla() -> None:
+    """'plain', 'xla' and 'auto' attention agree."""
+    model = GPT(**TINY, attention_impl="plain")
+    params, tokens = _init(model, length=16)
+    plain = model.apply({"params": params}, tokens)
+    for impl in ("xla", "auto"):
+        other = model.clone(attention_impl=impl).apply({"params": params}, tokens)
+        np.testing.assert_allclose(other, plain, atol=1e-5)
+
+
+def test_output_tied_to_embedding() -> None:
+    """There is no separate lm_head: zeroing the token embedding zeroes the logits."""
+    model = GPT(**TINY)
+    params, tokens = _init(model)
+    assert set(params) == {"wte", "wpe", "ln_f", "h_0", "h_1"}
+    assert params["wte"]["embedding"].shape == (TINY["vocab_size"], TINY["embed_dim"])
+    zeroed = {**params, "wte": {"embedding": jnp.zeros_like(params["wte"]["embedding"])}}
+    np.testing.assert_array_equal(model.apply({"params": zeroed}, tokens), 0.0)
+
+
+def test_init_std() -> None:
+    """Weights ~ N(0, 0.02), residual projections ~ N(0, 0.02/sqrt(2L)), biases 0, LN scale 1."""
+    model = GPT(vocab_size=64, block_size=64, num_layers=8, num_heads=4, embed_dim=128)
+    params, _ = _init(model)
+    block = params["h_3"]
+    residual_std = 0.02 / np.sqrt(2 * 8)
+    for w, std in [
+        (params["wte"]["embedding"], 0.02),
+        (params["wpe"], 0.02),
+        (block["attn"]["query"]["kernel"], 0.02),
+        (block["mlp"]["fc"]["kernel"], 0.02),
+        (block["attn"]["out"]["kernel"], residual_std),
+        (block["mlp"]["proj"]["kernel"], residual_std),
+    ]:
+        assert abs(float(jnp.std(w)) / std - 1) < 0.1, (w.shape, float(jnp.std(w)), std)
+    np.testing.assert_array_equal(block["mlp"]["proj"]["bias"], 0.0)
+    np.testing.assert_array_equal(block["ln_1"]["scale"], 1.0)
+    np.testing.assert_array_equal(block["ln_1"]["bias"], 0.0)
+
+
+def test_logical_partitioning() -> None:
+    """Every parameter is LogicallyPartitioned with the expected logical axis names."""
+    model = GPT(**TINY)
+    tokens = jnp.zeros((2, 8), jnp.int32)
+    boxed = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+
+    specs = nn.get_partition_spec(boxed)
+    assert tuple(specs["wte"]["embedding"]) == ("vocab", "embed")
+    assert tuple(specs["wpe"]) == (None, "embed")
+    assert tuple(specs["ln_f"]["scale"]) == ("embed",)
+    for i in range(TINY["num_layers"]):
+        block = specs[f"h_{i}"]
+        for name in ("query", "key", "value"):
+            assert tuple(block["attn"][name]["kernel"]) == ("embed", "heads", "kv")
+            assert tuple(block["attn"][name]["bias"]) == ("heads", "kv")
+        assert tuple(block["attn"]["out"]["kernel"]) == ("heads", "kv", "embed")
+        assert tuple(block["attn"]["out"]["bias"]) == ("embed",)
+        assert tuple(block["mlp"]["fc"]["kernel"]) == ("embed", "mlp")
+        assert tuple(block["mlp"]["fc"]["bias"]) == ("mlp",)
+        assert tuple(block["mlp"]["proj"]["kernel"]) == ("mlp", "embed")
+        for ln in ("ln_1", "ln_2"):
+            assert tuple(block[ln]["scale"]) == ("embed",)
+            assert tuple(block[ln]["bias"]) == ("embed",)
+
+
+def _loss(model: GPT, params: dict, tokens: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    """Mean next-token cross-entropy of tokens[batch, length]."""
+    rngs = None if rng is None else {"dropout": rng}
+    logits = model.apply({"params": params}, tokens[:, :-1], train=rng is not None, rngs=rngs)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+
+@pytest.mark.parametrize("policy", ["full", "dots_saveable"])
+def test_remat_matches_no_remat(policy: str) -> None:
+    """Rematerialisation changes memory use, not the loss or the gradients (dropout included)."""
+    model = GPT(**TINY, dropout_rate=0.1)
+    params, tokens = _init(model, length=9)
+    rng = jax.random.key(7)
+    loss, grads = jax.jit(jax.value_and_grad(lambda p: _loss(model, p, tokens, rng)))(params)
+    remat = model.clone(remat_policy=policy)
+    loss_r, grads_r = jax.jit(jax.value_and_grad(lambda p: _loss(remat, p, tokens, rng)))(params)
+    np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads_r, grads)
+
+
+def test_dropout_only_in_training() -> None:
+    """Dropout uses the 'dropout' rng when train=True and is off otherwise."""
+    model = GPT(**TINY, dropout_rate=0.5)
+    params, tokens = _init(model)
+    eval_a = model.apply({"params": params}, tokens)
+    eval_b = model.clone(dropout_rate=0.0).apply({"params": params}, tokens)
+    np.testing.assert_array_equal(eval_a, eval_b)
+    train = model.apply({"params": params}, tokens, train=True, rngs={"dropout": jax.random.key(3)})
+    assert not np.allclose(train, eval_a)
+
+
+def test_bfloat16_compute() -> None:
+    """bf16 compute keeps float32 params, returns float32 logits close to the float32 ones."""
+    model = GPT(**TINY, dtype=jnp.bfloat16)
+    params, tokens = _init(model)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    logits = model.apply({"params": params}, tokens)
+    assert logits.dtype == jnp.float32
+    reference = model.clone(dtype=jnp.float32).apply({"params": params}, tokens)
+    np.testing.assert_allclose(logits, reference, atol=0.05)
+
+
+def test_invalid_config_and_length() -> None:
+    """Unknown options and over-long inputs raise ValueError."""
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    for bad in (
+        dict(attention_impl="flash"),
+        dict(remat_policy="some"),
+        dict(position_embedding="alibi"),
+        dict(num_heads=3),
+    ):
+        with pytest.raises(ValueError):
+            GPT(**{**TINY, **bad}).init(jax.random.key(0), tokens)
+    with pytest.raises(ValueError, match="block_size"):
+        GPT(**TINY).init(jax.random.key(0), jnp.zeros((1, TINY["block_size"] + 1), jnp.int32))
+
+
+def test_loss_falls() -> None:
+    """A few dozen AdamW steps on a repeated string clearly reduce the cross-entropy."""
+    text = "hello world! " * 4
+    vocab = sorted(set(text))
+    ids = jnp.array([[vocab.index(c) for c in text[:33]]], jnp.int32)
+    model = GPT(vocab_size=len(vocab), block_size=32, num_layers=2, num_heads=2, embed_dim=32)
+    params, _ = _init(model)
+    optimizer = optax.adamw(3e-3, weight_decay=0.1)
+    opt_state = optimizer.init(params)
+
+    @jax.jit
+    def step(params, opt_state):
+        loss, grads = jax.value_and_grad(lambda p: _loss(model, p, ids))(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    first = None
+    for _ in range(40):
+        params, opt_state, loss = step(params, opt_state)
+        first = float(loss) if first is None else first
+    final = float(_loss(model, params, ids))
+    assert first > 2.0 and final < 0.5 * first, (first, final)

@@ -1,0 +1,159 @@
+"""Tests for tokenizers_lib: char, byte and SentencePiece tokenizers and their persistence."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import data_setup  # noqa: E402
+import tokenizers_lib  # noqa: E402
+
+NANOGPT_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+NON_ASCII = "Ça va? naïve café — 日本語 🙂\n  two  spaces\ttab\r\nend "
+SP_TRAIN_CHARS = 300_000
+
+
+@pytest.fixture(scope="session")
+def shakespeare() -> str:
+    """Returns the Tiny Shakespeare text (prepared in default_data_dir() if needed)."""
+    data_dir = data_setup.default_data_dir()
+    data_setup.prepare_tiny_shakespeare(data_dir)
+    return data_setup.load_text_corpus("tiny_shakespeare", data_dir)
+
+
+@pytest.fixture(scope="session", params=["bpe", "unigram"])
+def sp_tokenizer(request: pytest.FixtureRequest, shakespeare: str):
+    """Returns a SentencePiece tokenizer trained on part of Tiny Shakespeare."""
+    return tokenizers_lib.SentencePieceTokenizer.train(
+        shakespeare[:SP_TRAIN_CHARS], vocab_size=1024, model_type=request.param
+    )
+
+
+def test_char_vocabulary_is_nanogpt(shakespeare: str) -> None:
+    """The char vocabulary and stoi/itos match nanoGPT's shakespeare_char prepare.py."""
+    tok = tokenizers_lib.CharTokenizer.from_text(shakespeare)
+    assert tok.vocab_size == 65
+    assert tok.chars == NANOGPT_CHARS
+    assert tok.stoi == {ch: i for i, ch in enumerate(NANOGPT_CHARS)}
+    assert tok.itos == dict(enumerate(NANOGPT_CHARS))
+
+
+def test_char_round_trip(shakespeare: str) -> None:
+    """Encoding the whole corpus gives int32 ids in range that decode back exactly."""
+    tok = tokenizers_lib.CharTokenizer.from_text(shakespeare)
+    ids = tok.encode(shakespeare)
+    assert ids.dtype == np.int32 and ids.shape == (len(shakespeare),)
+    assert ids.min() >= 0 and ids.max() < 65
+    assert ids[:5].tolist() == [tok.stoi[c] for c in "First"]
+    assert tok.decode(ids) == shakespeare
+    assert tok.decode(ids.tolist()[:14]) == "First Citizen:"
+    assert tok.encode("").shape == (0,) and tok.decode([]) == ""
+
+
+def test_char_out_of_vocabulary_error(shakespeare: str) -> None:
+    """Unknown characters raise ValueError naming them and where the vocabulary comes from."""
+    tok = tokenizers_lib.CharTokenizer.from_text(shakespeare)
+    with pytest.raises(ValueError, match="training corpus") as info:
+        tok.encode("hello wörld €5 wörld")
+    message = str(info.value)
+    assert "'ö'" in message and "'€'" in message and "'5'" in message
+    assert "3 character(s)" in message
+
+
+def test_char_decode_rejects_bad_ids() -> None:
+    """Ids outside the vocabulary raise ValueError."""
+    tok = tokenizers_lib.CharTokenizer.from_text("abc")
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        tok.decode([0, 3])
+
+
+def test_byte_round_trip() -> None:
+    """Bytes encode any text, including non-ASCII, and decode back exactly."""
+    tok = tokenizers_lib.ByteTokenizer()
+    assert tok.vocab_size == 256
+    ids = tok.encode(NON_ASCII)
+    assert ids.dtype == np.int32
+    assert ids.tolist() == list(NON_ASCII.encode("utf-8"))
+    assert tok.decode(ids) == NON_ASCII
+
+
+def test_byte_decode_replaces_invalid_utf8() -> None:
+    """A truncated multi-byte character decodes to U+FFFD instead of raising."""
+    tok = tokenizers_lib.ByteTokenizer()
+    ids = tok.encode("é")[:1]
+    assert tok.decode(ids) == "\ufffd"
+
+
+def test_sentencepiece_round_trip(sp_tokenizer, shakespeare: str) -> None:
+    """SentencePiece round-trips held-out Shakespeare and unseen non-ASCII text exactly."""
+    assert sp_tokenizer.vocab_size == 1024
+    held_out = shakespeare[-20_000:]
+    ids = sp_tokenizer.encode(held_out)
+    assert ids.dtype == np.int32
+    assert ids.min() >= 0 and ids.max() < 1024
+    assert len(ids) < 0.5 * len(held_out)  # Actually compresses.
+    assert sp_tokenizer.decode(ids) == held_out
+    assert sp_tokenizer.decode(sp_tokenizer.encode(NON_ASCII)) == NON_ASCII
+    assert sp_tokenizer.decode(sp_tokenizer.encode(" leading space")) == " leading space"
+
+
+def test_sentencepiece_model_type(sp_tokenizer) -> None:
+    """The trained model records its type."""
+    assert sp_tokenizer.model_type in tokenizers_lib.SENTENCEPIECE_MODEL_TYPES
+
+
+def test_sentencepiece_rejects_tiny_vocab() -> None:
+    """A vocabulary too small for the byte-fallback pieces is rejected up front."""
+    with pytest.raises(ValueError, match="too small"):
+        tokenizers_lib.SentencePieceTokenizer.train("some text", vocab_size=265)
+
+
+def _all_tokenizers(shakespeare: str, sp_tokenizer) -> list[tokenizers_lib.Tokenizer]:
+    """Returns one tokenizer of each kind."""
+    return [
+        tokenizers_lib.CharTokenizer.from_text(shakespeare),
+        tokenizers_lib.ByteTokenizer(),
+        sp_tokenizer,
+    ]
+
+
+def test_save_load_round_trip(tmp_path, shakespeare: str, sp_tokenizer) -> None:
+    """Every tokenizer restores from its directory with identical behaviour."""
+    sample = shakespeare[:5000]
+    for tok in _all_tokenizers(shakespeare, sp_tokenizer):
+        directory = str(tmp_path / tok.kind)
+        tok.save(directory)
+        assert os.path.isfile(os.path.join(directory, "tokenizer.json"))
+        assert os.path.isfile(os.path.join(directory, "tokenizer.model")) == (
+            tok.kind == "sentencepiece"
+        )
+        restored = tokenizers_lib.load_tokenizer(directory)
+        assert type(restored) is type(tok)
+        assert restored.vocab_size == tok.vocab_size
+        np.testing.assert_array_equal(restored.encode(sample), tok.encode(sample))
+        assert restored.decode(restored.encode(sample)) == sample
+
+
+def test_load_tokenizer_missing(tmp_path) -> None:
+    """Loading from a directory without tokenizer.json raises FileNotFoundError."""
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        tokenizers_lib.load_tokenizer(str(tmp_path))
+
+
+def test_build_tokenizer(tmp_path, shakespeare: str) -> None:
+    """build_tokenizer dispatches on kind, saves to workdir, and lists choices for unknown kinds."""
+    text = shakespeare[:100_000]
+    assert isinstance(tokenizers_lib.build_tokenizer("char", text), tokenizers_lib.CharTokenizer)
+    assert tokenizers_lib.build_tokenizer("byte", text).vocab_size == 256
+    sp = tokenizers_lib.build_tokenizer(
+        "sentencepiece", text, vocab_size=400, workdir=str(tmp_path)
+    )
+    assert sp.vocab_size == 400
+    assert tokenizers_lib.load_tokenizer(str(tmp_path)).vocab_size == 400
+    with pytest.raises(ValueError, match="char, byte, sentencepiece"):
+        tokenizers_lib.build_tokenizer("wordpiece", text)
