@@ -164,3 +164,42 @@ def to_host(tree: Any) -> Any:
     if jax.process_count() > 1:
         tree = multihost_utils.process_allgather(tree, tiled=True)
     return jax.tree.map(np.asarray, tree)
+
+
+def load_for_inference(
+    workdir: str, step: int | None = None
+) -> tuple[ml_collections.ConfigDict, Any]:
+    """(config, params) of a run's latest (or given) checkpoint, placed on this host's devices."""
+    import input_pipeline  # local imports: only inference needs the whole model stack
+    import models
+    import optim
+    import sharding
+    import train_state
+
+    config = load_config(workdir)
+    config.mesh_shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    config.parallelism = "jit"
+    model = models.build_model(config)
+    tx = optim.build_optimizer(config, optim.learning_rate_schedule(config, 1))
+    example = input_pipeline.example_input(config)
+    mesh = sharding.make_mesh(config, jax.local_devices())
+    target = train_state.abstract_state(
+        model, tx, example, mesh, sharding.logical_axis_rules(config), config.seed
+    )
+    checkpointer = Checkpointer(workdir, async_save=False)
+    steps = checkpointer.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"No checkpoints in {checkpointer.directory}.")
+    if step is not None and step not in steps:
+        raise FileNotFoundError(f"No checkpoint at step {step} in {workdir}; have {steps}.")
+    if step is None:
+        restored = checkpointer.restore_latest(target)
+        if restored is None:
+            raise FileNotFoundError(f"No readable checkpoint in {checkpointer.directory}.")
+        state = restored[0]
+    else:
+        state = checkpointer._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )["state"]
+    checkpointer.close()
+    return config, state.params

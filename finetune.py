@@ -17,7 +17,6 @@ from absl import logging
 from flax import traverse_util
 
 
-
 def load_state_as_numpy(workdir: str, step: int = -1) -> tuple[dict[str, Any], int]:
     """Reads a run's saved train state as host numpy arrays (any mesh), newest step by default."""
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
@@ -87,5 +86,3 @@ def init_from(config: ml_collections.ConfigDict, state: Any, abstract_state: Any
         new = new.replace(model_state=merged)
     shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
     return jax.device_put(new, shardings)
-
-

@@ -246,6 +246,14 @@ def _text_datasets(config: ml_collections.ConfigDict) -> Datasets:
     )
 
 
+def example_input(config: ml_collections.ConfigDict) -> np.ndarray:
+    """A zero input of the right shape (batch 1) for `model.init`, without loading any data."""
+    if config.task == "lm":
+        return np.zeros((1, int(config.model.block_size)), np.int32)
+    shapes = {"fashion_mnist": (28, 28, 1), "mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
+    return np.zeros((1,) + shapes.get(config.dataset, (28, 28, 1)), np.float32)
+
+
 def get_datasets(config: ml_collections.ConfigDict) -> Datasets:
     """Builds the train and eval pipelines that `config.task` and `config.dataset` ask for."""
     if config.task == "classification":
@@ -253,4 +261,3 @@ def get_datasets(config: ml_collections.ConfigDict) -> Datasets:
     if config.task == "lm":
         return _text_datasets(config)
     raise ValueError(f"config.task={config.task!r}: use 'classification' or 'lm'.")
-

@@ -1,6 +1,6 @@
 """Samples text from a trained GPT checkpoint (like nanoGPT's sample.py).
 
-    python sample.py --workdir=runs/shakespeare_char --prompt="ROMEO:" --num_samples=3
+python sample.py --workdir=runs/shakespeare_char --prompt="ROMEO:" --num_samples=3
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ def state_shardings(
     seed: int = 0,
 ) -> Any:
     """Shardings of every state leaf, from the logical names, without allocating anything."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with nn.logical_axis_rules(rules):
         boxed = jax.eval_shape(lambda: _init_boxed(model, tx, example_input, seed))
     return sharding.tree_shardings(boxed, mesh, rules)
 
@@ -59,7 +59,7 @@ def state_shardings(
 def abstract_state(model, tx, example_input, mesh, rules, seed: int = 0) -> Any:
     """ShapeDtypeStructs carrying the target shardings: the restore target for Orbax."""
     shardings = state_shardings(model, tx, example_input, mesh, rules, seed)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with nn.logical_axis_rules(rules):
         shapes = jax.eval_shape(lambda: nn.unbox(_init_boxed(model, tx, example_input, seed)))
     return jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
@@ -76,7 +76,9 @@ def create_train_state(
 ) -> tuple[TrainState, Any]:
     """Initialises the state with each device computing only its own shard (jit out_shardings)."""
     shardings = state_shardings(model, tx, example_input, mesh, rules, seed)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    # No mesh context here: out_shardings place every leaf, and some Flax layers (DenseGeneral)
+    # call their initialisers on a flattened shape that a sharding constraint would reject.
+    with nn.logical_axis_rules(rules):
         init = jax.jit(
             lambda: nn.unbox(_init_boxed(model, tx, example_input, seed)), out_shardings=shardings
         )

@@ -17,7 +17,7 @@ TINY = dict(vocab_size=13, block_size=16, num_layers=2, num_heads=2, embed_dim=1
 def _init(model: GPT, length: int = 8, batch: int = 2) -> tuple[dict, jax.Array]:
     """Initialises model; returns unboxed params and random tokens[batch, length]."""
     tokens = jax.random.randint(jax.random.key(1), (batch, length), 0, model.vocab_size)
-    params = nn.unbox(model.init(jax.random.key(0), tokens)["params"])
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), tokens)["params"])
     return params, tokens
 
 
