@@ -23,6 +23,30 @@ class CheckpointMismatchError(ValueError):
     """The workdir's checkpoint was made by a model of other shapes than the config's."""
 
 
+def _path_str(path: tuple) -> str:
+    """'params/dense_0/kernel' from a pytree key path, whatever the container types."""
+    parts = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                parts.append(str(getattr(entry, attr)))
+                break
+    return "/".join(parts)
+
+
+def _model_shapes(tree: Any) -> dict[str, tuple]:
+    """Shapes of the parameters and model state (the model's shapes, not the optimizer's)."""
+    if isinstance(tree, dict):
+        parts = {k: tree[k] for k in ("params", "model_state") if k in tree}
+    else:
+        parts = {"params": tree.params, "model_state": tree.model_state}
+    return {
+        _path_str(path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(parts)
+        if hasattr(leaf, "shape")
+    }
+
+
 class Checkpointer:
     """A thin wrapper over `ocp.CheckpointManager` with the policies above."""
 
@@ -47,6 +71,8 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, meta: dict[str, Any], force: bool = False) -> bool:
         """Saves (asynchronously unless disabled); Orbax deletes old ones only after it commits."""
+        if step in self.all_steps():  # e.g. the final save at a checkpoint step: Orbax would raise
+            return False
         return self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -58,15 +84,8 @@ class Checkpointer:
     def check_shapes(self, step: int, abstract_state: Any) -> None:
         """Raises CheckpointMismatchError if the saved arrays' shapes differ from the target's."""
         saved = self._manager.item_metadata(step)["state"]
-        saved_shapes = {
-            jax.tree_util.keystr(path): tuple(leaf.shape)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(saved)
-            if hasattr(leaf, "shape")
-        }
-        wanted = {
-            jax.tree_util.keystr(path): tuple(leaf.shape)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state)
-        }
+        saved_shapes = _model_shapes(saved)
+        wanted = _model_shapes(abstract_state)
         diffs = [
             f"{name}: checkpoint {saved_shapes.get(name)} vs config {wanted.get(name)}"
             for name in sorted(set(saved_shapes) | set(wanted))
@@ -109,6 +128,12 @@ class Checkpointer:
                 )
                 continue
             return restored["state"], restored["meta"]
+        if self.all_steps():  # never silently start over on top of unreadable checkpoints
+            raise CheckpointMismatchError(
+                f"None of the checkpoints {self.all_steps()} in {self.directory} could be read "
+                "(see the warnings above). Pass --config.restart=True to move them aside and "
+                "start afresh, or use a new --workdir."
+            )
         return None
 
     def wait(self) -> None:
@@ -170,6 +195,15 @@ def load_for_inference(
     workdir: str, step: int | None = None
 ) -> tuple[ml_collections.ConfigDict, Any]:
     """(config, params) of a run's latest (or given) checkpoint, placed on this host's devices."""
+    config, state, _ = load_state_for_inference(workdir, step)
+    return config, state.params
+
+
+def load_state_for_inference(
+    workdir: str, step: int | None = None
+) -> tuple[ml_collections.ConfigDict, Any, int]:
+    """(config, whole train state, checkpoint step) of a run's latest (or given) checkpoint;
+    the state includes model_state (BatchNorm statistics), which evaluation needs."""
     import input_pipeline  # local imports: only inference needs the whole model stack
     import models
     import optim
@@ -196,10 +230,10 @@ def load_for_inference(
         restored = checkpointer.restore_latest(target)
         if restored is None:
             raise FileNotFoundError(f"No readable checkpoint in {checkpointer.directory}.")
-        state = restored[0]
+        state, step = restored[0], int(restored[1]["step"])
     else:
         state = checkpointer._manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
         )["state"]
     checkpointer.close()
-    return config, state.params
+    return config, state, int(step)

@@ -213,7 +213,9 @@ def prepare_fashion_mnist(
         if allow_download:
             tfds = _import_tfds()
             try:
-                tfds.builder("fashion_mnist", data_dir=data_dir).download_and_prepare()
+                tfds.builder("fashion_mnist", data_dir=data_dir).download_and_prepare(
+                    download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+                )
                 return
             except Exception as e:  # noqa: BLE001 - typically no network.
                 errors.append(f"TFDS download: {type(e).__name__}: {e}")

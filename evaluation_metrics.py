@@ -32,6 +32,43 @@ def classification_metrics(confusion: np.ndarray) -> dict[str, Any]:
     }
 
 
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of x, ties sharing their mean rank (as scipy.stats.rankdata)."""
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    # Start of each run of equal values, and the mean of the ranks the run spans.
+    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
+    ends = np.r_[starts[1:], len(x)]
+    mean_rank = (starts + ends + 1) / 2.0
+    ranks = np.empty(len(x), np.float64)
+    ranks[order] = np.repeat(mean_rank, ends - starts)
+    return ranks
+
+
+def roc_auc_ovr(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """One-vs-rest ROC AUC per class and their macro mean, from scores [N, C] and labels [N].
+
+    AUC is the Mann-Whitney statistic: the probability that a random positive scores above a
+    random negative (ties count half). Classes absent from `labels` (or present in all of them)
+    have no AUC (NaN) and are left out of the macro mean.
+    """
+    scores = np.asarray(probabilities, np.float64)
+    labels = np.asarray(labels).astype(np.int64)
+    per_class = []
+    for c in range(scores.shape[1]):
+        positive = labels == c
+        n_pos = int(positive.sum())
+        n_neg = len(labels) - n_pos
+        if n_pos == 0 or n_neg == 0:
+            per_class.append(float("nan"))
+            continue
+        rank_sum = _average_ranks(scores[:, c])[positive].sum()
+        per_class.append(float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)))
+    defined = [a for a in per_class if not math.isnan(a)]
+    macro = float(np.mean(defined)) if defined else float("nan")
+    return {"roc_auc_macro": macro, "roc_auc_per_class": per_class}
+
+
 def lm_metrics(loss: float, tokenizer: Any) -> dict[str, float]:
     """Perplexity and bits per unit; the unit is the tokenizer's (character, byte or token)."""
     unit = {"CharTokenizer": "char", "ByteTokenizer": "byte"}.get(type(tokenizer).__name__, "token")

@@ -165,9 +165,24 @@ def _image_datasets(config: ml_collections.ConfigDict) -> Datasets:
         return {"inputs": x, "targets": tf.gather(test_y_t, idx)}
 
     eval_ds = _padded_eval_fn(config, len(test_x), gather_test)
+
+    def eval_batches(split: str = "test") -> Iterator[Batch]:
+        """Every example of 'test' (or 'train', un-augmented, for evaluate.py) exactly once."""
+        if split == "test":
+            return eval_ds.as_numpy_iterator()
+        if split == "train":  # built on demand: training itself never evaluates this split
+            train_x_t, train_y_t = tf.constant(train_x), tf.constant(train_y)
+
+            def gather_train(idx):
+                x = tf.cast(tf.gather(train_x_t, idx), tf.float32) / 255.0
+                return {"inputs": x, "targets": tf.gather(train_y_t, idx)}
+
+            return _padded_eval_fn(config, len(train_x), gather_train).as_numpy_iterator()
+        raise ValueError(f"{config.dataset} has the splits 'train' and 'test', not {split!r}.")
+
     return Datasets(
         train_batches=_image_train_fn(config, train_x, train_y),
-        eval_batches=lambda split="test": eval_ds.as_numpy_iterator(),
+        eval_batches=eval_batches,
         eval_splits=("test",),
         num_train_examples=len(train_x),
         example_input=np.zeros((1,) + train_x.shape[1:], np.float32),

@@ -115,7 +115,7 @@ def train_step(
     metrics = {
         "loss": loss,
         "accuracy": accuracy,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "learning_rate": schedule(state.step),
         "skipped_steps": optim.nonfinite_count(opt_state),
     }

@@ -37,6 +37,7 @@ import metrics_writer
 import models
 import optim
 import preemption
+import sampling
 import sharding
 import steps
 import train_state
@@ -120,6 +121,8 @@ class Runner:
 
     def step_context(self):
         """Mesh and logical rules active while tracing (a no-op cost after compilation)."""
+        if self.pmap:  # pmap runs on its own 'batch' mesh: a context mesh would conflict with it
+            return nn.logical_axis_rules(self.rules)
         return _Both(jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules))
 
 
@@ -220,6 +223,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             scalars = {k: v for k, v in results[split].items() if np.ndim(v) == 0}
             writer.write_scalars(step, scalars, prefix=f"{split}/")
             print(f"step {step}: eval " + _format_eval(split, results[split]), flush=True)
+        if config.task == "lm" and config.sample_every_eval:
+            params = runner.to_global(state).params
+            _log_sample(writer, model, params, datasets.tokenizer, config, step)
         return results
 
     # ------------------------------------------------------------------ the loop
@@ -250,8 +256,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 window, t_window = [], time.perf_counter()
             if done % config.eval_every_steps == 0 and done != total_steps:
                 run_eval(done)
-            if done % config.checkpoint_every_steps == 0:
-                save(done)
+            if done % config.checkpoint_every_steps == 0 and done != total_steps:
+                save(done)  # the last step is saved after the final evaluation
             if watcher.should_stop(done):
                 save(done, force=True)
                 ckpt.close()
@@ -275,6 +281,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         evaluation_metrics.log_images(writer, total_steps, results)
     writer.close()
     return final
+
+
+def _log_sample(writer, model, params, tokenizer, config, step: int) -> None:
+    """Logs one short generated text sample to TensorBoard. Every process takes part in the
+    (SPMD) generation; only process 0's writer writes."""
+    try:
+        prompt = np.asarray(tokenizer.encode("\n"), np.int32)[None, :1]
+    except ValueError:  # a character vocabulary without a newline
+        prompt = np.zeros((1, 0), np.int32)
+    if prompt.shape[1] == 0:  # start from token 0 instead
+        prompt = np.zeros((1, 1), np.int32)
+    max_new_tokens = min(200, int(config.model.block_size) - 1)
+    if max_new_tokens <= 0:
+        return
+    rng = jax.random.fold_in(jax.random.key(config.seed), step)
+    # No logical rules: a batch of one cannot follow the data-parallel activation constraints.
+    with nn.logical_axis_rules(()):
+        tokens = sampling.generate(model, params, prompt, rng, max_new_tokens, 0.8, top_k=200)
+    text = tokenizer.decode(checkpointing.to_host(tokens)[0])
+    writer.write_text(step, "samples", "```\n" + text + "\n```")
 
 
 def _check_finite(step: int, metrics: dict[str, jax.Array], config) -> dict[str, float]:

@@ -50,6 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
     )  # classification: -1 = whole test set; lm: batches per split (nanoGPT eval_iters)
     c.eval_batch_size = 1000
     c.log_every_steps = 100
+    c.sample_every_eval = True  # lm only: log one short generated sample to TensorBoard per eval
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     c.async_checkpointing = True

@@ -111,7 +111,7 @@ class CausalSelfAttention(nn.Module):
                 k, v = cached_k.value, cached_v.value
                 mask = jnp.arange(self.block_size)[None, :] <= positions[:, None]
                 is_causal = False
-                if impl == "cudnn":  # cuDNN's causal mask is top-left aligned; use XLA here
+                if impl == "cudnn":  # an explicit mask over the cache: let XLA handle decoding
                     impl = "xla"
 
         if impl == "plain":

@@ -1,0 +1,40 @@
+"""Shared pytest fixtures: tiny configs and the prepared offline data."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_ready() -> str:
+    """Prepares Fashion-MNIST in the default data dir once per session; returns the dir."""
+    import data_setup
+
+    data_dir = data_setup.default_data_dir()
+    data_setup.prepare_fashion_mnist(data_dir)
+    return data_dir
+
+
+@pytest.fixture
+def tiny_mlp_config(fashion_mnist_ready):
+    """The default MLP config shrunk to a few steps (seconds on a CPU)."""
+    from configs import fashion_mnist_mlp
+
+    config = fashion_mnist_mlp.get_config()
+    config.num_train_steps = 20
+    config.batch_size = 32
+    config.warmup_steps = 2
+    config.eval_batch_size = 1000
+    config.log_every_steps = 5
+    config.eval_every_steps = 1000
+    config.checkpoint_every_steps = 10
+    config.async_checkpointing = False
+    return config

@@ -1,0 +1,194 @@
+"""Runs sharded-training cases in a process of its own (e.g. with 8 simulated CPU devices).
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_driver.py '<json>'
+
+The argument is a JSON list of cases; each result is printed as one JSON line prefixed with
+`RESULT `. The tiny configs are defined here so that tests/test_sharding.py (which runs the
+single-device baselines in its own process) and the subprocesses train exactly the same models.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import ml_collections  # noqa: E402
+
+# 32 distinct characters: the char vocabulary (and so the GPT's vocab axis) divides by 8.
+CORPUS_ALPHABET = "abcdefghijklmnopqrstuvwxyz .,;!\n"
+
+
+def write_corpus(path: str, num_chars: int = 20_000) -> str:
+    """Writes a deterministic text file using every character of CORPUS_ALPHABET; returns path."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    chars = np.array(list(CORPUS_ALPHABET))
+    text = CORPUS_ALPHABET + "".join(rng.choice(chars, num_chars))
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path
+
+
+def tiny_config(model: str, corpus: str = "", **overrides: Any) -> ml_collections.ConfigDict:
+    """A few-step, dropout-free config of `model` ('mlp', 'cnn' or 'gpt'); overrides applied last.
+
+    Nested groups (mesh_shape, model) are given as dicts and update only the fields they name.
+    """
+    from configs import fashion_mnist_cnn, fashion_mnist_mlp, shakespeare_char
+
+    if model == "mlp":
+        c = fashion_mnist_mlp.get_config()
+        c.model.features = (64, 32)
+    elif model == "cnn":
+        c = fashion_mnist_cnn.get_config()
+        c.model.conv_features = (8,)
+        c.model.dense_features = (32,)
+        c.augment.random_flip = False
+    elif model == "gpt":
+        c = shakespeare_char.get_config()
+        c.dataset = corpus
+        c.model.update(
+            {"block_size": 16, "num_layers": 2, "num_heads": 8, "embed_dim": 64, "use_bias": True}
+        )
+        c.model.dropout_rate = 0.0
+        c.eval_steps = 1
+        c.eval_batch_size = 16
+    else:
+        raise ValueError(f"unknown model {model!r}")
+    c.num_train_steps = 3
+    c.batch_size = 32
+    c.warmup_steps = 0
+    c.learning_rate = 1e-3
+    c.log_every_steps = 1
+    c.eval_every_steps = 10_000
+    c.checkpoint_every_steps = 10_000
+    c.async_checkpointing = False
+    if model != "gpt":
+        c.eval_batch_size = 1000
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            c[key].update(value)
+        else:
+            c[key] = tuple(value) if isinstance(value, list) else value
+    return c
+
+
+_LOAD_IMAGE_SPLIT = None
+
+
+def cached_image_loader() -> Any:
+    """input_pipeline._load_image_split memoised: the test runs read Fashion-MNIST once per
+    process instead of once per run (the arrays are never modified)."""
+    global _LOAD_IMAGE_SPLIT
+    if _LOAD_IMAGE_SPLIT is None:
+        import input_pipeline
+
+        _LOAD_IMAGE_SPLIT = functools.lru_cache(maxsize=4)(input_pipeline._load_image_split)
+    return _LOAD_IMAGE_SPLIT
+
+
+def _train(case: dict[str, Any]) -> dict[str, Any]:
+    """Trains through train.train_and_evaluate into case['workdir']."""
+    import train
+
+    config = tiny_config(case["model"], case.get("corpus", ""), **case.get("overrides", {}))
+    final = train.train_and_evaluate(config, case["workdir"])
+    return {"final": {k: v for k, v in final.items() if isinstance(v, int | float | str)}}
+
+
+def _shards(case: dict[str, Any]) -> dict[str, Any]:
+    """Global and per-device shapes of every parameter of a freshly created sharded state."""
+    import jax
+
+    import input_pipeline
+    import models
+    import optim
+    import sharding
+    import train_state
+
+    config = tiny_config(case["model"], **case.get("overrides", {}))
+    model = models.build_model(config)
+    tx = optim.build_optimizer(config, optim.learning_rate_schedule(config, 10))
+    mesh = sharding.make_mesh(config)
+    state, _ = train_state.create_train_state(
+        model,
+        tx,
+        input_pipeline.example_input(config),
+        mesh,
+        sharding.logical_axis_rules(config),
+        config.seed,
+    )
+    flat = jax.tree_util.tree_leaves_with_path(state.params)
+    return {
+        "mesh": dict(mesh.shape),
+        "params": {
+            jax.tree_util.keystr(path): {
+                "shape": list(arr.shape),
+                "shard": list(arr.addressable_shards[0].data.shape),
+                "spec": str(arr.sharding.spec),
+            }
+            for path, arr in flat
+        },
+    }
+
+
+def _config_error(case: dict[str, Any]) -> dict[str, Any]:
+    """Starts a run that should be refused; reports the ConfigError and how many XLA compilations
+    (and so how much device work) happened before it."""
+    import jax
+
+    import config_validation
+    import train
+
+    compiles = []
+
+    def listener(event: str, duration: float, **kwargs: Any) -> None:
+        if event.startswith("/jax/core/compile/"):
+            compiles.append(event)
+
+    config = tiny_config(case["model"], case.get("corpus", ""), **case.get("overrides", {}))
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        train.train_and_evaluate(config, case["workdir"])
+    except config_validation.ConfigError as e:
+        return {"error": "ConfigError", "message": str(e), "compile_events": len(compiles)}
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return {"error": None, "compile_events": len(compiles)}
+
+
+KINDS = {"train": _train, "shards": _shards, "config_error": _config_error}
+
+
+def main(argv: list[str]) -> int:
+    """Runs every case of the JSON list argv[1], printing one RESULT line per case."""
+    import jax
+
+    import input_pipeline
+
+    input_pipeline._load_image_split = cached_image_loader()
+    cases = json.loads(argv[1])
+    print("RESULT " + json.dumps({"devices": jax.device_count()}), flush=True)
+    for case in cases:
+        try:
+            result = KINDS[case["kind"]](case)
+        except Exception as e:  # report and go on: one failing variant must not hide the others
+            import traceback
+
+            traceback.print_exc()
+            result = {"exception": f"{type(e).__name__}: {e}"}
+        print("RESULT " + json.dumps({"name": case["name"], **result}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main(sys.argv))

@@ -1,0 +1,120 @@
+"""End to end through the real `train_and_evaluate` on Fashion-MNIST, with tiny configs."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import checkpointing
+import config_validation
+import data_setup
+import finetune
+import input_pipeline
+import metrics_writer
+import train
+
+
+def _losses(workdir):
+    rows = metrics_writer.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def test_loss_falls_and_final_metrics_are_written(tiny_mlp_config, tmp_path):
+    config = tiny_mlp_config
+    config.num_train_steps = 60
+    config.label_smoothing = 0.0
+    final = train.train_and_evaluate(config, str(tmp_path))
+    losses = _losses(tmp_path)
+    assert losses[60] < 0.7 * losses[5]
+    on_disk = json.loads((tmp_path / "final_metrics.json").read_text())
+    for key in ("test_loss", "test_accuracy", "test_precision_macro", "test_recall_macro",
+                "test_f1_macro", "test_confusion_matrix"):  # fmt: skip
+        assert key in on_disk
+    assert final["test_accuracy"] > 0.5
+    assert np.sum(on_disk["test_confusion_matrix"]) == 10_000
+    assert (tmp_path / "tensorboard").is_dir()
+
+
+def test_eval_counts_every_test_example_exactly_once(fashion_mnist_ready):
+    from configs import fashion_mnist_mlp
+
+    config = fashion_mnist_mlp.get_config()
+    config.eval_batch_size = 3000  # does not divide 10,000: the last batch is padded
+    datasets = input_pipeline.get_datasets(config)
+    batches = list(datasets.eval_batches("test"))
+    assert len(batches) == 4
+    masks = np.concatenate([b["mask"] for b in batches])
+    assert masks.sum() == 10_000
+    labels = np.concatenate([b["targets"] for b in batches])[masks > 0]
+    images = np.concatenate([b["inputs"] for b in batches])[masks > 0]
+    import tensorflow_datasets as tfds
+
+    test = tfds.as_numpy(
+        tfds.load("fashion_mnist", split="test", batch_size=-1, data_dir=fashion_mnist_ready)
+    )
+    np.testing.assert_array_equal(labels, test["label"])
+    np.testing.assert_array_equal(images, test["image"].astype(np.float32) / 255.0)
+
+
+def test_train_batches_are_a_pure_function_of_the_step(fashion_mnist_ready):
+    from configs import fashion_mnist_mlp
+
+    config = fashion_mnist_mlp.get_config()
+    datasets = input_pipeline.get_datasets(config)
+    it = datasets.train_batches(0)
+    first = [next(it) for _ in range(5)]
+    resumed = next(datasets.train_batches(3))
+    np.testing.assert_array_equal(first[3]["inputs"], resumed["inputs"])
+    assert not np.array_equal(first[0]["targets"], first[1]["targets"])
+
+
+def test_resume_continues_at_the_right_step_and_matches(tiny_mlp_config, tmp_path):
+    config = tiny_mlp_config
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    train.train_and_evaluate(config, full)
+    train.train_and_evaluate(config, cut)
+    # Pretend the run died after its checkpoint at step 10: drop step 20 and the results.
+    shutil.rmtree(os.path.join(cut, "checkpoints", "20"))
+    os.remove(os.path.join(cut, "final_metrics.json"))
+    assert checkpointing.Checkpointer(cut).all_steps() == [10]
+    resumed = train.train_and_evaluate(config, cut)
+    reference = json.load(open(os.path.join(full, "final_metrics.json")))
+    assert resumed["test_loss"] == reference["test_loss"]
+    steps = [r["step"] for r in metrics_writer.read_jsonl(os.path.join(cut, "metrics.jsonl"))
+             if "train/loss" in r]  # fmt: skip
+    assert steps == sorted(set(steps)) and steps[-1] == 20  # no duplicated log lines
+    a, _ = finetune.load_state_as_numpy(full)
+    b, _ = finetune.load_state_as_numpy(cut)
+    for x, y in zip(_leaves(a["params"]), _leaves(b["params"]), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def _leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+def test_misspelt_config_key_fails_with_a_suggestion(tiny_mlp_config, tmp_path):
+    tiny_mlp_config.unlock()
+    tiny_mlp_config.lerning_rate = 0.1
+    with pytest.raises(config_validation.ConfigError, match="Did you mean 'learning_rate'"):
+        train.train_and_evaluate(tiny_mlp_config, str(tmp_path))
+
+
+def test_batch_size_zero_fails_clearly(tiny_mlp_config, tmp_path):
+    tiny_mlp_config.batch_size = 0
+    with pytest.raises(config_validation.ConfigError, match="batch_size=0 must be positive"):
+        train.train_and_evaluate(tiny_mlp_config, str(tmp_path))
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_missing_dataset_says_how_to_get_it(tiny_mlp_config, tmp_path):
+    tiny_mlp_config.task = "lm"
+    tiny_mlp_config.dataset = str(tmp_path / "no_such_corpus.txt")
+    tiny_mlp_config.model = {"name": "gpt", "block_size": 8, "num_layers": 1, "num_heads": 1,
+                             "embed_dim": 8}  # fmt: skip
+    with pytest.raises(data_setup.DatasetUnavailableError, match="no_such_corpus"):
+        train.train_and_evaluate(tiny_mlp_config, str(tmp_path / "run"))
