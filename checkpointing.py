@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -36,8 +37,8 @@ def _path_str(path: tuple) -> str:
 
 def _model_shapes(tree: Any) -> dict[str, tuple]:
     """Shapes of the parameters and model state (the model's shapes, not the optimizer's)."""
-    if isinstance(tree, dict):
-        parts = {k: tree[k] for k in ("params", "model_state") if k in tree}
+    if hasattr(tree, "keys"):  # a dict, or Orbax's item metadata (dict-like, not a dict)
+        parts = {k: tree[k] for k in ("params", "model_state") if k in tree.keys()}
     else:
         parts = {"params": tree.params, "model_state": tree.model_state}
     return {
@@ -45,6 +46,59 @@ def _model_shapes(tree: Any) -> dict[str, tuple]:
         for path, leaf in jax.tree_util.tree_leaves_with_path(parts)
         if hasattr(leaf, "shape")
     }
+
+
+class NonFiniteStateError(FloatingPointError):
+    """The state to be checkpointed holds NaN/Inf: it is not saved (older checkpoints stay)."""
+
+
+def _leaf_fingerprint(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Two position-weighted sums of the raw bits (mod 2**32) and whether the leaf is finite.
+
+    Integer sums are exact in any order, so the result is the same on every mesh: a checkpoint
+    saved on 8 devices verifies when restored onto 1. Odd weights make any one changed element
+    change both sums."""
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        bits = x.astype(jnp.uint32)
+    else:
+        unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+        bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    index = jnp.zeros(x.shape, jnp.uint32)
+    stride = 1
+    for dim in reversed(range(x.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, dim) * jnp.uint32(stride)
+        stride = (stride * x.shape[dim]) % 2**32
+    w1 = index * jnp.uint32(0x9E3779B1) + jnp.uint32(0x7F4A7C15) | jnp.uint32(1)
+    w2 = (index ^ jnp.uint32(0x5BD1E995)) * jnp.uint32(0x85EBCA6B) | jnp.uint32(1)
+    mixed = bits ^ (bits >> 15)
+    finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else True
+    return jnp.sum(bits * w1), jnp.sum(mixed * w2), jnp.asarray(finite)
+
+
+@jax.jit
+def _tree_fingerprint(tree: Any) -> list:
+    return [_leaf_fingerprint(x) for x in jax.tree.leaves(tree)]
+
+
+def fingerprint(tree: Any) -> tuple[dict[str, str], list[str]]:
+    """({leaf path: checksum of its bits}, [paths of leaves holding NaN/Inf]) of a (sharded,
+    possibly multi-process) pytree of arrays, computed where the arrays live."""
+    paths = [_path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+    values = _tree_fingerprint(tree)
+    # Scalars are replicated on every device, so each process reads its own copy.
+    host = [[int(np.asarray(v.addressable_data(0))) for v in leaf] for leaf in values]
+    sums = {path: f"{a:08x}{b:08x}" for path, (a, b, _) in zip(paths, host, strict=True)}
+    return sums, [path for path, (_, _, ok) in zip(paths, host, strict=True) if not ok]
+
+
+def _all_processes_agree(ok: bool) -> bool:
+    """True only if `ok` on every process (a damaged shard may be read by one process only)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
 class Checkpointer:
@@ -73,6 +127,15 @@ class Checkpointer:
         """Saves (asynchronously unless disabled); Orbax deletes old ones only after it commits."""
         if step in self.all_steps():  # e.g. the final save at a checkpoint step: Orbax would raise
             return False
+        # Orbax reads back flipped bytes without complaint: keep checksums to verify at restore.
+        sums, nonfinite = fingerprint(state)
+        if nonfinite:
+            raise NonFiniteStateError(
+                f"The state at step {step} holds NaN/Inf ({', '.join(nonfinite[:3])}); it is not "
+                f"checkpointed and the older checkpoints in {self.directory} are kept. Lower the "
+                "learning rate or clip gradients (config.grad_clip_norm)."
+            )
+        meta = {**meta, "checksums": sums}
         return self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -99,18 +162,19 @@ class Checkpointer:
                 "start afresh."
             )
 
-    def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
-        """Restores the newest checkpoint that reads back whole, onto `abstract_state`'s
-        shardings; warns about and skips damaged ones. None if there is no usable checkpoint."""
+    def restore_latest(
+        self, abstract_state: Any, set_aside_damaged: bool = True
+    ) -> tuple[Any, dict[str, Any]] | None:
+        """Restores the newest checkpoint that reads back whole and matches its checksums, onto
+        `abstract_state`'s shardings; warns about and skips damaged ones. None if there is no
+        checkpoint. Damaged ones newer than the restored one are moved to
+        workdir/damaged_checkpoints/ (unless `set_aside_damaged` is False, for readers), so that
+        the resumed run can save those steps again."""
+        self._warn_about_unfinished_saves()
+        damaged = []
         for step in sorted(self.all_steps(), reverse=True):
             try:
                 self.check_shapes(step, abstract_state)
-            except CheckpointMismatchError:
-                raise
-            except Exception as e:  # unreadable metadata: a damaged checkpoint
-                logging.warning("Checkpoint %d is damaged (%s); trying an older one.", step, e)
-                continue
-            try:
                 restored = self._manager.restore(
                     step,
                     args=ocp.args.Composite(
@@ -118,15 +182,22 @@ class Checkpointer:
                         meta=ocp.args.JsonRestore(),
                     ),
                 )
-            except Exception as e:
+                problem = self._verify(restored["state"], restored["meta"])
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # unreadable metadata or arrays: a damaged checkpoint
+                problem = f"{type(e).__name__}: {str(e)[:300]}"
+            if not _all_processes_agree(problem is None):
                 logging.warning(
-                    "Checkpoint %d in %s is damaged or incomplete (%s: %s); trying an older one.",
+                    "Checkpoint %d in %s is damaged or incomplete (%s); trying an older one.",
                     step,
                     self.directory,
-                    type(e).__name__,
-                    str(e)[:300],
+                    problem or "unreadable on another process",
                 )
+                damaged.append(step)
                 continue
+            if damaged and set_aside_damaged:
+                self._set_aside(damaged)
             return restored["state"], restored["meta"]
         if self.all_steps():  # never silently start over on top of unreadable checkpoints
             raise CheckpointMismatchError(
@@ -135,6 +206,44 @@ class Checkpointer:
                 "start afresh, or use a new --workdir."
             )
         return None
+
+    def _verify(self, state: Any, meta: dict[str, Any]) -> str | None:
+        """None if the restored arrays match the checksums saved with them, else what differs."""
+        saved = meta.get("checksums")
+        if saved is None:  # a checkpoint from before checksums were kept
+            return None
+        sums, _ = fingerprint(state)
+        bad = [path for path in sorted(set(saved) | set(sums)) if saved.get(path) != sums.get(path)]
+        if bad:
+            return f"checksum mismatch in {len(bad)} arrays, e.g. {', '.join(bad[:3])}"
+        return None
+
+    def _warn_about_unfinished_saves(self) -> None:
+        """Names the saves cut off mid-write (Orbax ignores them and replaces them on re-save)."""
+        if not os.path.isdir(self.directory):
+            return
+        for name in sorted(os.listdir(self.directory)):
+            if ".orbax-checkpoint-tmp" in name:
+                logging.warning(
+                    "%s is a checkpoint save that never finished (cut off mid-write, or still "
+                    "being written by another job); it is ignored.",
+                    os.path.join(self.directory, name),
+                )
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves damaged step directories to workdir/damaged_checkpoints/ (nothing is deleted)."""
+        target_root = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints")
+        if jax.process_index() == 0:
+            os.makedirs(target_root, exist_ok=True)
+            for step in steps:
+                target = os.path.join(target_root, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+                shutil.move(os.path.join(self.directory, str(step)), target)
+                logging.warning("Moved the damaged checkpoint %d to %s.", step, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("jaxlab_set_aside_damaged_checkpoints")
+        self._manager.reload()
 
     def wait(self) -> None:
         """Blocks until any asynchronous save has been committed."""
@@ -227,7 +336,7 @@ def load_state_for_inference(
     if step is not None and step not in steps:
         raise FileNotFoundError(f"No checkpoint at step {step} in {workdir}; have {steps}.")
     if step is None:
-        restored = checkpointer.restore_latest(target)
+        restored = checkpointer.restore_latest(target, set_aside_damaged=False)
         if restored is None:
             raise FileNotFoundError(f"No readable checkpoint in {checkpointer.directory}.")
         state, step = restored[0], int(restored[1]["step"])

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -108,6 +109,21 @@ def split_sizes(name: str, data_dir: str | None = None) -> dict[str, int]:
     }
 
 
+def _unreachable_reason(url: str, timeout: float = 5.0) -> str | None:
+    """Returns why url's host cannot be reached (None if it can, or if a proxy is configured)."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
+        return None  # Let the proxy decide; TFDS's downloader honours it.
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        return f"cannot reach {parts.hostname}:{port} ({e}); no network?"
+    return None
+
+
 def _sha256_file(path: str) -> str:
     """Returns the hex sha256 of a file's bytes."""
     digest = hashlib.sha256()
@@ -181,11 +197,12 @@ def _local_fashion_mnist_builder(source_dir: str, data_dir: str) -> Any:
 
 def prepare_fashion_mnist(
     data_dir: str | None = None,
-    source_dir: str = DEBIAN_FASHION_MNIST_DIR,
+    source_dir: str | None = None,
     allow_download: bool = True,
 ) -> None:
     """Prepares TFDS fashion_mnist in data_dir from the Debian files, else by a TFDS download."""
     data_dir = data_dir or default_data_dir()
+    source_dir = source_dir or DEBIAN_FASHION_MNIST_DIR
     if is_prepared("fashion_mnist", data_dir):
         return
     with _file_lock(data_dir, "fashion_mnist"):
@@ -206,19 +223,24 @@ def prepare_fashion_mnist(
                         )
                     )
                     return
-                except Exception as e:  # noqa: BLE001 - reported below with the how-to.
+                except Exception as e:  # Reported below, with the how-to.
                     errors.append(f"from {source_dir}: {type(e).__name__}: {e}")
         else:
             errors.append(f"{source_dir} does not hold {', '.join(FASHION_MNIST_FILES)}")
         if allow_download:
             tfds = _import_tfds()
-            try:
-                tfds.builder("fashion_mnist", data_dir=data_dir).download_and_prepare(
-                    download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-                )
-                return
-            except Exception as e:  # noqa: BLE001 - typically no network.
-                errors.append(f"TFDS download: {type(e).__name__}: {e}")
+            url = tfds.image_classification.FashionMNIST.URL
+            # Offline, TFDS's download retries take minutes to give up: probe the host first.
+            if reason := _unreachable_reason(url):
+                errors.append(f"TFDS download: {reason}")
+            else:
+                try:
+                    tfds.builder("fashion_mnist", data_dir=data_dir).download_and_prepare(
+                        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+                    )
+                    return
+                except Exception as e:  # Typically no network; reported below.
+                    errors.append(f"TFDS download: {type(e).__name__}: {e}")
         else:
             errors.append("TFDS download: not attempted (allow_download=False)")
         details = "\n".join(f"  - {e}" for e in errors)
@@ -262,6 +284,10 @@ def prepare_tiny_shakespeare(
         _check_tiny_shakespeare_file(source)
     elif not allow_download:
         raise DatasetUnavailableError(_tiny_shakespeare_howto(source))
+    elif reason := _unreachable_reason(TINY_SHAKESPEARE_URL):
+        raise DatasetUnavailableError(
+            f"{_tiny_shakespeare_howto(source)}\nDownloading is impossible: {reason}"
+        )
     with _file_lock(data_dir, "tiny_shakespeare"):
         if is_prepared("tiny_shakespeare", data_dir):
             return
@@ -275,8 +301,10 @@ def prepare_tiny_shakespeare(
                 )
                 builder.download_and_prepare(download_config=config)
             else:
-                builder.download_and_prepare()
-        except Exception as e:  # noqa: BLE001 - reported with the how-to.
+                builder.download_and_prepare(
+                    download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+                )
+        except Exception as e:  # Reported with the how-to.
             raise DatasetUnavailableError(
                 f"{_tiny_shakespeare_howto(source)}\nPreparing failed: {type(e).__name__}: {e}"
             ) from e

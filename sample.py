@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 import checkpointing
 import models
@@ -34,6 +34,8 @@ def main(argv: Sequence[str]) -> None:
     """Loads the checkpoint, generates `num_samples` continuations, prints them and the speed."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:  # Orbax logs at INFO; keep the samples readable
+        logging.set_verbosity(logging.WARNING)
     config, params = checkpointing.load_for_inference(FLAGS.workdir, FLAGS.step)
     tokenizer = tokenizers_lib.load_tokenizer(FLAGS.workdir)
     try:

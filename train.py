@@ -256,9 +256,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 window, t_window = [], time.perf_counter()
             if done % config.eval_every_steps == 0 and done != total_steps:
                 run_eval(done)
+            if pending is not None and done % config.checkpoint_every_steps == 0:
+                window.append(_check_finite(*pending, config))  # never checkpoint a NaN state
+                pending = None
             if done % config.checkpoint_every_steps == 0 and done != total_steps:
                 save(done)  # the last step is saved after the final evaluation
             if watcher.should_stop(done):
+                if pending is not None:
+                    window.append(_check_finite(*pending, config))
                 save(done, force=True)
                 ckpt.close()
                 writer.close()
@@ -359,5 +364,24 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"ERROR: {e}") from e
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a misspelt --config.<field> reported in one readable line
+    (ml_collections raises a bare AttributeError from deep inside the parser)."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:
+        inner = e
+        while inner.args and isinstance(inner.args[0], BaseException):
+            inner = inner.args[0]
+        text = str(inner.args[0]) if inner.args else str(inner)
+        field, _, hint = text.partition("\n")
+        field = field.strip("'\"")
+        bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and field in a]
+        raise SystemExit(
+            f"ERROR: {bad[0] if bad else '--config'}: the config has no field {field!r}. "
+            f"{hint} Every field is defined in configs/base.py (model fields in models/)."
+        ) from None
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -16,5 +16,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_train_steps = 2000
     c.decay_steps = 2000
     c.eval_steps = 20
+    c.eval_batch_size = 12
     c.log_every_steps = 100
     return c

@@ -38,6 +38,30 @@ def _layer_norm(use_bias: bool, dtype: jnp.dtype, name: str) -> nn.LayerNorm:
     )
 
 
+class HeadsDense(nn.Module):
+    """A dense layer to or from a (heads, head_dim) pair of axes: an einsum over a kernel kept
+    in its true shape. (Flax's DenseGeneral initialises a flattened kernel, which clashes with
+    sharding constraints on the logical axis names.)"""
+
+    equation: str  # e.g. 'ble,ehd->blhd' (in) or 'blhd,hde->ble' (out)
+    kernel_shape: tuple[int, ...]
+    kernel_axes: tuple[str, ...]
+    bias_axes: tuple[str, ...]
+    std: float
+    use_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        """Applies the projection (and bias) in the compute dtype."""
+        kernel = self.param("kernel", _normal(self.std, self.kernel_axes), self.kernel_shape)
+        y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias_shape = y.shape[-len(self.bias_axes) :]
+            y = y + self.param("bias", _zeros(self.bias_axes), bias_shape).astype(self.dtype)
+        return y
+
+
 def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, base: float = 10000.0) -> jnp.ndarray:
     """Rotary position embedding (rotate-half form) of x[batch, length, heads, head_dim]."""
     half = x.shape[-1] // 2
@@ -80,12 +104,14 @@ class CausalSelfAttention(nn.Module):
         qkv_axes = ("batch", "length", "heads", "kv")
         q, k, v = (
             nn.with_logical_constraint(
-                nn.DenseGeneral(
-                    (self.num_heads, head_dim),
+                HeadsDense(
+                    "ble,ehd->blhd",
+                    (embed_dim, self.num_heads, head_dim),
+                    ("embed", "heads", "kv"),
+                    ("heads", "kv"),
+                    std=0.02,
                     use_bias=self.use_bias,
                     dtype=self.dtype,
-                    kernel_init=_normal(0.02, ("embed", "heads", "kv")),
-                    bias_init=_zeros(("heads", "kv")),
                     name=name,
                 )(x),
                 qkv_axes,
@@ -126,13 +152,14 @@ class CausalSelfAttention(nn.Module):
                 implementation=None if impl == "auto" else impl,
             )
         y = nn.with_logical_constraint(y, qkv_axes)
-        y = nn.DenseGeneral(
-            embed_dim,
-            axis=(-2, -1),
+        y = HeadsDense(
+            "blhd,hde->ble",
+            (self.num_heads, head_dim, embed_dim),
+            ("heads", "kv", "embed"),
+            ("embed",),
+            std=self.residual_init_std,
             use_bias=self.use_bias,
             dtype=self.dtype,
-            kernel_init=_normal(self.residual_init_std, ("heads", "kv", "embed")),
-            bias_init=_zeros(("embed",)),
             name="out",
         )(y)
         return nn.Dropout(self.dropout_rate, deterministic=not train)(y)

@@ -38,3 +38,37 @@ def tiny_mlp_config(fashion_mnist_ready):
     config.checkpoint_every_steps = 10
     config.async_checkpointing = False
     return config
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> str:
+    """A ~20 kB deterministic text file (a made-up language of short words) for tiny LM runs."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    words = ["the", "king", "and", "thou", "art", "my", "lord", "speak", "to", "me", "of", "love"]
+    lines = [" ".join(rng.choice(words, size=8)).capitalize() + "." for _ in range(500)]
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def tiny_lm_config(tiny_corpus):
+    """A 1-layer character GPT on `tiny_corpus`, a few steps (seconds on a CPU)."""
+    from configs import shakespeare_char_cpu
+
+    config = shakespeare_char_cpu.get_config()
+    config.dataset = tiny_corpus
+    config.model.update({"num_layers": 1, "num_heads": 2, "embed_dim": 32, "block_size": 32})
+    config.batch_size = 8
+    config.num_train_steps = 12
+    config.decay_steps = 12
+    config.warmup_steps = 2
+    config.log_every_steps = 4
+    config.eval_every_steps = 6
+    config.eval_steps = 2
+    config.eval_batch_size = 8
+    config.checkpoint_every_steps = 6
+    config.async_checkpointing = False
+    return config

@@ -56,7 +56,8 @@ def tiny_config(model: str, corpus: str = "", **overrides: Any) -> ml_collection
         c = shakespeare_char.get_config()
         c.dataset = corpus
         c.model.update(
-            {"block_size": 16, "num_layers": 2, "num_heads": 8, "embed_dim": 64, "use_bias": True}
+            {"vocab_size": len(CORPUS_ALPHABET), "block_size": 16, "num_layers": 2, "num_heads": 8,
+             "embed_dim": 64, "use_bias": True}  # fmt: skip
         )
         c.model.dropout_rate = 0.0
         c.eval_steps = 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import pathlib
 import shutil
 import sys
 
@@ -33,7 +34,7 @@ def shakespeare(data_dir: str) -> str:
     return data_setup.load_text_corpus("tiny_shakespeare", data_dir)
 
 
-def test_default_dirs_follow_env(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+def test_default_dirs_follow_env(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
     """JAXLAB_DATA_DIR / JAXLAB_SHARED_DIR override the defaults next to the repository."""
     monkeypatch.delenv("JAXLAB_DATA_DIR", raising=False)
     monkeypatch.delenv("JAXLAB_SHARED_DIR", raising=False)
@@ -85,14 +86,16 @@ def test_tiny_shakespeare_splits_match_nanogpt(shakespeare: str, data_dir: str) 
     assert splits["validation"] + splits["test"] == val
 
 
-def test_tiny_shakespeare_falls_back_to_shared_file(tmp_path, shakespeare: str) -> None:
+def test_tiny_shakespeare_falls_back_to_shared_file(
+    tmp_path: pathlib.Path, shakespeare: str
+) -> None:
     """Without a prepared TFDS copy the shared input.txt is read directly."""
     empty_data_dir = str(tmp_path / "tfds")
     assert not data_setup.is_prepared("tiny_shakespeare", empty_data_dir)
     assert data_setup.load_text_corpus("tiny_shakespeare", empty_data_dir) == shakespeare
 
 
-def test_tiny_shakespeare_missing_or_corrupt(tmp_path) -> None:
+def test_tiny_shakespeare_missing_or_corrupt(tmp_path: pathlib.Path) -> None:
     """A missing or altered input.txt gives DatasetUnavailableError saying what to do."""
     shared = tmp_path / "shared"
     with pytest.raises(data_setup.DatasetUnavailableError, match="input.txt") as info:
@@ -120,7 +123,7 @@ def test_prepare_is_idempotent(data_dir: str) -> None:
     assert data_setup.split_sizes("fashion_mnist", data_dir) == {"train": 60000, "test": 10000}
 
 
-def test_fashion_mnist_unavailable_message(tmp_path) -> None:
+def test_fashion_mnist_unavailable_message(tmp_path: pathlib.Path) -> None:
     """Without the Debian files and without downloading, the error says how to get the data."""
     with pytest.raises(data_setup.DatasetUnavailableError) as info:
         data_setup.prepare_fashion_mnist(
@@ -131,6 +134,28 @@ def test_fashion_mnist_unavailable_message(tmp_path) -> None:
     assert "make data" in message
     assert "network" in message
     assert isinstance(info.value, RuntimeError)
+
+
+def test_main_reports_ready(data_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`python data_setup.py` on prepared data exits 0 with one ready line per dataset."""
+    assert data_setup.main(["--data_dir", data_dir]) == 0
+    out = capsys.readouterr().out
+    assert "fashion_mnist: ready (60000 train / 10000 test)" in out
+    assert "tiny_shakespeare: ready (1115394 chars" in out
+
+
+def test_main_fails_without_fashion_mnist(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without Fashion-MNIST (no Debian files, no network) main exits non-zero with the how-to."""
+    monkeypatch.setattr(data_setup, "DEBIAN_FASHION_MNIST_DIR", str(tmp_path / "nothing"))
+    monkeypatch.setattr(data_setup, "_unreachable_reason", lambda url: "offline (test)")
+    monkeypatch.setattr(data_setup, "prepare_tiny_shakespeare", lambda data_dir: None)
+    monkeypatch.setattr(data_setup, "BIBLE_COMMAND", "no-such-bible-command")
+    assert data_setup.main(["--data_dir", str(tmp_path / "tfds")]) == 1
+    err = capsys.readouterr().err
+    assert "sudo apt-get install dataset-fashion-mnist" in err
+    assert "offline (test)" in err
 
 
 def test_fashion_mnist_loads(data_dir: str) -> None:
@@ -174,7 +199,7 @@ def test_fashion_mnist_matches_debian_files(data_dir: str) -> None:
     assert keys(images, data["label"]) == keys(raw_images, raw_labels)
 
 
-def test_text_file_corpus(tmp_path) -> None:
+def test_text_file_corpus(tmp_path: pathlib.Path) -> None:
     """Any other string is a path to a UTF-8 text file, read exactly."""
     text = "Ünïcode line\r\nsecond line\n\tend 🙂"
     path = tmp_path / "corpus.txt"
@@ -182,7 +207,7 @@ def test_text_file_corpus(tmp_path) -> None:
     assert data_setup.load_text_corpus(str(path)) == text
 
 
-def test_missing_corpus_path(tmp_path) -> None:
+def test_missing_corpus_path(tmp_path: pathlib.Path) -> None:
     """A path that does not exist gives DatasetUnavailableError naming it and the known corpora."""
     missing = str(tmp_path / "no_such_corpus.txt")
     with pytest.raises(data_setup.DatasetUnavailableError) as info:
@@ -192,7 +217,7 @@ def test_missing_corpus_path(tmp_path) -> None:
     assert "tiny_shakespeare" in message and "kjv" in message
 
 
-def test_empty_corpus_file(tmp_path) -> None:
+def test_empty_corpus_file(tmp_path: pathlib.Path) -> None:
     """An empty text file is rejected."""
     path = tmp_path / "empty.txt"
     path.write_text("")
@@ -201,7 +226,7 @@ def test_empty_corpus_file(tmp_path) -> None:
 
 
 @pytest.mark.skipif(shutil.which("bible") is None, reason="Debian bible-kjv-text not installed")
-def test_kjv_corpus(tmp_path) -> None:
+def test_kjv_corpus(tmp_path: pathlib.Path) -> None:
     """'kjv' and 'bible' generate the King James Bible text at <data_dir>/../text/kjv.txt."""
     data_dir = str(tmp_path / "tensorflow_datasets")
     text = data_setup.load_text_corpus("kjv", data_dir)
@@ -212,7 +237,7 @@ def test_kjv_corpus(tmp_path) -> None:
     assert data_setup.load_text_corpus("bible", data_dir) == text
 
 
-def test_bible_command_missing(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+def test_bible_command_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
     """Without the `bible` command the error names the Debian package."""
     monkeypatch.setattr(data_setup, "BIBLE_COMMAND", "no-such-bible-command")
     with pytest.raises(data_setup.DatasetUnavailableError, match="bible-kjv-text"):

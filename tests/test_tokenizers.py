@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import sys
 
 import numpy as np
@@ -27,7 +28,9 @@ def shakespeare() -> str:
 
 
 @pytest.fixture(scope="session", params=["bpe", "unigram"])
-def sp_tokenizer(request: pytest.FixtureRequest, shakespeare: str):
+def sp_tokenizer(
+    request: pytest.FixtureRequest, shakespeare: str
+) -> tokenizers_lib.SentencePieceTokenizer:
     """Returns a SentencePiece tokenizer trained on part of Tiny Shakespeare."""
     return tokenizers_lib.SentencePieceTokenizer.train(
         shakespeare[:SP_TRAIN_CHARS], vocab_size=1024, model_type=request.param
@@ -89,7 +92,9 @@ def test_byte_decode_replaces_invalid_utf8() -> None:
     assert tok.decode(ids) == "\ufffd"
 
 
-def test_sentencepiece_round_trip(sp_tokenizer, shakespeare: str) -> None:
+def test_sentencepiece_round_trip(
+    sp_tokenizer: tokenizers_lib.SentencePieceTokenizer, shakespeare: str
+) -> None:
     """SentencePiece round-trips held-out Shakespeare and unseen non-ASCII text exactly."""
     assert sp_tokenizer.vocab_size == 1024
     held_out = shakespeare[-20_000:]
@@ -102,7 +107,7 @@ def test_sentencepiece_round_trip(sp_tokenizer, shakespeare: str) -> None:
     assert sp_tokenizer.decode(sp_tokenizer.encode(" leading space")) == " leading space"
 
 
-def test_sentencepiece_model_type(sp_tokenizer) -> None:
+def test_sentencepiece_model_type(sp_tokenizer: tokenizers_lib.SentencePieceTokenizer) -> None:
     """The trained model records its type."""
     assert sp_tokenizer.model_type in tokenizers_lib.SENTENCEPIECE_MODEL_TYPES
 
@@ -113,7 +118,9 @@ def test_sentencepiece_rejects_tiny_vocab() -> None:
         tokenizers_lib.SentencePieceTokenizer.train("some text", vocab_size=265)
 
 
-def _all_tokenizers(shakespeare: str, sp_tokenizer) -> list[tokenizers_lib.Tokenizer]:
+def _all_tokenizers(
+    shakespeare: str, sp_tokenizer: tokenizers_lib.SentencePieceTokenizer
+) -> list[tokenizers_lib.Tokenizer]:
     """Returns one tokenizer of each kind."""
     return [
         tokenizers_lib.CharTokenizer.from_text(shakespeare),
@@ -122,7 +129,9 @@ def _all_tokenizers(shakespeare: str, sp_tokenizer) -> list[tokenizers_lib.Token
     ]
 
 
-def test_save_load_round_trip(tmp_path, shakespeare: str, sp_tokenizer) -> None:
+def test_save_load_round_trip(
+    tmp_path: pathlib.Path, shakespeare: str, sp_tokenizer: tokenizers_lib.SentencePieceTokenizer
+) -> None:
     """Every tokenizer restores from its directory with identical behaviour."""
     sample = shakespeare[:5000]
     for tok in _all_tokenizers(shakespeare, sp_tokenizer):
@@ -139,13 +148,13 @@ def test_save_load_round_trip(tmp_path, shakespeare: str, sp_tokenizer) -> None:
         assert restored.decode(restored.encode(sample)) == sample
 
 
-def test_load_tokenizer_missing(tmp_path) -> None:
+def test_load_tokenizer_missing(tmp_path: pathlib.Path) -> None:
     """Loading from a directory without tokenizer.json raises FileNotFoundError."""
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         tokenizers_lib.load_tokenizer(str(tmp_path))
 
 
-def test_build_tokenizer(tmp_path, shakespeare: str) -> None:
+def test_build_tokenizer(tmp_path: pathlib.Path, shakespeare: str) -> None:
     """build_tokenizer dispatches on kind, saves to workdir, and lists choices for unknown kinds."""
     text = shakespeare[:100_000]
     assert isinstance(tokenizers_lib.build_tokenizer("char", text), tokenizers_lib.CharTokenizer)

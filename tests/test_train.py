@@ -80,7 +80,8 @@ def test_resume_continues_at_the_right_step_and_matches(tiny_mlp_config, tmp_pat
     os.remove(os.path.join(cut, "final_metrics.json"))
     assert checkpointing.Checkpointer(cut).all_steps() == [10]
     resumed = train.train_and_evaluate(config, cut)
-    reference = json.load(open(os.path.join(full, "final_metrics.json")))
+    with open(os.path.join(full, "final_metrics.json")) as f:
+        reference = json.load(f)
     assert resumed["test_loss"] == reference["test_loss"]
     steps = [r["step"] for r in metrics_writer.read_jsonl(os.path.join(cut, "metrics.jsonl"))
              if "train/loss" in r]  # fmt: skip

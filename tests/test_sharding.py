@@ -1,0 +1,275 @@
+"""Sharded training over a device mesh and pmap: same numbers as one device, shards as promised.
+
+The multi-device cases run in subprocesses with 8 simulated CPU devices (tests/sharded_driver.py,
+several cases per subprocess); the single-device baselines run in this process (1 device).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS_DIR)
+for _path in (REPO, TESTS_DIR):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import sharded_driver  # noqa: E402
+
+# Float32 results agree to ~1e-6 relative: the sharded programs sum the same numbers in another
+# order (per-device partial sums, then all-reduce). See the report in docs/multihost.md.
+RTOL, ATOL = 1e-5, 1e-6
+
+ONE_DEVICE = {"mesh_shape": {"data": 1, "fsdp": 1, "tensor": 1}}
+MESHES: dict[str, dict[str, Any]] = {
+    "data8": {"mesh_shape": {"data": 8, "fsdp": 1, "tensor": 1}},
+    "fsdp8": {"mesh_shape": {"data": 1, "fsdp": 8, "tensor": 1}},
+    "tensor8": {"mesh_shape": {"data": 1, "fsdp": 1, "tensor": 8}},
+    "data2_tensor4": {"mesh_shape": {"data": 2, "fsdp": 1, "tensor": 4}},
+    "pmap": {"parallelism": "pmap", "mesh_shape": {"data": -1, "fsdp": 1, "tensor": 1}},
+    # Gradient accumulation on the mesh: 4 microbatches of 8 examples, each over 8 devices.
+    "fsdp8_accum4": {"mesh_shape": {"data": 1, "fsdp": 8, "tensor": 1}, "grad_accum_steps": 4},
+}
+
+
+def run_driver(cases: list[dict[str, Any]], devices: int = 8, timeout: float = 300) -> Any:
+    """Starts tests/sharded_driver.py on `devices` simulated CPU devices; returns a function that
+    waits for it and returns {case name: result}."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+    ).strip()
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(TESTS_DIR, "sharded_driver.py"), json.dumps(cases)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    def wait() -> dict[str, dict[str, Any]]:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"sharded_driver timed out after {timeout}s:\n{err[-4000:]}")
+        results = {}
+        for line in out.splitlines():
+            if line.startswith("RESULT "):
+                result = json.loads(line[len("RESULT ") :])
+                results[result.get("name", "_header")] = result
+        assert proc.returncode == 0, err[-4000:]
+        assert results["_header"]["devices"] == devices
+        failed = {k: v["exception"] for k, v in results.items() if "exception" in v}
+        assert not failed, f"{failed}\n{err[-4000:]}"
+        return results
+
+    return wait
+
+
+def train_losses(workdir: str) -> np.ndarray:
+    """The per-step training losses a run logged to metrics.jsonl (log_every_steps=1)."""
+    import metrics_writer
+
+    rows = metrics_writer.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    return np.array([r["train/loss"] for r in rows if "train/loss" in r])
+
+
+def final_params(workdir: str) -> dict[str, np.ndarray]:
+    """The final checkpoint's parameters as host arrays, flattened to 'path/to/leaf'."""
+    from flax import traverse_util
+
+    import finetune
+
+    state, _ = finetune.load_state_as_numpy(workdir)
+    return traverse_util.flatten_dict(state["params"], sep="/")
+
+
+def assert_same_run(workdir: str, reference: str, label: str) -> None:
+    """Same losses at every step and same final parameters as the reference run."""
+    expected, got = train_losses(reference), train_losses(workdir)
+    assert len(expected) == len(got) > 0, (label, expected, got)
+    np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL, err_msg=f"{label}: losses")
+    want, have = final_params(reference), final_params(workdir)
+    assert sorted(want) == sorted(have), label
+    for name in want:
+        np.testing.assert_allclose(
+            have[name], want[name], rtol=RTOL, atol=ATOL, err_msg=f"{label}: {name}"
+        )
+
+
+@pytest.fixture
+def cached_images(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reads Fashion-MNIST from disk once per test process instead of once per run."""
+    import input_pipeline
+
+    monkeypatch.setattr(input_pipeline, "_load_image_split", sharded_driver.cached_image_loader())
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn", "gpt"])
+def test_sharded_training_matches_one_device(model: str, tmp_path, cached_images) -> None:
+    """data=8, fsdp=8, tensor=8, data=2 x tensor=4, pmap and accumulation on the mesh all train
+    the same losses and parameters as one device."""
+    import train
+
+    corpus = sharded_driver.write_corpus(str(tmp_path / "corpus.txt")) if model == "gpt" else ""
+    cases = [
+        {
+            "kind": "train",
+            "name": name,
+            "model": model,
+            "corpus": corpus,
+            "workdir": str(tmp_path / name),
+            "overrides": overrides,
+        }
+        for name, overrides in MESHES.items()
+    ]
+    wait = run_driver(cases)  # the 8-device runs proceed while this process runs the baseline
+    config = sharded_driver.tiny_config(model, corpus, **ONE_DEVICE)
+    train.train_and_evaluate(config, str(tmp_path / "one"))
+    wait()
+    for name in MESHES:
+        assert_same_run(str(tmp_path / name), str(tmp_path / "one"), f"{model} {name}")
+
+
+def test_shard_sizes_and_config_errors(tmp_path) -> None:
+    """Each device holds the fraction of every parameter that the logical axis rules promise, and
+    impossible meshes or batches are refused with the numbers before anything compiles."""
+    shard_cases = [
+        {"kind": "shards", "name": f"{model} {mesh}", "model": model, "overrides": MESHES[mesh]}
+        for model in ("mlp", "cnn", "gpt")
+        for mesh in ("fsdp8", "tensor8", "data2_tensor4")
+    ]
+    error_cases = [
+        {
+            "kind": "config_error",
+            "name": "mesh too big",
+            "model": "mlp",
+            "workdir": str(tmp_path / "mesh"),
+            "overrides": {"mesh_shape": {"data": 4, "fsdp": 1, "tensor": 4}},
+        },
+        {
+            "kind": "config_error",
+            "name": "batch does not divide",
+            "model": "mlp",
+            "workdir": str(tmp_path / "batch"),
+            "overrides": {"mesh_shape": {"data": 2, "fsdp": 2, "tensor": 2}, "batch_size": 6},
+        },
+        {
+            "kind": "config_error",
+            "name": "microbatch does not divide",
+            "model": "mlp",
+            "workdir": str(tmp_path / "micro"),
+            "overrides": {"mesh_shape": {"data": -1}, "batch_size": 32, "grad_accum_steps": 8},
+        },
+    ]
+    results = run_driver(shard_cases + error_cases)()
+
+    def check(model: str, mesh: str, expected: dict[str, tuple[int, ...]]) -> None:
+        params = results[f"{model} {mesh}"]["params"]
+        for name, shard in expected.items():
+            assert tuple(params[name]["shard"]) == shard, (model, mesh, name, params[name])
+
+    # MLP 784-64-32-10: kernels alternate (embed, mlp) and (mlp, embed); the head is (embed,
+    # classes) after an even number of hidden layers.
+    check("mlp", "fsdp8", {"['dense_0']['kernel']": (98, 64), "['dense_1']['kernel']": (64, 4),
+                           "['head']['kernel']": (4, 10)})  # fmt: skip
+    check("mlp", "tensor8", {"['dense_0']['kernel']": (784, 8), "['dense_1']['kernel']": (8, 32),
+                             "['dense_0']['bias']": (8,), "['head']['kernel']": (32, 10)})  # fmt: skip
+    check("mlp", "data2_tensor4", {"['dense_0']['kernel']": (784, 16), "['head']['bias']": (10,)})
+    # CNN: conv (3, 3, 1, 8) is (conv_h, conv_w, embed, mlp); 1 input channel stays whole.
+    check("cnn", "fsdp8", {"['conv_0_0']['kernel']": (3, 3, 1, 8),
+                           "['dense_0']['kernel']": (1352 // 8, 32)})  # fmt: skip
+    check("cnn", "tensor8", {"['conv_0_0']['kernel']": (3, 3, 1, 1),
+                             "['dense_0']['kernel']": (1352, 4), "['head']['kernel']": (4, 10)})  # fmt: skip
+    # GPT (vocab 32, embed 64, 8 heads of 8, mlp 256): fsdp splits embed, tensor heads/mlp/vocab.
+    gpt_fsdp = {
+        "['wte']['embedding']": (32, 8),
+        "['wpe']": (16, 8),
+        "['h_0']['attn']['query']['kernel']": (8, 8, 8),
+        "['h_0']['attn']['out']['kernel']": (8, 8, 8),
+        "['h_0']['mlp']['fc']['kernel']": (8, 256),
+        "['h_1']['mlp']['proj']['kernel']": (256, 8),
+        "['ln_f']['scale']": (8,),
+    }
+    gpt_tensor = {
+        "['wte']['embedding']": (4, 64),
+        "['wpe']": (16, 64),
+        "['h_0']['attn']['query']['kernel']": (64, 1, 8),
+        "['h_0']['attn']['query']['bias']": (1, 8),
+        "['h_0']['attn']['out']['kernel']": (1, 8, 64),
+        "['h_0']['mlp']['fc']['kernel']": (64, 32),
+        "['h_1']['mlp']['proj']['kernel']": (32, 64),
+        "['ln_f']['scale']": (64,),
+    }
+    check("gpt", "fsdp8", gpt_fsdp)
+    check("gpt", "tensor8", gpt_tensor)
+    check("gpt", "data2_tensor4", {"['wte']['embedding']": (8, 64),
+                                   "['h_0']['mlp']['fc']['kernel']": (64, 64)})  # fmt: skip
+
+    mesh, batch, micro = (results[n] for n in ("mesh too big", "batch does not divide",
+                                                "microbatch does not divide"))  # fmt: skip
+    for result in (mesh, batch, micro):
+        assert result["error"] == "ConfigError", result
+        assert result["compile_events"] == 0, result
+    assert "needs 16 devices but 8 are present" in mesh["message"], mesh["message"]
+    assert "6 examples" in batch["message"] and "4 data-parallel devices" in batch["message"]
+    assert "multiple of 4" in batch["message"], batch["message"]
+    assert "4 examples" in micro["message"] and "8 data-parallel devices" in micro["message"]
+    assert "multiple of 64" in micro["message"], micro["message"]
+
+
+@pytest.mark.parametrize("model", ["mlp", "gpt"])
+def test_grad_accumulation_equals_whole_batch(model: str) -> None:
+    """One step on 4 microbatches of 8 == one step on the batch of 32 (loss, gradient, params)."""
+    import jax
+    from flax import linen as nn
+
+    import input_pipeline
+    import models
+    import optim
+    import sharding
+    import steps
+    import train_state
+
+    config = sharded_driver.tiny_config(model, **ONE_DEVICE)
+    rng = np.random.default_rng(0)
+    example = input_pipeline.example_input(config)
+    if model == "gpt":
+        tokens = rng.integers(0, 32, (32, example.shape[1] + 1), dtype=np.int32)
+        batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    else:
+        batch = {
+            "inputs": rng.random((32,) + example.shape[1:], dtype=np.float32),
+            "targets": rng.integers(0, 10, (32,), dtype=np.int32),
+        }
+    model_def = models.build_model(config)
+    schedule = optim.learning_rate_schedule(config, 10)
+    tx = optim.build_optimizer(config, schedule)
+    mesh, rules = sharding.make_mesh(config), sharding.logical_axis_rules(config)
+    results = {}
+    for k in (1, 4):
+        config.grad_accum_steps = k
+        state, _ = train_state.create_train_state(model_def, tx, example, mesh, rules, config.seed)
+        step = jax.jit(
+            functools.partial(
+                steps.train_step, model=model_def, tx=tx, schedule=schedule, config=config
+            )
+        )
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            new_state, metrics = step(state, batch)
+        results[k] = jax.device_get((metrics, new_state.params))
+    (m1, p1), (m4, p4) = results[1], results[4]
+    for key in ("loss", "accuracy", "grad_norm"):
+        np.testing.assert_allclose(m4[key], m1[key], rtol=RTOL, atol=ATOL, err_msg=key)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL), p4, p1)
