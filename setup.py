@@ -1,31 +1,21 @@
 """Package definition for jaxlab: dependencies with the version ranges we test against."""
 
+import os
+
 from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 setup(
     name="jaxlab",
     version="0.1.0",
     description="A JAX/Flax research codebase for scalable models.",
     python_requires=">=3.10",
-    py_modules=[
-        "train",
-        "input_pipeline",
-        "tokenizers_lib",
-        "data_setup",
-        "sharding",
-        "checkpointing",
-        "metrics_writer",
-        "config_validation",
-        "optim",
-        "steps",
-        "sampling",
-        "sample",
-        "evaluate",
-        "sweep",
-        "bench",
-        "preemption",
-        "distributed",
-    ],
+    # The top-level modules (train.py, input_pipeline.py, ...) are the package: a flat layout
+    # like Flax's examples, importable after `pip install -e .`.
+    py_modules=sorted(
+        name[:-3] for name in os.listdir(HERE) if name.endswith(".py") and name != "setup.py"
+    ),
     packages=["models", "configs"],
     install_requires=[
         "jax>=0.10.2,<0.11",

@@ -438,6 +438,10 @@ def read_curves(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             except json.JSONDecodeError:
                 continue  # a line cut off by a kill
             step = int(record.pop("step"))
+            if "train/num_examples" in record:
+                # An evaluation of the LM 'train' split: train.py logs it under the same
+                # 'train/' prefix as the training loss, so keep it apart for the curves.
+                record = {"train_eval/" + k.partition("/")[2]: v for k, v in record.items()}
             for name, value in record.items():
                 series.setdefault(name, {})[step] = float(value)  # a resumed step: last one wins
     return {

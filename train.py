@@ -10,6 +10,7 @@ validate config -> data -> model, optimizer -> sharded state (or restore) -> loo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -121,8 +122,9 @@ class Runner:
 
     def step_context(self):
         """Mesh and logical rules active while tracing (a no-op cost after compilation)."""
-        if self.pmap:  # pmap runs on its own 'batch' mesh: a context mesh would conflict with it
-            return nn.logical_axis_rules(self.rules)
+        if self.pmap:  # pmap maps over its own 'batch' mesh: no context mesh, and no rules, so
+            # that the models' logical constraints name no axis of the (data, fsdp, tensor) mesh
+            return nn.logical_axis_rules(())
         return _Both(jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules))
 
 
@@ -233,7 +235,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     pending = None  # the previous step's metrics, read back only after the next is dispatched
     window = []
     t_window, t_start, step = time.perf_counter(), time.perf_counter(), start_step
-    with runner.step_context():
+    with runner.step_context(), _finish_saves_on_error(ckpt):
         for step in range(start_step, total_steps):
             state, metrics = runner.train_step(state, next(batches))
             if pending is not None:
@@ -308,11 +310,23 @@ def _log_sample(writer, model, params, tokenizer, config, step: int) -> None:
     writer.write_text(step, "samples", "```\n" + text + "\n```")
 
 
+@contextlib.contextmanager
+def _finish_saves_on_error(ckpt: checkpointing.Checkpointer) -> Iterator[None]:
+    """If the loop raises (NaN loss, Ctrl-C), lets the checkpoint being written commit first."""
+    try:
+        yield
+    except BaseException:
+        try:
+            ckpt.wait()
+        except Exception as e:  # the original error matters more than a failed save
+            logging.warning("A checkpoint save failed while stopping: %s", e)
+        raise
+
+
 def _check_finite(step: int, metrics: dict[str, jax.Array], config) -> dict[str, float]:
     """Fetches a step's metrics; stops the run on a NaN/Inf loss unless steps are being skipped."""
-    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if config.parallelism == "pmap":
-        values = {k: float(np.asarray(v).ravel()[0]) for k, v in jax.device_get(metrics).items()}
+    # Under pmap every device returns its own (equal, after pmean) copy: keep the first.
+    values = {k: float(np.asarray(v).ravel()[0]) for k, v in jax.device_get(metrics).items()}
     if not config.skip_nonfinite_steps and not (
         math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])
     ):

@@ -53,13 +53,12 @@ def tiny_corpus(tmp_path_factory) -> str:
     return str(path)
 
 
-@pytest.fixture
-def tiny_lm_config(tiny_corpus):
-    """A 1-layer character GPT on `tiny_corpus`, a few steps (seconds on a CPU)."""
+def _tiny_lm_config(corpus: str):
+    """A 1-layer character GPT on `corpus`, 12 steps (seconds on a CPU)."""
     from configs import shakespeare_char_cpu
 
     config = shakespeare_char_cpu.get_config()
-    config.dataset = tiny_corpus
+    config.dataset = corpus
     config.model.update({"num_layers": 1, "num_heads": 2, "embed_dim": 32, "block_size": 32})
     config.batch_size = 8
     config.num_train_steps = 12
@@ -72,3 +71,42 @@ def tiny_lm_config(tiny_corpus):
     config.checkpoint_every_steps = 6
     config.async_checkpointing = False
     return config
+
+
+@pytest.fixture
+def tiny_lm_config(tiny_corpus):
+    """A 1-layer character GPT on `tiny_corpus`, 12 steps, evaluated at steps 6 and 12."""
+    return _tiny_lm_config(tiny_corpus)
+
+
+def _train_once(config, workdir: str) -> str:
+    """Trains `config` in `workdir` and returns the workdir."""
+    import train
+
+    train.train_and_evaluate(config, workdir)
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def trained_mlp_run(fashion_mnist_ready, tmp_path_factory) -> str:
+    """Workdir of a tiny MLP trained once per session (20 steps, checkpoints at 10 and 20).
+    Tests may read it and add files, but must not train in it again."""
+    from configs import fashion_mnist_mlp
+
+    config = fashion_mnist_mlp.get_config()
+    config.model.features = (32,)
+    config.num_train_steps = 20
+    config.batch_size = 32
+    config.warmup_steps = 2
+    config.eval_batch_size = 1000
+    config.log_every_steps = 5
+    config.eval_every_steps = 10
+    config.checkpoint_every_steps = 10
+    config.async_checkpointing = False
+    return _train_once(config, str(tmp_path_factory.mktemp("mlp_run")))
+
+
+@pytest.fixture(scope="session")
+def trained_lm_run(tiny_corpus, tmp_path_factory) -> str:
+    """Workdir of a tiny character GPT trained once per session (12 steps, evals at 6 and 12)."""
+    return _train_once(_tiny_lm_config(tiny_corpus), str(tmp_path_factory.mktemp("lm_run")))

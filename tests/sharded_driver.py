@@ -67,7 +67,10 @@ def tiny_config(model: str, corpus: str = "", **overrides: Any) -> ml_collection
     c.num_train_steps = 3
     c.batch_size = 32
     c.warmup_steps = 0
-    c.learning_rate = 1e-3
+    # SGD, not Adam: Adam's update is invariant to the gradient's scale (a psum where a pmean
+    # belongs would go unnoticed) and turns round-off in near-zero gradients into steps of lr.
+    c.optimizer = "sgd"
+    c.learning_rate = 0.1
     c.log_every_steps = 1
     c.eval_every_steps = 10_000
     c.checkpoint_every_steps = 10_000

@@ -274,7 +274,8 @@ def test_curves_are_seed_averaged_on_common_steps():
 
 
 def test_sweep_cli_with_real_training(tmp_path, fashion_mnist_ready):
-    """sweep.py end to end on a tiny MLP: one good run, one invalid (reported, not fatal)."""
+    """sweep.py end to end on a tiny MLP: train.py runs in its workdir, results are gathered,
+    and a second invocation skips the finished run."""
     sweep_file = tmp_path / "tiny_sweep.py"
     sweep_file.write_text(
         textwrap.dedent(
@@ -282,7 +283,7 @@ def test_sweep_cli_with_real_training(tmp_path, fashion_mnist_ready):
             def get_sweep():
                 return {
                     "config": "configs/fashion_mnist_mlp.py",
-                    "settings": [{"learning_rate": 0.003}, {"learning_rate": -1.0}],
+                    "grid": {"model.features": [(16,)]},
                     "seeds": [0],
                     "fixed": {"num_train_steps": 10, "batch_size": 32, "warmup_steps": 2,
                               "log_every_steps": 5, "async_checkpointing": False},
@@ -291,19 +292,28 @@ def test_sweep_cli_with_real_training(tmp_path, fashion_mnist_ready):
         )
     )
     sweep_dir = tmp_path / "sw"
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "sweep.py"), f"--sweep={sweep_file}",
-         f"--sweep_dir={sweep_dir}"],
-        capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "1 run(s) did not finish" in result.stdout
-    good = sweep_dir / "learning_rate=0.003" / "seed=0"
-    bad = sweep_dir / "learning_rate=-1.0" / "seed=0"
-    metrics = json.loads((good / "final_metrics.json").read_text())
+    command = [
+        sys.executable,
+        os.path.join(REPO, "sweep.py"),
+        f"--sweep={sweep_file}",
+        f"--sweep_dir={sweep_dir}",
+        "--set=learning_rate=0.003",
+    ]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    for _ in range(2):
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=300, cwd=str(tmp_path), env=env
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "Skipping 1 finished run(s)." in result.stdout
+    workdir = sweep_dir / "model.features=(16,)" / "seed=0"
+    metrics = json.loads((workdir / "final_metrics.json").read_text())
     assert metrics["step"] == 10 and 0 < metrics["test_accuracy"] <= 1
-    assert "learning_rate=-1.0 must not be negative" in (bad / "train.log").read_text()
-    table = (sweep_dir / "results.md").read_text()
-    assert "learning_rate=-1.0/seed=0`: failed" in table
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["model"]["features"] == [16] and config["learning_rate"] == 0.003
+    with open(sweep_dir / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["status"] for r in rows] == ["finished"]
+    assert float(rows[0]["test_accuracy"]) == pytest.approx(metrics["test_accuracy"])
+    assert "test_accuracy" in (sweep_dir / "results.md").read_text()
     assert (sweep_dir / "plots" / "learning_curves.png").exists()
