@@ -166,7 +166,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Dense(mlp_ratio * embed) -> GELU (tanh) -> Dense(embed) -> dropout."""
+    """Dense(mlp_ratio * embed) -> exact GELU (nanoGPT's nn.GELU()) -> Dense(embed) -> dropout."""
 
     mlp_ratio: int
     residual_init_std: float
@@ -186,7 +186,7 @@ class MLP(nn.Module):
             bias_init=_zeros(("mlp",)),
             name="fc",
         )(x)
-        h = nn.with_logical_constraint(nn.gelu(h, approximate=True), ("batch", "length", "mlp"))
+        h = nn.with_logical_constraint(nn.gelu(h, approximate=False), ("batch", "length", "mlp"))
         h = nn.Dense(
             embed_dim,
             use_bias=self.use_bias,
