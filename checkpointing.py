@@ -58,17 +58,20 @@ def _leaf_fingerprint(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     Integer sums are exact in any order, so the result is the same on every mesh: a checkpoint
     saved on 8 devices verifies when restored onto 1. Odd weights make any one changed element
     change both sums."""
-    x = jnp.asarray(x)
-    if x.dtype == jnp.bool_:
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        bits = jax.random.key_data(x)  # uint32 words in a trailing axis
+    elif x.dtype == jnp.bool_:
         bits = x.astype(jnp.uint32)
-    else:
-        unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    elif x.dtype.itemsize < 4:
+        unsigned = {1: jnp.uint8, 2: jnp.uint16}[x.dtype.itemsize]
         bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
-    index = jnp.zeros(x.shape, jnp.uint32)
+    else:  # 4 bytes; 8-byte types (x64) get a trailing axis of two words
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    index = jnp.zeros(bits.shape, jnp.uint32)
     stride = 1
-    for dim in reversed(range(x.ndim)):
-        index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, dim) * jnp.uint32(stride)
-        stride = (stride * x.shape[dim]) % 2**32
+    for dim in reversed(range(bits.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, dim) * jnp.uint32(stride)
+        stride = (stride * bits.shape[dim]) % 2**32
     w1 = index * jnp.uint32(0x9E3779B1) + jnp.uint32(0x7F4A7C15) | jnp.uint32(1)
     w2 = (index ^ jnp.uint32(0x5BD1E995)) * jnp.uint32(0x85EBCA6B) | jnp.uint32(1)
     mixed = bits ^ (bits >> 15)

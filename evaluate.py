@@ -180,12 +180,19 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Training run directory (checkpoints, config.json).")
-flags.DEFINE_string("split", None, "'test' or 'train' (classifiers), 'val' or 'train' (LMs).")
-flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest readable one).")
-flags.DEFINE_string("output", None, "Report path (default <workdir>/eval_<split>_step<N>.json).")
-flags.DEFINE_integer("eval_batch_size", None, "Override the run's eval batch size.")
-flags.DEFINE_integer("eval_steps", None, "LMs: number of eval batches (default: the run's).")
+
+
+def define_flags() -> None:
+    """Defines the command-line flags (only when run as a script: importing this module must
+    not clash with train.py's flags of the same names)."""
+    flags.DEFINE_string("workdir", None, "Training run directory (checkpoints, config.json).")
+    flags.DEFINE_string("split", None, "'test' or 'train' (classifiers), 'val' or 'train' (LMs).")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest readable one).")
+    flags.DEFINE_string(
+        "output", None, "Report path (default <workdir>/eval_<split>_step<N>.json)."
+    )
+    flags.DEFINE_integer("eval_batch_size", None, "Override the run's eval batch size.")
+    flags.DEFINE_integer("eval_steps", None, "LMs: number of eval batches (default: the run's).")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -211,4 +218,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -821,12 +821,17 @@ def _parse_set(values: Sequence[str]) -> dict[str, Any]:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("sweep", None, "Sweep file (configs/sweeps/<name>.py[:arg]).")
-flags.DEFINE_string("sweep_dir", None, "Directory for the runs and the results.")
-flags.DEFINE_integer("parallel", 1, "Runs to train at the same time.")
-flags.DEFINE_bool("dry_run", False, "Print the planned runs and commands; run nothing.")
-flags.DEFINE_float("run_timeout", 0, "Kill a run after this many seconds (0: no limit).")
-flags.DEFINE_multi_string("set", [], "Extra fixed override for every run: field=value.")
+
+
+def define_flags() -> None:
+    """Defines the command-line flags (only when run as a script: importing this module must
+    not clash with train.py's flags of the same names)."""
+    flags.DEFINE_string("sweep", None, "Sweep file (configs/sweeps/<name>.py[:arg]).")
+    flags.DEFINE_string("sweep_dir", None, "Directory for the runs and the results.")
+    flags.DEFINE_integer("parallel", 1, "Runs to train at the same time.")
+    flags.DEFINE_bool("dry_run", False, "Print the planned runs and commands; run nothing.")
+    flags.DEFINE_float("run_timeout", 0, "Kill a run after this many seconds (0: no limit).")
+    flags.DEFINE_multi_string("set", [], "Extra fixed override for every run: field=value.")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -854,4 +859,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

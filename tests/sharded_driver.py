@@ -20,6 +20,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
 
 # 32 distinct characters: the char vocabulary (and so the GPT's vocab axis) divides by 8.
 CORPUS_ALPHABET = "abcdefghijklmnopqrstuvwxyz .,;!\n"
@@ -56,8 +57,14 @@ def tiny_config(model: str, corpus: str = "", **overrides: Any) -> ml_collection
         c = shakespeare_char.get_config()
         c.dataset = corpus
         c.model.update(
-            {"vocab_size": len(CORPUS_ALPHABET), "block_size": 16, "num_layers": 2, "num_heads": 8,
-             "embed_dim": 64, "use_bias": True}  # fmt: skip
+            {
+                "vocab_size": len(CORPUS_ALPHABET),
+                "block_size": 16,
+                "num_layers": 2,
+                "num_heads": 8,
+                "embed_dim": 64,
+                "use_bias": True,
+            }  # fmt: skip
         )
         c.model.dropout_rate = 0.0
         c.eval_steps = 1
@@ -99,6 +106,42 @@ def cached_image_loader() -> Any:
     return _LOAD_IMAGE_SPLIT
 
 
+# Float32 agreement between layouts: the sharded programs add the same numbers in another order
+# (per-device partial sums, then an all-reduce), so results differ by a few ulps per step.
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def train_losses(workdir: str) -> np.ndarray:
+    """The per-step training losses a run logged to metrics.jsonl (log_every_steps=1)."""
+    import metrics_writer
+
+    rows = metrics_writer.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    return np.array([r["train/loss"] for r in rows if "train/loss" in r])
+
+
+def final_params(workdir: str) -> dict[str, np.ndarray]:
+    """The final checkpoint's parameters as host arrays, flattened to 'path/to/leaf'."""
+    from flax import traverse_util
+
+    import finetune
+
+    state, _ = finetune.load_state_as_numpy(workdir)
+    return traverse_util.flatten_dict(state["params"], sep="/")
+
+
+def assert_same_run(workdir: str, reference: str, label: str) -> None:
+    """Same losses at every step and same final parameters as the reference run."""
+    expected, got = train_losses(reference), train_losses(workdir)
+    assert len(expected) == len(got) > 0, (label, expected, got)
+    np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL, err_msg=f"{label}: losses")
+    want, have = final_params(reference), final_params(workdir)
+    assert sorted(want) == sorted(have), label
+    for name in want:
+        np.testing.assert_allclose(
+            have[name], want[name], rtol=RTOL, atol=ATOL, err_msg=f"{label}: {name}"
+        )
+
+
 def _train(case: dict[str, Any]) -> dict[str, Any]:
     """Trains through train.train_and_evaluate into case['workdir']."""
     import train
@@ -134,7 +177,7 @@ def _shards(case: dict[str, Any]) -> dict[str, Any]:
     return {
         "mesh": dict(mesh.shape),
         "params": {
-            jax.tree_util.keystr(path): {
+            "/".join(str(getattr(k, "key", k)) for k in path): {
                 "shape": list(arr.shape),
                 "shard": list(arr.addressable_shards[0].data.shape),
                 "spec": str(arr.sharding.spec),

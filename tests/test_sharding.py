@@ -23,10 +23,7 @@ for _path in (REPO, TESTS_DIR):
         sys.path.insert(0, _path)
 
 import sharded_driver  # noqa: E402
-
-# Float32 results agree to ~1e-6 relative: the sharded programs sum the same numbers in another
-# order (per-device partial sums, then all-reduce). See the report in docs/multihost.md.
-RTOL, ATOL = 1e-5, 1e-6
+from sharded_driver import ATOL, RTOL  # noqa: E402
 
 ONE_DEVICE = {"mesh_shape": {"data": 1, "fsdp": 1, "tensor": 1}}
 MESHES: dict[str, dict[str, Any]] = {
@@ -37,6 +34,55 @@ MESHES: dict[str, dict[str, Any]] = {
     "pmap": {"parallelism": "pmap", "mesh_shape": {"data": -1, "fsdp": 1, "tensor": 1}},
     # Gradient accumulation on the mesh: 4 microbatches of 8 examples, each over 8 devices.
     "fsdp8_accum4": {"mesh_shape": {"data": 1, "fsdp": 8, "tensor": 1}, "grad_accum_steps": 4},
+}
+
+
+# Per-device shard shapes the default rules promise (embed -> fsdp; mlp, heads, vocab -> tensor;
+# an axis that a mesh axis does not divide stays whole).
+EXPECTED_SHARDS: dict[tuple[str, str], dict[str, tuple[int, ...]]] = {
+    # MLP 784-64-32-10: kernels alternate (embed, mlp) and (mlp, embed); after an even number of
+    # hidden layers the head is (embed, classes).
+    ("mlp", "fsdp8"): {
+        "dense_0/kernel": (98, 64),
+        "dense_1/kernel": (64, 4),
+        "head/kernel": (4, 10),
+    },
+    ("mlp", "tensor8"): {
+        "dense_0/kernel": (784, 8),
+        "dense_0/bias": (8,),
+        "dense_1/kernel": (8, 32),
+        "head/kernel": (32, 10),
+    },
+    ("mlp", "data2_tensor4"): {"dense_0/kernel": (784, 16), "head/bias": (10,)},
+    # CNN: the conv kernel (3, 3, 1, 8) is (conv_h, conv_w, embed, mlp): 1 input channel stays
+    # whole; dense_0 takes the 13 * 13 * 8 = 1352 pooled features.
+    ("cnn", "fsdp8"): {"conv_0_0/kernel": (3, 3, 1, 8), "dense_0/kernel": (169, 32)},
+    ("cnn", "tensor8"): {
+        "conv_0_0/kernel": (3, 3, 1, 1),
+        "dense_0/kernel": (1352, 4),
+        "head/kernel": (4, 10),
+    },
+    # GPT: vocab 32, embed 64, 8 heads of 8, mlp 256, block 16.
+    ("gpt", "fsdp8"): {
+        "wte/embedding": (32, 8),
+        "wpe": (16, 8),
+        "h_0/attn/query/kernel": (8, 8, 8),
+        "h_0/attn/out/kernel": (8, 8, 8),
+        "h_0/mlp/fc/kernel": (8, 256),
+        "h_1/mlp/proj/kernel": (256, 8),
+        "ln_f/scale": (8,),
+    },
+    ("gpt", "tensor8"): {
+        "wte/embedding": (4, 64),
+        "wpe": (16, 64),
+        "h_0/attn/query/kernel": (64, 1, 8),
+        "h_0/attn/query/bias": (1, 8),
+        "h_0/attn/out/kernel": (1, 8, 64),
+        "h_0/mlp/fc/kernel": (64, 32),
+        "h_1/mlp/proj/kernel": (32, 64),
+        "ln_f/scale": (64,),
+    },
+    ("gpt", "data2_tensor4"): {"wte/embedding": (8, 64), "h_0/mlp/fc/kernel": (64, 64)},
 }
 
 
@@ -77,37 +123,6 @@ def run_driver(cases: list[dict[str, Any]], devices: int = 8, timeout: float = 3
     return wait
 
 
-def train_losses(workdir: str) -> np.ndarray:
-    """The per-step training losses a run logged to metrics.jsonl (log_every_steps=1)."""
-    import metrics_writer
-
-    rows = metrics_writer.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-    return np.array([r["train/loss"] for r in rows if "train/loss" in r])
-
-
-def final_params(workdir: str) -> dict[str, np.ndarray]:
-    """The final checkpoint's parameters as host arrays, flattened to 'path/to/leaf'."""
-    from flax import traverse_util
-
-    import finetune
-
-    state, _ = finetune.load_state_as_numpy(workdir)
-    return traverse_util.flatten_dict(state["params"], sep="/")
-
-
-def assert_same_run(workdir: str, reference: str, label: str) -> None:
-    """Same losses at every step and same final parameters as the reference run."""
-    expected, got = train_losses(reference), train_losses(workdir)
-    assert len(expected) == len(got) > 0, (label, expected, got)
-    np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL, err_msg=f"{label}: losses")
-    want, have = final_params(reference), final_params(workdir)
-    assert sorted(want) == sorted(have), label
-    for name in want:
-        np.testing.assert_allclose(
-            have[name], want[name], rtol=RTOL, atol=ATOL, err_msg=f"{label}: {name}"
-        )
-
-
 @pytest.fixture
 def cached_images(monkeypatch: pytest.MonkeyPatch) -> None:
     """Reads Fashion-MNIST from disk once per test process instead of once per run."""
@@ -139,7 +154,9 @@ def test_sharded_training_matches_one_device(model: str, tmp_path, cached_images
     train.train_and_evaluate(config, str(tmp_path / "one"))
     wait()
     for name in MESHES:
-        assert_same_run(str(tmp_path / name), str(tmp_path / "one"), f"{model} {name}")
+        sharded_driver.assert_same_run(
+            str(tmp_path / name), str(tmp_path / "one"), f"{model} {name}"
+        )
 
 
 def test_shard_sizes_and_config_errors(tmp_path) -> None:
@@ -147,8 +164,7 @@ def test_shard_sizes_and_config_errors(tmp_path) -> None:
     impossible meshes or batches are refused with the numbers before anything compiles."""
     shard_cases = [
         {"kind": "shards", "name": f"{model} {mesh}", "model": model, "overrides": MESHES[mesh]}
-        for model in ("mlp", "cnn", "gpt")
-        for mesh in ("fsdp8", "tensor8", "data2_tensor4")
+        for model, mesh in EXPECTED_SHARDS
     ]
     error_cases = [
         {
@@ -175,50 +191,13 @@ def test_shard_sizes_and_config_errors(tmp_path) -> None:
     ]
     results = run_driver(shard_cases + error_cases)()
 
-    def check(model: str, mesh: str, expected: dict[str, tuple[int, ...]]) -> None:
+    for (model, mesh), expected in EXPECTED_SHARDS.items():
         params = results[f"{model} {mesh}"]["params"]
         for name, shard in expected.items():
             assert tuple(params[name]["shard"]) == shard, (model, mesh, name, params[name])
 
-    # MLP 784-64-32-10: kernels alternate (embed, mlp) and (mlp, embed); the head is (embed,
-    # classes) after an even number of hidden layers.
-    check("mlp", "fsdp8", {"['dense_0']['kernel']": (98, 64), "['dense_1']['kernel']": (64, 4),
-                           "['head']['kernel']": (4, 10)})  # fmt: skip
-    check("mlp", "tensor8", {"['dense_0']['kernel']": (784, 8), "['dense_1']['kernel']": (8, 32),
-                             "['dense_0']['bias']": (8,), "['head']['kernel']": (32, 10)})  # fmt: skip
-    check("mlp", "data2_tensor4", {"['dense_0']['kernel']": (784, 16), "['head']['bias']": (10,)})
-    # CNN: conv (3, 3, 1, 8) is (conv_h, conv_w, embed, mlp); 1 input channel stays whole.
-    check("cnn", "fsdp8", {"['conv_0_0']['kernel']": (3, 3, 1, 8),
-                           "['dense_0']['kernel']": (1352 // 8, 32)})  # fmt: skip
-    check("cnn", "tensor8", {"['conv_0_0']['kernel']": (3, 3, 1, 1),
-                             "['dense_0']['kernel']": (1352, 4), "['head']['kernel']": (4, 10)})  # fmt: skip
-    # GPT (vocab 32, embed 64, 8 heads of 8, mlp 256): fsdp splits embed, tensor heads/mlp/vocab.
-    gpt_fsdp = {
-        "['wte']['embedding']": (32, 8),
-        "['wpe']": (16, 8),
-        "['h_0']['attn']['query']['kernel']": (8, 8, 8),
-        "['h_0']['attn']['out']['kernel']": (8, 8, 8),
-        "['h_0']['mlp']['fc']['kernel']": (8, 256),
-        "['h_1']['mlp']['proj']['kernel']": (256, 8),
-        "['ln_f']['scale']": (8,),
-    }
-    gpt_tensor = {
-        "['wte']['embedding']": (4, 64),
-        "['wpe']": (16, 64),
-        "['h_0']['attn']['query']['kernel']": (64, 1, 8),
-        "['h_0']['attn']['query']['bias']": (1, 8),
-        "['h_0']['attn']['out']['kernel']": (1, 8, 64),
-        "['h_0']['mlp']['fc']['kernel']": (64, 32),
-        "['h_1']['mlp']['proj']['kernel']": (32, 64),
-        "['ln_f']['scale']": (64,),
-    }
-    check("gpt", "fsdp8", gpt_fsdp)
-    check("gpt", "tensor8", gpt_tensor)
-    check("gpt", "data2_tensor4", {"['wte']['embedding']": (8, 64),
-                                   "['h_0']['mlp']['fc']['kernel']": (64, 64)})  # fmt: skip
-
-    mesh, batch, micro = (results[n] for n in ("mesh too big", "batch does not divide",
-                                                "microbatch does not divide"))  # fmt: skip
+    mesh, batch = results["mesh too big"], results["batch does not divide"]
+    micro = results["microbatch does not divide"]
     for result in (mesh, batch, micro):
         assert result["error"] == "ConfigError", result
         assert result["compile_events"] == 0, result

@@ -1,0 +1,127 @@
+"""Tests that TensorBoard event files hold what train.py logs, and of data augmentation."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
+
+
+def _events(workdir: str) -> event_accumulator.EventAccumulator:
+    """TensorBoard's own reader over a run's event files, keeping every event."""
+    sizes = {event_accumulator.TENSORS: 0, event_accumulator.SCALARS: 0}
+    accumulator = event_accumulator.EventAccumulator(
+        os.path.join(workdir, "tensorboard"), size_guidance=sizes
+    )
+    accumulator.Reload()
+    return accumulator
+
+
+def _series(acc: event_accumulator.EventAccumulator, tag: str) -> dict[int, object]:
+    """{step: value} of a tag (TF2 summaries are stored as tensors, whatever their plugin)."""
+    return {e.step: tensor_util.make_ndarray(e.tensor_proto) for e in acc.Tensors(tag)}
+
+
+def _plugin(acc: event_accumulator.EventAccumulator, tag: str) -> str:
+    return acc.SummaryMetadata(tag).plugin_data.plugin_name
+
+
+def test_classifier_scalars_config_hparams_and_confusion_image(trained_mlp_run):
+    """Training and eval scalars, the config text, hparams and the confusion-matrix image."""
+    acc = _events(trained_mlp_run)
+    tags = set(acc.Tags()["tensors"])
+    for tag in (
+        "train/loss",
+        "train/learning_rate",
+        "train/grad_norm",
+        "train/steps_per_sec",
+        "train/examples_per_sec",
+        "test/accuracy",
+        "test/loss",
+        "test/f1_macro",
+    ):
+        assert tag in tags and _plugin(acc, tag) == "scalars", tag
+    losses = _series(acc, "train/loss")
+    assert sorted(losses) == [5, 10, 15, 20]
+    assert all(np.isfinite(float(v)) for v in losses.values())
+    with open(os.path.join(trained_mlp_run, "final_metrics.json")) as f:
+        final = json.load(f)
+    assert float(_series(acc, "test/accuracy")[20]) == pytest.approx(final["test_accuracy"])
+
+    config_text = _series(acc, "config")[0].item().decode()
+    assert _plugin(acc, "config") == "text" and '"batch_size": 32' in config_text
+    assert any(tag.startswith("_hparams_/") for tag in tags)
+
+    assert _plugin(acc, "test/confusion_matrix") == "images"
+    width, height, png = _series(acc, "test/confusion_matrix")[20][:3]
+    import matplotlib.pyplot as plt
+
+    image = plt.imread(io.BytesIO(png), format="png")
+    assert image.shape[:2] == (int(height), int(width)) and image.shape[0] > 100
+
+
+def test_lm_logs_a_text_sample_at_each_evaluation(trained_lm_run, tiny_corpus):
+    """A language model logs one generated sample per evaluation, in the corpus's alphabet."""
+    acc = _events(trained_lm_run)
+    assert "train/tokens_per_sec" in acc.Tags()["tensors"]
+    samples = _series(acc, "samples")
+    assert sorted(samples) == [6, 12] and _plugin(acc, "samples") == "text"
+    with open(tiny_corpus) as f:
+        alphabet = set(f.read())
+    for value in samples.values():
+        text = value.item().decode()
+        body = text.removeprefix("```\n").removesuffix("\n```")
+        assert len(body) == 32  # the prompt (one newline) and block_size - 1 new characters
+        assert set(body) <= alphabet
+
+
+def _image_config(**augment):
+    from configs import fashion_mnist_cnn
+
+    config = fashion_mnist_cnn.get_config()
+    config.batch_size = 16
+    config.augment.random_flip = augment.get("flip", False)
+    config.augment.random_crop_pad = augment.get("pad", 0)
+    return config
+
+
+def _shifted_candidates(image: np.ndarray, pad: int) -> list[np.ndarray]:
+    """Every flip x crop of a zero-padded image that the augmentation may produce."""
+    out = []
+    for flipped in (image, image[:, ::-1]):
+        padded = np.pad(flipped, [(pad, pad), (pad, pad), (0, 0)])
+        h, w = image.shape[:2]
+        for dy in range(2 * pad + 1):
+            for dx in range(2 * pad + 1):
+                out.append(padded[dy : dy + h, dx : dx + w])
+    return out
+
+
+def test_augmentation_changes_images_but_not_shapes_labels_or_determinism(fashion_mnist_ready):
+    """Crops and flips keep shapes and labels, change the pixels, stay a function of
+    (seed, step), and every augmented image is a flip/shift of its original."""
+    import input_pipeline
+
+    plain = input_pipeline.get_datasets(_image_config())
+    augmented = input_pipeline.get_datasets(_image_config(flip=True, pad=2))
+    base = next(plain.train_batches(5))
+    first = next(augmented.train_batches(5))
+    again = next(augmented.train_batches(5))
+    later = next(augmented.train_batches(6))
+
+    assert first["inputs"].shape == base["inputs"].shape == (16, 28, 28, 1)
+    np.testing.assert_array_equal(first["targets"], base["targets"])
+    assert not np.array_equal(first["inputs"], base["inputs"])
+    np.testing.assert_array_equal(first["inputs"], again["inputs"])
+    assert not np.array_equal(first["inputs"], later["inputs"])
+    assert first["inputs"].min() >= 0.0 and first["inputs"].max() <= 1.0
+    changed = 0
+    for original, result in zip(base["inputs"], first["inputs"], strict=True):
+        assert any(np.array_equal(result, c) for c in _shifted_candidates(original, 2))
+        changed += not np.array_equal(result, original)
+    assert changed >= 8  # P(unchanged) = 1/2 (no flip) x 1/25 (centre crop) per image
