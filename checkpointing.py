@@ -176,6 +176,7 @@ class Checkpointer:
         self._warn_about_unfinished_saves()
         damaged = []
         for step in sorted(self.all_steps(), reverse=True):
+            problem = None
             try:
                 self.check_shapes(step, abstract_state)
                 restored = self._manager.restore(
@@ -185,17 +186,21 @@ class Checkpointer:
                         meta=ocp.args.JsonRestore(),
                     ),
                 )
-                problem = self._verify(restored["state"], restored["meta"])
             except CheckpointMismatchError:
                 raise
             except Exception as e:  # unreadable metadata or arrays: a damaged checkpoint
                 problem = f"{type(e).__name__}: {str(e)[:300]}"
-            if not _all_processes_agree(problem is None):
+            # Every process must take the same branch: the checksums are a collective computation.
+            if _all_processes_agree(problem is None):
+                problem = self._verify(restored["state"], restored["meta"])
+            else:
+                problem = problem or "unreadable on another process"
+            if problem is not None:
                 logging.warning(
                     "Checkpoint %d in %s is damaged or incomplete (%s); trying an older one.",
                     step,
                     self.directory,
-                    problem or "unreadable on another process",
+                    problem,
                 )
                 damaged.append(step)
                 continue

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
 
 import jax
 from absl import logging
 
 
+def _on_cloud_tpu_vm() -> bool:
+    """libtpu is installed and TPU chips are attached. A TPU VM made by `gcloud compute tpus
+    tpu-vm create` has no TPU_WORKER_HOSTNAMES variable: jax.distributed finds the slice's hosts
+    from the metadata server (a single-host slice becomes a job of one process)."""
+    chips = glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*")
+    return bool(chips) and importlib.util.find_spec("libtpu") is not None
+
+
 def _cluster_detected() -> bool:
-    """True on a multi-host TPU slice, a SLURM job of several tasks, or a multi-pod JobSet."""
+    """True on a TPU VM or multi-host GKE TPU slice, a SLURM job of several tasks, or a JobSet."""
     if os.environ.get("SLURM_JOB_ID"):
         return int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+    if "," in os.environ.get("TPU_WORKER_HOSTNAMES", "") or _on_cloud_tpu_vm():
         return True
     return bool(os.environ.get("JOBSET_NAME") or os.environ.get("OMPI_COMM_WORLD_SIZE"))
 

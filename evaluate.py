@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 import checkpointing
 import evaluation_metrics
@@ -201,6 +201,8 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not FLAGS.workdir:
         raise app.UsageError("--workdir=<training run directory> is required.")
+    if not FLAGS["verbosity"].present:  # Orbax and TFDS log every step at INFO
+        logging.set_verbosity(logging.WARNING)
     try:
         report = evaluate_checkpoint(
             FLAGS.workdir,

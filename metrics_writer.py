@@ -65,11 +65,13 @@ def _truncate_after(path: str, step: int) -> None:
     for line in lines:
         try:
             if json.loads(line)["step"] <= step:
-                kept.append(line)
+                kept.append(line if line.endswith("\n") else line + "\n")
         except (json.JSONDecodeError, KeyError):
             continue  # a line cut off by a kill mid-write
-    with open(path, "w") as f:
+    # Write aside and rename: a kill in the middle must not leave the history truncated.
+    with open(path + ".tmp", "w") as f:
         f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:

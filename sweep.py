@@ -673,11 +673,8 @@ def plot_metric_vs_field(
         mean, std, n = group.mean_std(metric)
         if n == 0:
             continue
-        label = (
-            ""
-            if sweep.kind == "random"
-            else setting_name({f: group.setting[f] for f in others if f in group.setting})
-        )
+        rest = {f: group.setting[f] for f in others if f in group.setting}
+        label = "" if sweep.kind == "random" or not rest else setting_name(rest)
         lines.setdefault(label, []).append((group.setting[field], mean, std))
     if not lines:
         return False
@@ -703,6 +700,10 @@ def plot_metric_vs_field(
         )
     if numeric and use_log_x(field, all_x):
         ax.set_xscale("log")
+    if numeric and len(set(all_x)) <= 10:  # a grid: tick exactly the values tried
+        ticks = sorted(set(all_x))
+        ax.set_xticks(ticks, [format_value(x) for x in ticks])
+        ax.minorticks_off()
     if not numeric:
         ax.set_xticks(range(len(categories)), categories)
     ax.set_xlabel(field)

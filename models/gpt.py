@@ -55,7 +55,12 @@ class HeadsDense(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         """Applies the projection (and bias) in the compute dtype."""
         kernel = self.param("kernel", _normal(self.std, self.kernel_axes), self.kernel_shape)
-        y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        # Batch and length merged into one axis ('bl' -> 'l'): XLA:CPU then computes the weight
+        # gradient as a plain matmul instead of through a slow transposing copy (~20% of a step).
+        batch, length = x.shape[:2]
+        flat = x.reshape((batch * length,) + x.shape[2:]).astype(self.dtype)
+        y = jnp.einsum(self.equation.replace("b", ""), flat, kernel.astype(self.dtype))
+        y = y.reshape((batch, length) + y.shape[1:])
         if self.use_bias:
             bias_shape = y.shape[-len(self.bias_axes) :]
             y = y + self.param("bias", _zeros(self.bias_axes), bias_shape).astype(self.dtype)
@@ -122,6 +127,9 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, positions), apply_rope(k, positions)
 
         impl = self.attention_impl
+        if impl == "auto" and jax.default_backend() == "cpu":
+            # XLA:CPU has no fused kernel; the explicit einsum form measured ~2x faster there.
+            impl = "plain"
         mask = jnp.tril(jnp.ones((length, length), bool))
         is_causal = True
         if self.decode:
@@ -177,7 +185,8 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         """Applies the position-wise feed-forward network to x[batch, length, embed]."""
-        embed_dim = x.shape[-1]
+        batch, length, embed_dim = x.shape
+        x = x.reshape(batch * length, embed_dim)  # 2-D matmuls: see HeadsDense
         h = nn.Dense(
             self.mlp_ratio * embed_dim,
             use_bias=self.use_bias,
@@ -186,7 +195,7 @@ class MLP(nn.Module):
             bias_init=_zeros(("mlp",)),
             name="fc",
         )(x)
-        h = nn.with_logical_constraint(nn.gelu(h, approximate=False), ("batch", "length", "mlp"))
+        h = nn.with_logical_constraint(nn.gelu(h, approximate=False), ("batch", "mlp"))
         h = nn.Dense(
             embed_dim,
             use_bias=self.use_bias,
@@ -194,7 +203,7 @@ class MLP(nn.Module):
             kernel_init=_normal(self.residual_init_std, ("mlp", "embed")),
             bias_init=_zeros(("embed",)),
             name="proj",
-        )(h)
+        )(h).reshape(batch, length, embed_dim)
         return nn.Dropout(self.dropout_rate, deterministic=not train)(h)
 
 
@@ -313,7 +322,8 @@ class GPT(nn.Module):
             )(x, positions, train)
 
         x = _layer_norm(self.use_bias, self.dtype, "ln_f")(x)
-        logits = wte.attend(x)  # output projection tied to the token embedding
+        # Output projection tied to the token embedding, as a 2-D matmul (see HeadsDense).
+        logits = wte.attend(x.reshape(-1, x.shape[-1])).reshape(x.shape[:2] + (-1,))
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         return logits.astype(jnp.float32)
 

@@ -68,6 +68,7 @@ def tiny_config(model: str, corpus: str = "", **overrides: Any) -> ml_collection
         )
         c.model.dropout_rate = 0.0
         c.eval_steps = 1
+        c.sample_every_eval = False  # generation is tested elsewhere; here it only costs compiles
         c.eval_batch_size = 16
     else:
         raise ValueError(f"unknown model {model!r}")

@@ -1,0 +1,367 @@
+"""Performance of a config's training step (and, with --decode, of cached sampling).
+
+    python bench.py --config=configs/shakespeare_char_cpu.py [--config.dtype=bfloat16]
+        [--steps=50] [--warmup=5] [--decode]
+
+Builds the run exactly as train.py does (input_pipeline.get_datasets, models.build_model, optim,
+train.Runner, train.prefetch_to_device) and reports: compilation time; steady-state step time
+(median over --steps single steps, each waited for with block_until_ready, and the mean over a
+pipelined run of --steps steps as the training loop dispatches them); examples and tokens per
+second; model FLOPs per step (analytic: nanoGPT/PaLM 6N + 12LHQT per token for the GPT, counted
+matmuls and convolutions of the forward pass x3 for the others) next to XLA's cost analysis; MFU
+against the device's peak (measured with a 2048x2048 float32 matmul on CPU, a datasheet figure on
+GPU/TPU); peak device memory (memory_stats, or the compiled memory analysis on CPU); and the share
+of the real loop's time spent waiting for input. Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from flax import linen as nn  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+import config_validation  # noqa: E402
+import input_pipeline  # noqa: E402
+import models  # noqa: E402
+import optim  # noqa: E402
+import train  # noqa: E402
+from models import gpt  # noqa: E402
+
+# Dense bf16 peak FLOP/s by device_kind substring (first match wins; more specific names first).
+PEAK_FLOPS = (
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM
+    ("A100", 312e12),
+    ("L4", 121e12),
+    ("V100", 125e12),
+    ("TPU v6 lite", 918e12),  # v6e (Trillium)
+    ("TPU v5 lite", 197e12),  # v5e
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),
+    ("TPU v4", 275e12),
+)
+
+
+@functools.cache
+def measured_cpu_peak_flops(size: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a jitted size x size float32 matmul on the CPU (best of `repeats`)."""
+    a = jnp.ones((size, size), jnp.float32)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, a).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best
+
+
+def peak_flops(device: Any) -> tuple[float | None, str]:
+    """(peak FLOP/s of one device or None, where the figure comes from)."""
+    if device.platform == "cpu":
+        return measured_cpu_peak_flops(), "measured 2048x2048 float32 matmul"
+    for name, flops in PEAK_FLOPS:
+        if name.lower() in device.device_kind.lower():
+            return flops, f"datasheet dense bf16 ({name})"
+    return None, f"unknown device kind {device.device_kind!r}"
+
+
+def _subjaxprs(params: dict[str, Any]):
+    """The jaxprs nested in an equation's parameters (pjit, remat, scan, cond, custom_vjp...)."""
+    for value in params.values():
+        for v in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(v, jax.extend.core.ClosedJaxpr):
+                yield v.jaxpr
+            elif isinstance(v, jax.extend.core.Jaxpr):
+                yield v
+
+
+def _jaxpr_matmul_flops(jaxpr) -> float:
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            out = eqn.outvars[0].aval.shape
+            total += 2.0 * math.prod(out) * math.prod(lhs[i] for i in lhs_contract)
+        elif eqn.primitive.name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape
+            out_feature_dim = eqn.params["dimension_numbers"].rhs_spec[0]
+            macs_per_output = math.prod(rhs) / rhs[out_feature_dim]
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * macs_per_output
+        else:
+            times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+            for sub in _subjaxprs(eqn.params):
+                total += times * _jaxpr_matmul_flops(sub)
+    return total
+
+
+def matmul_flops(fn: Callable, *args: Any) -> float:
+    """FLOPs (2 x multiply-adds) of every matmul and convolution `fn(*args)` traces to."""
+    return _jaxpr_matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def model_flops_per_step(config: ml_collections.ConfigDict, model: nn.Module, example) -> dict:
+    """Training FLOPs of one step: analytic, plus the traced-matmul count (3 x forward)."""
+    batch = int(config.batch_size)
+    variables = jax.eval_shape(
+        lambda: nn.unbox(model.init(jax.random.key(0), jnp.asarray(example), train=False))
+    )
+    inputs = jax.ShapeDtypeStruct((batch,) + example.shape[1:], example.dtype)
+    forward = matmul_flops(lambda v, x: model.apply(v, x, train=False), variables, inputs)
+    result = {"traced_matmul_flops_per_step": 3.0 * forward}
+    if isinstance(model, gpt.GPT):
+        m = model
+        n = gpt.non_embedding_params(m.vocab_size, m.block_size, m.num_layers, m.embed_dim,
+                                     m.mlp_ratio, m.use_bias, m.position_embedding)  # fmt: skip
+        seq = int(example.shape[1])
+        per_token = gpt.flops_per_token(n, m.num_layers, m.num_heads, m.embed_dim // m.num_heads,
+                                        seq)  # fmt: skip
+        result["model_flops_per_step"] = per_token * seq * batch
+        result["flops_formula"] = "6N + 12*L*H*Q*T per token (nanoGPT/PaLM)"
+    else:
+        result["model_flops_per_step"] = 3.0 * forward
+        result["flops_formula"] = "3 x forward matmul/conv FLOPs (2 x MACs)"
+    return result
+
+
+def _memory(compiled: Any, device: Any) -> dict[str, Any]:
+    """Peak device memory where the runtime tracks it, else XLA's compiled memory analysis."""
+    out: dict[str, Any] = {}
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        out["peak_device_memory_bytes"] = int(stats["peak_bytes_in_use"])
+        out["memory_source"] = "device.memory_stats()"
+    analysis = compiled.memory_analysis()
+    if analysis is not None:
+        out["compiled_temp_bytes"] = int(analysis.temp_size_in_bytes)
+        out["compiled_argument_bytes"] = int(analysis.argument_size_in_bytes)
+        out["compiled_output_bytes"] = int(analysis.output_size_in_bytes)
+        out["compiled_alias_bytes"] = int(analysis.alias_size_in_bytes)
+        if "peak_device_memory_bytes" not in out:
+            out["peak_device_memory_bytes"] = out["compiled_temp_bytes"] + int(
+                analysis.argument_size_in_bytes
+            )
+            out["memory_source"] = "compiled.memory_analysis() temp + arguments"
+    return out
+
+
+def _cost_flops(compiled: Any) -> float | None:
+    """XLA's own FLOP count of the compiled step (per device), where the backend gives one."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"])
+
+
+def build(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The pieces of a run, made as train.train_and_evaluate makes them."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    config_validation.validate(config)
+    datasets = input_pipeline.get_datasets(config)
+    if datasets.tokenizer is not None:
+        config.model.vocab_size = datasets.tokenizer.vocab_size
+    model = models.build_model(config)
+    total_steps = train.total_train_steps(config, datasets.num_train_examples)
+    schedule = optim.learning_rate_schedule(config, total_steps)
+    tx = optim.build_optimizer(config, schedule)
+    runner = train.Runner(config, model, tx, schedule, datasets.example_input,
+                          datasets.num_classes)  # fmt: skip
+    return {"config": config, "datasets": datasets, "model": model, "runner": runner}
+
+
+def _block(tree: Any) -> None:
+    jax.block_until_ready(tree)
+
+
+def benchmark_training(config: ml_collections.ConfigDict, steps: int = 50,
+                       warmup: int = 5) -> dict[str, Any]:  # fmt: skip
+    """Times the training step of `config` and returns every measurement as a flat dict."""
+    parts = build(config)
+    config, datasets, model, runner = (parts[k] for k in ("config", "datasets", "model", "runner"))
+    device = jax.devices()[0]
+    example = datasets.example_input
+    items_per_example = int(np.prod(example.shape[1:])) if config.task == "lm" else 1
+    batch_iter = datasets.train_batches(0)
+    batches = [runner.put_batch(next(batch_iter)) for _ in range(min(steps, 8))]
+    state = runner.from_global(runner.init_state())
+
+    with runner.step_context():
+        start = time.perf_counter()
+        lowered = runner.train_step.lower(state, batches[0])
+        compiled = lowered.compile()
+        compile_s = time.perf_counter() - start
+
+        step_fn = compiled  # the executable just compiled: no second compilation
+        for i in range(warmup):
+            state, metrics = step_fn(state, batches[i % len(batches)])
+        _block((state, metrics))
+
+        # Single steps, each waited for: the step time distribution.
+        times = []
+        for i in range(steps):
+            start = time.perf_counter()
+            state, metrics = step_fn(state, batches[i % len(batches)])
+            _block((state, metrics))
+            times.append(time.perf_counter() - start)
+
+        # Pipelined, as the training loop runs: dispatch all, wait once.
+        start = time.perf_counter()
+        for i in range(steps):
+            state, metrics = step_fn(state, batches[i % len(batches)])
+        _block((state, metrics))
+        pipelined = (time.perf_counter() - start) / steps
+
+        # The real loop structure: prefetching input pipeline, metrics read one step late.
+        loop_iter = train.prefetch_to_device(datasets.train_batches(steps), runner.put_batch)
+        wait = 0.0
+        pending = None
+        start = time.perf_counter()
+        for _ in range(steps):
+            t = time.perf_counter()
+            batch = next(loop_iter)
+            wait += time.perf_counter() - t
+            state, metrics = step_fn(state, batch)
+            if pending is not None:
+                jax.device_get(pending)
+            pending = metrics
+        jax.device_get(pending)
+        loop_total = time.perf_counter() - start
+    final_loss = float(np.asarray(jax.device_get(metrics["loss"])).ravel()[0])
+
+    step_s = statistics.median(times)
+    flops = model_flops_per_step(config, model, example)
+    xla_flops = _cost_flops(compiled)
+    num_devices = jax.device_count()
+    peak, peak_source = peak_flops(device)
+    per_step = flops["model_flops_per_step"]
+    result: dict[str, Any] = {
+        "config_model": config.model.name,
+        "dtype": config.dtype,
+        "batch_size": int(config.batch_size),
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "num_devices": num_devices,
+        "compile_s": compile_s,
+        "step_time_median_s": step_s,
+        "step_time_p10_s": float(np.percentile(times, 10)),
+        "step_time_p90_s": float(np.percentile(times, 90)),
+        "step_time_pipelined_s": pipelined,
+        "examples_per_sec": config.batch_size / step_s,
+        "examples_per_sec_pipelined": config.batch_size / pipelined,
+        "final_loss": final_loss,
+        **flops,
+        "xla_flops_per_step": None if xla_flops is None else xla_flops * num_devices,
+        "achieved_flops_per_sec": per_step / step_s,
+        "peak_flops_per_sec": peak,
+        "peak_source": peak_source,
+        "mfu": None if peak is None else per_step / step_s / (peak * num_devices),
+        "loop_step_time_s": loop_total / steps,
+        "input_wait_s_per_step": wait / steps,
+        "input_wait_fraction": wait / loop_total,
+        **_memory(compiled, device),
+    }
+    if config.task == "lm":
+        result["tokens_per_sec"] = result["examples_per_sec"] * items_per_example
+        result["tokens_per_sec_pipelined"] = config.batch_size * items_per_example / pipelined
+    return result
+
+
+def benchmark_decoding(config: ml_collections.ConfigDict, batch_sizes=(1, 16),
+                       repeats: int = 5) -> dict[str, Any]:  # fmt: skip
+    """Cached sampling throughput (new tokens per second) of the config's GPT, random weights."""
+    import sampling
+
+    config = ml_collections.ConfigDict(config.to_dict())
+    if config.task != "lm":
+        raise ValueError("--decode needs a language-model config (config.task='lm').")
+    datasets = input_pipeline.get_datasets(config)
+    config.model.vocab_size = datasets.tokenizer.vocab_size
+    model = models.build_model(config)
+    example = jnp.asarray(datasets.example_input)
+    params = jax.jit(lambda: nn.unbox(model.init(jax.random.key(0), example)["params"]))()
+    new_tokens = int(model.block_size) - 1
+    out: dict[str, Any] = {"decode_new_tokens": new_tokens}
+    for b in batch_sizes:
+        prompt = jnp.zeros((b, 1), jnp.int32)
+        run = functools.partial(sampling.generate, model, params, prompt,
+                                max_new_tokens=new_tokens, temperature=1.0)  # fmt: skip
+        start = time.perf_counter()
+        run(rng=jax.random.key(0)).block_until_ready()
+        out[f"decode_b{b}_compile_s"] = time.perf_counter() - start
+        times = []
+        for r in range(repeats):
+            start = time.perf_counter()
+            run(rng=jax.random.key(r + 1)).block_until_ready()
+            times.append(time.perf_counter() - start)
+        seconds = statistics.median(times)
+        out[f"decode_b{b}_tokens_per_sec"] = b * new_tokens / seconds
+        out[f"decode_b{b}_ms_per_token"] = 1e3 * seconds / new_tokens
+    return out
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if value == 0 or 1e-3 <= abs(value) < 1e6:
+            return f"{value:,.4g}"
+        return f"{value:.3e}"
+    return str(value)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Two aligned columns: measurement and value."""
+    width = max(len(k) for k in result)
+    return "\n".join(f"{k.ljust(width)}  {_fmt(v)}" for k, v in result.items())
+
+
+FLAGS = flags.FLAGS
+if "config" not in FLAGS:  # train.py (imported above) already defines --config
+    config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+flags.DEFINE_integer("steps", 50, "Timed steps (after warm-up).")
+flags.DEFINE_integer("warmup", 5, "Untimed steps after compilation.")
+flags.DEFINE_bool("decode", False, "Also time cached sampling (language models).")
+flags.DEFINE_multi_integer("decode_batch", [1, 16], "Batch sizes for --decode.")
+flags.DEFINE_bool("train", True, "Time the training step (--notrain with --decode: sampling only).")
+
+
+def main(argv: list[str]) -> None:
+    """absl entry point: prints the table, then the JSON line."""
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if FLAGS.config is None:
+        raise app.UsageError("--config=configs/<name>.py is required.")
+    if FLAGS.steps < 1 or FLAGS.warmup < 0:
+        raise app.UsageError("--steps must be >= 1 and --warmup >= 0.")
+    logging.set_verbosity(logging.WARNING)
+    result: dict[str, Any] = {}
+    try:
+        if FLAGS.train:
+            result.update(benchmark_training(FLAGS.config, FLAGS.steps, FLAGS.warmup))
+        if FLAGS.decode:
+            result.update(benchmark_decoding(FLAGS.config, tuple(FLAGS.decode_batch)))
+    except config_validation.ConfigError as e:
+        raise SystemExit(f"ERROR: {e}") from e
+    print(format_table(result), flush=True)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,90 @@
+"""bench.py: runs on tiny configs and reports every field (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import bench
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TRAIN_FIELDS = (
+    "compile_s", "step_time_median_s", "step_time_pipelined_s", "examples_per_sec",
+    "model_flops_per_step", "traced_matmul_flops_per_step", "xla_flops_per_step",
+    "achieved_flops_per_sec", "peak_flops_per_sec", "mfu", "peak_device_memory_bytes",
+    "input_wait_fraction", "loop_step_time_s",
+)  # fmt: skip
+
+
+def test_cli_prints_table_and_json_line(tiny_corpus):
+    """The CLI on a tiny GPT, decoding included: a readable table, then one JSON line."""
+    args = [
+        sys.executable, "bench.py", "--config=configs/shakespeare_char_cpu.py",
+        f"--config.dataset={tiny_corpus}", "--config.model.num_layers=1",
+        "--config.model.num_heads=2", "--config.model.embed_dim=32",
+        "--config.model.block_size=16", "--config.batch_size=4", "--steps=3", "--warmup=1",
+        "--decode", "--decode_batch=1", "--decode_batch=2",
+    ]  # fmt: skip
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    for field in TRAIN_FIELDS + ("tokens_per_sec", "decode_b1_tokens_per_sec",
+                                 "decode_b2_tokens_per_sec"):  # fmt: skip
+        assert field in result, field
+    assert result["decode_new_tokens"] == 15
+    assert result["platform"] == "cpu" and result["peak_source"].startswith("measured")
+    assert any(line.startswith("tokens_per_sec") for line in lines[:-1])  # the table
+    # The analytic count and the traced matmuls agree; XLA counts a little more (elementwise).
+    assert result["traced_matmul_flops_per_step"] == pytest.approx(
+        result["model_flops_per_step"], rel=0.25
+    )
+    assert result["xla_flops_per_step"] > 0.5 * result["model_flops_per_step"]
+    assert 0 <= result["input_wait_fraction"] <= 1
+
+
+def test_classifier_flops_are_counted_matmuls(tiny_mlp_config):
+    """For the MLP, model FLOPs are 3 x 2 x the multiply-adds of its dense layers."""
+    config = tiny_mlp_config
+    config.model.features = (32,)
+    result = bench.benchmark_training(config, steps=2, warmup=1)
+    macs = 784 * 32 + 32 * 10
+    assert result["model_flops_per_step"] == 3 * 2 * macs * config.batch_size
+    assert result["xla_flops_per_step"] >= 0.9 * result["model_flops_per_step"]
+    assert "tokens_per_sec" not in result
+    for field in TRAIN_FIELDS:
+        assert field in result, field
+
+
+def test_conv_flops():
+    """A 3x3 convolution's count is 2 x outputs x (kernel area x input channels)."""
+    x = jnp.ones((2, 10, 10, 3))
+    w = jnp.ones((3, 3, 3, 8))
+    conv = lambda x, w: jax.lax.conv_general_dilated(
+        x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    assert bench.matmul_flops(conv, x, w) == 2 * (2 * 8 * 8 * 8) * (3 * 3 * 3)
+
+
+def test_peak_flops_table():
+    """Known accelerators use datasheet figures; unknown ones say so."""
+
+    class Fake:
+        platform = "gpu"
+
+        def __init__(self, kind):
+            self.device_kind = kind
+
+    assert bench.peak_flops(Fake("NVIDIA H100 80GB HBM3"))[0] == 989e12
+    assert bench.peak_flops(Fake("NVIDIA A100-SXM4-40GB"))[0] == 312e12
+    assert bench.peak_flops(Fake("TPU v5 lite"))[0] == 197e12
+    assert bench.peak_flops(Fake("TPU v4"))[0] == 275e12
+    assert bench.peak_flops(Fake("Mystery"))[0] is None
