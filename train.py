@@ -30,6 +30,7 @@ from ml_collections import config_flags
 
 import checkpointing
 import config_validation
+import data_setup
 import distributed
 import evaluation_metrics
 import finetune
@@ -374,7 +375,12 @@ def main(argv: list[str]) -> None:
     )
     try:
         train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (config_validation.ConfigError, checkpointing.CheckpointMismatchError) as e:
+    except (
+        config_validation.ConfigError,
+        checkpointing.CheckpointMismatchError,
+        data_setup.DatasetUnavailableError,
+        FloatingPointError,  # NonFiniteLossError, checkpointing.NonFiniteStateError
+    ) as e:
         raise SystemExit(f"ERROR: {e}") from e
 
 

@@ -96,6 +96,14 @@ def saving_at_or_after(workdir: str, step: int) -> bool:
     return any(TMP_SUFFIX in n and int(n.split(".")[0]) >= step for n in checkpoint_names(workdir))
 
 
+def _mtime(path: str) -> float:
+    """Modification time, or 0 if the path has gone meanwhile."""
+    try:
+        return os.path.getmtime(path)
+    except OSError:
+        return 0.0
+
+
 def wait_for(predicate, process: subprocess.Popen) -> bool:
     """Polls every 5 ms; False if the process ended (or the time ran out) first."""
     deadline = time.monotonic() + RUN_TIMEOUT
@@ -115,6 +123,7 @@ def one_fault(i: int, args, rng: random.Random, last_step: int) -> dict[str, Any
     hi = min(args.steps, lo + max(1, 2 * args.steps // (args.faults + 1)))
     target = rng.randint(lo, hi)
     mode = rng.choice(["step", "step", "saving", "after_restore"] if expected else ["step"])
+    started = time.time()
     process = launch(command(args.chaos_dir, args.steps), log)
     if mode == "after_restore":
         landed = wait_for(lambda: resumed_from(log) is not None, process)
@@ -129,7 +138,10 @@ def one_fault(i: int, args, rng: random.Random, last_step: int) -> dict[str, Any
     else:
         landed = wait_for(lambda: progress(log) >= target, process)
     time.sleep(rng.uniform(0, 0.02))  # not always right at the poll
-    in_flight = [n for n in checkpoint_names(args.chaos_dir) if TMP_SUFFIX in n]
+    # Saves this attempt began (Orbax recreates a leftover tmp directory when it saves that step).
+    directory = os.path.join(args.chaos_dir, "checkpoints")
+    in_flight = [n for n in checkpoint_names(args.chaos_dir)
+                 if TMP_SUFFIX in n and _mtime(os.path.join(directory, n)) >= started]  # fmt: skip
     if process.poll() is None:
         process.send_signal(signal.SIGKILL)
     process.wait(timeout=RUN_TIMEOUT)

@@ -3,8 +3,9 @@
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_driver.py '<json>'
 
 The argument is a JSON list of cases; each result is printed as one JSON line prefixed with
-`RESULT `. The tiny configs are defined here so that tests/test_sharding.py (which runs the
-single-device baselines in its own process) and the subprocesses train exactly the same models.
+`RESULT `. The tiny configs and the run comparisons live here so that tests/test_sharding.py
+(which runs the single-device baselines in its own process), tests/test_multihost.py and the
+subprocesses train and compare exactly the same models.
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ CORPUS_ALPHABET = "abcdefghijklmnopqrstuvwxyz .,;!\n"
 
 def write_corpus(path: str, num_chars: int = 20_000) -> str:
     """Writes a deterministic text file using every character of CORPUS_ALPHABET; returns path."""
-    import numpy as np
-
     rng = np.random.default_rng(0)
     chars = np.array(list(CORPUS_ALPHABET))
     text = CORPUS_ALPHABET + "".join(rng.choice(chars, num_chars))
@@ -56,15 +55,17 @@ def tiny_config(model: str, corpus: str = "", **overrides: Any) -> ml_collection
     elif model == "gpt":
         c = shakespeare_char.get_config()
         c.dataset = corpus
+        # One layer (compiling is what costs here); 8 heads of 8 and 32 characters: every
+        # sharded axis divides by 8.
         c.model.update(
             {
                 "vocab_size": len(CORPUS_ALPHABET),
                 "block_size": 16,
-                "num_layers": 2,
+                "num_layers": 1,
                 "num_heads": 8,
                 "embed_dim": 64,
                 "use_bias": True,
-            }  # fmt: skip
+            }
         )
         c.model.dropout_rate = 0.0
         c.eval_steps = 1
@@ -143,49 +144,42 @@ def assert_same_run(workdir: str, reference: str, label: str) -> None:
         )
 
 
-def _train(case: dict[str, Any]) -> dict[str, Any]:
-    """Trains through train.train_and_evaluate into case['workdir']."""
-    import train
-
-    config = tiny_config(case["model"], case.get("corpus", ""), **case.get("overrides", {}))
-    final = train.train_and_evaluate(config, case["workdir"])
-    return {"final": {k: v for k, v in final.items() if isinstance(v, int | float | str)}}
-
-
-def _shards(case: dict[str, Any]) -> dict[str, Any]:
-    """Global and per-device shapes of every parameter of a freshly created sharded state."""
+def shard_shapes(params: Any) -> dict[str, dict[str, Any]]:
+    """{'path/to/leaf': global shape, first device's shard shape, spec} of a params tree."""
     import jax
 
-    import input_pipeline
-    import models
-    import optim
-    import sharding
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): {
+            "shape": list(arr.shape),
+            "shard": list(arr.addressable_shards[0].data.shape),
+            "spec": str(arr.sharding.spec),
+        }
+        for path, arr in jax.tree_util.tree_leaves_with_path(params)
+    }
+
+
+def _train(case: dict[str, Any]) -> dict[str, Any]:
+    """Trains through train.train_and_evaluate into case['workdir']; also reports how the
+    parameters that the run created with train_state.create_train_state were sharded."""
+    import train
     import train_state
 
-    config = tiny_config(case["model"], **case.get("overrides", {}))
-    model = models.build_model(config)
-    tx = optim.build_optimizer(config, optim.learning_rate_schedule(config, 10))
-    mesh = sharding.make_mesh(config)
-    state, _ = train_state.create_train_state(
-        model,
-        tx,
-        input_pipeline.example_input(config),
-        mesh,
-        sharding.logical_axis_rules(config),
-        config.seed,
-    )
-    flat = jax.tree_util.tree_leaves_with_path(state.params)
-    return {
-        "mesh": dict(mesh.shape),
-        "params": {
-            "/".join(str(getattr(k, "key", k)) for k in path): {
-                "shape": list(arr.shape),
-                "shard": list(arr.addressable_shards[0].data.shape),
-                "spec": str(arr.sharding.spec),
-            }
-            for path, arr in flat
-        },
-    }
+    created = {}
+    create = train_state.create_train_state
+
+    def recording_create(*args: Any, **kwargs: Any) -> Any:
+        state, shardings = create(*args, **kwargs)
+        created.update(shard_shapes(state.params))  # before the first step donates the buffers
+        return state, shardings
+
+    config = tiny_config(case["model"], case.get("corpus", ""), **case.get("overrides", {}))
+    train_state.create_train_state = recording_create
+    try:
+        final = train.train_and_evaluate(config, case["workdir"])
+    finally:
+        train_state.create_train_state = create
+    scalars = {k: v for k, v in final.items() if isinstance(v, int | float | str)}
+    return {"final": scalars, "params": created}
 
 
 def _config_error(case: dict[str, Any]) -> dict[str, Any]:
@@ -213,7 +207,7 @@ def _config_error(case: dict[str, Any]) -> dict[str, Any]:
     return {"error": None, "compile_events": len(compiles)}
 
 
-KINDS = {"train": _train, "shards": _shards, "config_error": _config_error}
+KINDS = {"train": _train, "config_error": _config_error}
 
 
 def main(argv: list[str]) -> int:
