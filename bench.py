@@ -333,13 +333,18 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 FLAGS = flags.FLAGS
-if "config" not in FLAGS:  # train.py (imported above) already defines --config
-    config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-flags.DEFINE_integer("steps", 50, "Timed steps (after warm-up).")
-flags.DEFINE_integer("warmup", 5, "Untimed steps after compilation.")
-flags.DEFINE_bool("decode", False, "Also time cached sampling (language models).")
-flags.DEFINE_multi_integer("decode_batch", [1, 16], "Batch sizes for --decode.")
-flags.DEFINE_bool("train", True, "Time the training step (--notrain with --decode: sampling only).")
+
+
+def define_flags() -> None:
+    """The CLI's flags (defined only when run as a script, so importing bench adds none)."""
+    if "config" not in FLAGS:  # train.py (imported above) already defines --config
+        config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                        lock_config=True)  # fmt: skip
+    flags.DEFINE_integer("steps", 50, "Timed steps (after warm-up).")
+    flags.DEFINE_integer("warmup", 5, "Untimed steps after compilation.")
+    flags.DEFINE_bool("decode", False, "Also time cached sampling (language models).")
+    flags.DEFINE_multi_integer("decode_batch", [1, 16], "Batch sizes for --decode.")
+    flags.DEFINE_bool("train", True, "Time training (--notrain --decode: sampling only).")
 
 
 def main(argv: list[str]) -> None:
@@ -364,4 +369,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -109,6 +109,12 @@ def _round_sig(x: float, digits: int = 3) -> float:
     return float(f"{x:.{digits}g}")
 
 
+def _is_distribution(x: Any) -> bool:
+    # By name, not isinstance: a sweep file's `import sweep` gets another copy of this class
+    # when sweep.py itself runs as __main__.
+    return type(x).__name__ == "Distribution" and hasattr(x, "kind") and hasattr(x, "args")
+
+
 def sample_random(
     params: dict[str, Any], count: int, seed: int = 0, digits: int = 3
 ) -> list[dict[str, Any]]:
@@ -118,7 +124,7 @@ def sample_random(
     for _ in range(count):
         setting = {}
         for field, dist in params.items():
-            if not isinstance(dist, Distribution):
+            if not _is_distribution(dist):
                 setting[field] = dist
             elif dist.kind == "log_uniform":
                 low, high = dist.args
@@ -438,10 +444,6 @@ def read_curves(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             except json.JSONDecodeError:
                 continue  # a line cut off by a kill
             step = int(record.pop("step"))
-            if "train/num_examples" in record:
-                # An evaluation of the LM 'train' split: train.py logs it under the same
-                # 'train/' prefix as the training loss, so keep it apart for the curves.
-                record = {"train_eval/" + k.partition("/")[2]: v for k, v in record.items()}
             for name, value in record.items():
                 series.setdefault(name, {})[step] = float(value)  # a resumed step: last one wins
     return {

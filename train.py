@@ -224,7 +224,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         for split in datasets.eval_splits:
             results[split] = evaluate(runner, state, datasets, split, datasets.num_classes)
             scalars = {k: v for k, v in results[split].items() if np.ndim(v) == 0}
-            writer.write_scalars(step, scalars, prefix=f"{split}/")
+            # 'train/' is the training loop's own series; an evaluation of the train split
+            # (language models) goes to 'train_eval/' so the two never share a tag.
+            prefix = "train_eval/" if split == "train" else f"{split}/"
+            writer.write_scalars(step, scalars, prefix=prefix)
             print(f"step {step}: eval " + _format_eval(split, results[split]), flush=True)
         if config.task == "lm" and config.sample_every_eval:
             params = runner.to_global(state).params

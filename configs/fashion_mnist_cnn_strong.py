@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
         }
     )
     c.batch_size = 128
-    c.num_epochs = 20.0
+    c.num_epochs = 15.0
     c.learning_rate = 2e-3
     c.warmup_steps = 500
     c.weight_decay = 5e-4

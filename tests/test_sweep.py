@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -317,3 +318,41 @@ def test_sweep_cli_with_real_training(tmp_path, fashion_mnist_ready):
     assert float(rows[0]["test_accuracy"]) == pytest.approx(metrics["test_accuracy"])
     assert "test_accuracy" in (sweep_dir / "results.md").read_text()
     assert (sweep_dir / "plots" / "learning_curves.png").exists()
+
+
+def test_random_sweep_file_dry_run_from_the_command_line(tmp_path):
+    """A sweep file may `import sweep` for its distributions; --dry_run lists the samples."""
+    sweep_file = tmp_path / "random_sweep.py"
+    sweep_file.write_text(
+        textwrap.dedent(
+            """
+            import sweep
+
+            def get_sweep():
+                return {
+                    "config": "configs/fashion_mnist_mlp.py",
+                    "random": {"count": 3, "seed": 0,
+                               "params": {"learning_rate": sweep.log_uniform(1e-4, 1e-2)}},
+                    "seeds": [0, 1],
+                }
+            """
+        )
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "sweep.py"),
+            f"--sweep={sweep_file}",
+            f"--sweep_dir={tmp_path / 'sw'}",
+            "--dry_run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rates = set(re.findall(r"\[new\] learning_rate=([0-9.e-]+)/seed=\d", result.stdout))
+    assert len(rates) == 3 and all(1e-4 <= float(r) <= 1e-2 for r in rates)
+    assert result.stdout.count("--config.learning_rate=") == 6
+    assert not (tmp_path / "sw").exists()

@@ -1,0 +1,169 @@
+"""Weight-only int8 quantization of a trained GPT for sampling and evaluation.
+
+    python quantize.py --workdir=runs/shakespeare_cpu [--step=N] [--output=q.npz]
+
+Every matrix of the transformer blocks (attention query/key/value/out, MLP fc/proj) is stored as
+int8 with one float32 scale per output channel (symmetric: w ~= int8 * scale, scale = max|w| /
+127 over the input axes); embeddings, norms and biases stay float32. The int8 weights are
+dequantized inside the jitted forward (`dequantize` under jit), so the stored parameters are ~4x
+smaller. The CLI reports the validation loss with float and int8 weights, its change, and the
+bytes of both parameter sets, as one JSON line.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from flax import traverse_util  # noqa: E402
+
+import sampling  # noqa: E402
+import steps  # noqa: E402
+
+# Matrices that are quantized (by the last path element of the kernel's parent module) and the
+# axes each one contracts with its input: scales are per output channel, over these axes.
+_INPUT_AXES = {"query": (0,), "key": (0,), "value": (0,), "out": (0, 1), "fc": (0,), "proj": (0,)}
+
+
+def _is_quantized(leaf: Any) -> bool:
+    return isinstance(leaf, dict) and set(leaf) == {"int8", "scale"}
+
+
+def quantize_tensor(w: jax.Array, axes: tuple[int, ...]) -> dict[str, jax.Array]:
+    """Symmetric per-channel int8: {'int8': round(w / scale), 'scale': max|w| / 127 over axes}."""
+    w = jnp.asarray(w, jnp.float32)
+    scale = jnp.max(jnp.abs(w), axis=axes, keepdims=True) / 127.0
+    scale = jnp.where(scale == 0, 1.0, scale)  # an all-zero channel stays zero
+    q = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
+    return {"int8": q, "scale": scale.astype(jnp.float32)}
+
+
+def quantize_params(params: Any) -> Any:
+    """The params tree with every block matrix replaced by {'int8', 'scale'}; the rest as is."""
+    flat = traverse_util.flatten_dict(params)
+    out = {}
+    for path, leaf in flat.items():
+        if path[-1] == "kernel" and len(path) >= 2 and path[-2] in _INPUT_AXES:
+            out[path] = quantize_tensor(leaf, _INPUT_AXES[path[-2]])
+        else:
+            out[path] = leaf
+    return traverse_util.unflatten_dict(out)
+
+
+def dequantize(qparams: Any, dtype: jnp.dtype = jnp.float32) -> Any:
+    """Float params from quantized ones (call it inside jit: XLA fuses it into the forward)."""
+    return jax.tree.map(
+        lambda x: (x["int8"].astype(dtype) * x["scale"].astype(dtype)) if _is_quantized(x) else x,
+        qparams,
+        is_leaf=_is_quantized,
+    )
+
+
+def num_bytes(tree: Any) -> int:
+    """Bytes of every array in a (quantized or float) params tree."""
+    return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree)))
+
+
+@functools.partial(
+    jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p")
+)
+def generate(
+    model: Any,
+    qparams: Any,
+    prompt: jax.Array,
+    rng: jax.Array,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> jax.Array:
+    """sampling.generate with int8 weights, dequantized inside the compiled program."""
+    return sampling.generate(model, dequantize(qparams), prompt, rng, max_new_tokens,
+                             temperature, top_k, top_p)  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _loss_sums(model: Any, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, ...]:
+    """(loss sum, token count) of a masked eval batch; quantized params are dequantized here."""
+    logits = model.apply({"params": dequantize(params)}, batch["inputs"])
+    loss_sum, _, count = steps.cross_entropy(logits, batch["targets"], batch["mask"])
+    return loss_sum, count
+
+
+def eval_loss(model: Any, params: Any, batches) -> float:
+    """Mean per-token cross-entropy of (float or quantized) params over eval batches."""
+    total, count = 0.0, 0.0
+    for batch in batches:
+        loss_sum, n = _loss_sums(model, params, jax.tree.map(jnp.asarray, batch))
+        total, count = total + float(loss_sum), count + float(n)
+    return total / count
+
+
+def report(workdir: str, step: int | None = None, split: str = "val") -> tuple[dict[str, Any], Any]:
+    """Quantizes a run's checkpoint; returns (losses, their change and the parameter bytes;
+    the quantized params)."""
+    import checkpointing
+    import input_pipeline
+    import models
+
+    config, params = checkpointing.load_for_inference(workdir, step)
+    if config.task != "lm" or config.model.name != "gpt":
+        raise ValueError("quantize.py handles GPT language-model runs (config.model.name='gpt').")
+    params = jax.device_get(params)
+    model = models.build_model(config)
+    datasets = input_pipeline.get_datasets(config)
+    qparams = quantize_params(params)
+    float_loss = eval_loss(model, params, datasets.eval_batches(split))
+    int8_loss = eval_loss(model, qparams, datasets.eval_batches(split))
+    matrices = [
+        x for x in jax.tree.leaves(qparams, is_leaf=_is_quantized) if _is_quantized(x)
+    ]  # fmt: skip
+    return {
+        "split": split,
+        "float_loss": float_loss,
+        "int8_loss": int8_loss,
+        "loss_change": int8_loss - float_loss,
+        "float_param_bytes": num_bytes(params),
+        "int8_param_bytes": num_bytes(qparams),
+        "bytes_saved": num_bytes(params) - num_bytes(qparams),
+        "quantized_matrices": len(matrices),
+    }, qparams
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The CLI's flags (defined only when run as a script: train.py also has --workdir)."""
+    flags.DEFINE_string("workdir", None, "Run directory holding checkpoints and config.json.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+    flags.DEFINE_string("split", "val", "Split for the loss comparison.")
+    flags.DEFINE_string("output", None, "Optional .npz to write the quantized parameters to.")
+
+
+def main(argv: list[str]) -> None:
+    """absl entry point: prints one JSON line."""
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required.")
+    logging.set_verbosity(logging.WARNING)
+    result, qparams = report(FLAGS.workdir, FLAGS.step, FLAGS.split)
+    if FLAGS.output:
+        flat = traverse_util.flatten_dict(jax.device_get(qparams), sep="/")
+        np.savez(FLAGS.output, **{k: np.asarray(v) for k, v in flat.items()})
+        result["output"] = FLAGS.output
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,110 @@
+"""jaxlab's full training loop vs the Keras baselines on Fashion-MNIST: examples/s and accuracy.
+
+    .venv/bin/python scripts/compare_keras.py --models=mlp,cnn --epochs=10 --batch_size=128
+
+For each model, runs train.train_and_evaluate (real logging, checkpoints, evaluation) with the
+jaxlab config (configs/fashion_mnist_{mlp,cnn}.py at the same batch size and number of epochs),
+then scripts/keras_baseline.py in a separate process (so the two never share a CPU thread pool),
+and prints steady-state examples/s and test accuracy of each and the ratio, then one JSON line.
+Steady state: jaxlab's logged windows after the first (which holds compilation); Keras's epochs
+after the first (which holds tracing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+CONFIGS = {"mlp": "fashion_mnist_mlp", "cnn": "fashion_mnist_cnn"}
+
+
+def run_jaxlab(name: str, epochs: int, batch_size: int, workdir: str) -> dict[str, Any]:
+    """Trains the jaxlab config for `name` with train_and_evaluate; returns rate and accuracy."""
+    import importlib
+
+    import metrics_writer
+    import train
+
+    config = importlib.import_module(f"configs.{CONFIGS[name]}").get_config()
+    config.num_epochs = float(epochs)
+    config.batch_size = batch_size
+    steps_per_epoch = -(-60000 // batch_size)
+    config.log_every_steps = max(1, steps_per_epoch // 4)
+    final = train.train_and_evaluate(config, workdir)
+    rows = metrics_writer.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    rates = [r["train/examples_per_sec"] for r in rows if "train/examples_per_sec" in r]
+    steady = rates[1:] or rates  # the first window includes compilation
+    return {
+        "model": name,
+        "test_accuracy": round(float(final["test_accuracy"]), 4),
+        "steady_examples_per_sec": round(statistics.median(steady), 1),
+        "train_seconds": round(float(final["train_seconds_this_run"]), 2),
+    }
+
+
+def run_keras(name: str, epochs: int, batch_size: int, timeout: int) -> dict[str, Any]:
+    """Runs scripts/keras_baseline.py for one model in its own process; returns its JSON line."""
+    script = os.path.join(REPO_ROOT, "scripts", "keras_baseline.py")
+    cmd = [sys.executable, script, f"--model={name}", f"--epochs={epochs}",
+           f"--batch_size={batch_size}"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"keras_baseline.py failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    return json.loads(lines[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs both sides for each requested model and prints the comparison."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp, cnn")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--keras_timeout", type=int, default=3600, help="seconds per Keras run")
+    parser.add_argument("--workdir", default=None, help="parent of the jaxlab run dirs (tmp)")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(CONFIGS))
+    if unknown or args.epochs < 2:
+        parser.error(f"unknown models {unknown}" if unknown else "--epochs must be >= 2.")
+
+    results = []
+    parent = args.workdir or tempfile.mkdtemp(prefix="compare_keras_")
+    for name in names:
+        jaxlab = run_jaxlab(name, args.epochs, args.batch_size, os.path.join(parent, name))
+        keras = run_keras(name, args.epochs, args.batch_size, args.keras_timeout)
+        ratio = jaxlab["steady_examples_per_sec"] / keras["steady_examples_per_sec"]
+        results.append({
+            "model": name,
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "jaxlab_examples_per_sec": jaxlab["steady_examples_per_sec"],
+            "keras_examples_per_sec": keras["steady_examples_per_sec"],
+            "speedup": round(ratio, 2),
+            "jaxlab_test_accuracy": jaxlab["test_accuracy"],
+            "keras_test_accuracy": keras["test_accuracy"],
+        })  # fmt: skip
+
+    header = f"{'model':6s} {'jaxlab ex/s':>12s} {'keras ex/s':>11s} {'speedup':>8s} "
+    header += f"{'jaxlab acc':>11s} {'keras acc':>10s}"
+    print(header)
+    for r in results:
+        print(f"{r['model']:6s} {r['jaxlab_examples_per_sec']:12,.0f} "
+              f"{r['keras_examples_per_sec']:11,.0f} {r['speedup']:7.2f}x "
+              f"{r['jaxlab_test_accuracy']:11.4f} {r['keras_test_accuracy']:10.4f}")  # fmt: skip
+    print(json.dumps({"results": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Weight-only int8 quantization: accuracy of the weights, of the loss and of sampling."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import checkpointing
+import models
+import quantize
+import sampling
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quantize_tensor_round_trip():
+    """Per-channel symmetric int8: error at most half a step of each channel's own scale."""
+    w = jax.random.normal(jax.random.key(0), (64, 4, 8)) * jnp.arange(1, 33).reshape(1, 4, 8)
+    q = quantize.quantize_tensor(w, (0,))
+    assert q["int8"].dtype == jnp.int8 and q["scale"].shape == (1, 4, 8)
+    error = jnp.abs(q["int8"].astype(jnp.float32) * q["scale"] - w)
+    assert bool(jnp.all(error <= q["scale"] / 2 + 1e-6))
+    assert int(jnp.max(jnp.abs(q["int8"].astype(jnp.int32)))) == 127
+    zero = quantize.quantize_tensor(jnp.zeros((3, 2)), (0,))
+    np.testing.assert_array_equal(quantize.dequantize({"w": zero})["w"], 0.0)
+
+
+def test_trained_gpt_loss_memory_and_sampling(trained_lm_run):
+    """On a trained GPT: val loss changes by <= 0.02, matrices shrink ~4x, sampling works."""
+    result, qparams = quantize.report(trained_lm_run)
+    assert result["quantized_matrices"] == 6  # 1 layer: query, key, value, out, fc, proj
+    assert abs(result["loss_change"]) <= 0.02, result
+    assert result["int8_param_bytes"] < result["float_param_bytes"]
+    config, params = checkpointing.load_for_inference(trained_lm_run)
+    block = params["h_0"]
+    q_block = qparams["h_0"]
+    assert q_block["mlp"]["fc"]["kernel"]["int8"].dtype == jnp.int8
+    matrix_bytes = sum(
+        np.asarray(block[m][n]["kernel"]).nbytes
+        for m, n in [("attn", "query"), ("attn", "key"), ("attn", "value"), ("attn", "out"),
+                     ("mlp", "fc"), ("mlp", "proj")]
+    )  # fmt: skip
+    assert result["bytes_saved"] > 0.7 * matrix_bytes
+    # Embeddings stay float.
+    assert qparams["wte"]["embedding"].dtype == jnp.float32
+
+    model = models.build_model(config)
+    prompt = jnp.zeros((2, 3), jnp.int32)
+    greedy = dict(max_new_tokens=8, temperature=0.0)
+    ref = sampling.generate(model, params, prompt, jax.random.key(0), **greedy)
+    out = quantize.generate(model, qparams, prompt, jax.random.key(0), **greedy)
+    assert out.shape == ref.shape == (2, 11)
+    assert float(jnp.mean(out == ref)) > 0.7  # greedy continuations nearly always agree
+
+
+def test_cli_prints_json(trained_lm_run, tmp_path):
+    """quantize.py --workdir prints the comparison and can save the int8 parameters."""
+    out = tmp_path / "q.npz"
+    proc = subprocess.run(
+        [sys.executable, "quantize.py", f"--workdir={trained_lm_run}", f"--output={out}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {"float_loss", "int8_loss", "loss_change", "bytes_saved"} <= set(result)
+    saved = np.load(out)
+    assert any(k.endswith("kernel/int8") and saved[k].dtype == np.int8 for k in saved.files)
