@@ -198,7 +198,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state, meta = restored
         start_step = int(meta["step"])
         logging.info("Resuming from the checkpoint at step %d in %s", start_step, ckpt.directory)
-        print(f"Resuming from checkpoint at step {start_step} ({ckpt.directory})", flush=True)
+        _print(f"Resuming from checkpoint at step {start_step} ({ckpt.directory})")
     else:
         state, start_step = runner.init_state(), 0
         if config.init_from.workdir:
@@ -228,7 +228,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             # (language models) goes to 'train_eval/' so the two never share a tag.
             prefix = "train_eval/" if split == "train" else f"{split}/"
             writer.write_scalars(step, scalars, prefix=prefix)
-            print(f"step {step}: eval " + _format_eval(split, results[split]), flush=True)
+            _print(f"step {step}: eval " + _format_eval(split, results[split]))
         if config.task == "lm" and config.sample_every_eval:
             params = runner.to_global(state).params
             _log_sample(writer, model, params, datasets.tokenizer, config, step)
@@ -258,7 +258,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     means["tokens_per_sec"] = rate * config.batch_size * items_per_example
                 writer.write_scalars(done, means, prefix="train/")
                 eta = (total_steps - done) / max(rate, 1e-9)
-                print(_progress_line(done, total_steps, means, eta), flush=True)
+                _print(_progress_line(done, total_steps, means, eta))
                 window, t_window = [], time.perf_counter()
             if done % config.eval_every_steps == 0 and done != total_steps:
                 run_eval(done)
@@ -273,7 +273,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 save(done, force=True)
                 ckpt.close()
                 writer.close()
-                print(f"Preempted: saved a checkpoint at step {done}; rerun to resume.", flush=True)
+                _print(f"Preempted: saved a checkpoint at step {done}; rerun to resume.")
                 return {"preempted_at_step": done}
     if pending is not None:
         window.append(_check_finite(*pending, config))
@@ -325,6 +325,12 @@ def _finish_saves_on_error(ckpt: checkpointing.Checkpointer) -> Iterator[None]:
         except Exception as e:  # the original error matters more than a failed save
             logging.warning("A checkpoint save failed while stopping: %s", e)
         raise
+
+
+def _print(message: str) -> None:
+    """Progress for humans, from process 0 only (every process would print the same line)."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
 
 
 def _check_finite(step: int, metrics: dict[str, jax.Array], config) -> dict[str, float]:

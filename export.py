@@ -1,0 +1,122 @@
+"""Export a trained model for serving without the training code: serialized StableHLO.
+
+    python export.py --workdir=runs/shakespeare_cpu --output=exported/ [--step=N]
+
+Writes `model.stablehlo` (jax.export's serialized form: the forward pass with the trained
+weights baked in, a symbolic batch dimension, CPU and, where available, CUDA lowerings) and
+`export.json` (input shape and dtype, the tokenizer files next to it for language models). Any
+JAX program can run it with `load(output).call(inputs)` — no model, config or Flax code needed;
+the same bytes also load in other StableHLO/PJRT runtimes. (jax2tf's SavedModel route is
+deprecated upstream in favour of jax.export, which is what it wraps today.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from jax import export as jax_export  # noqa: E402
+
+MODEL_FILE = "model.stablehlo"
+META_FILE = "export.json"
+
+
+def export_forward(model: Any, variables: Any, example: np.ndarray,
+                   platforms: tuple[str, ...] = ("cpu",)) -> jax_export.Exported:  # fmt: skip
+    """jax.export of inputs -> float32 outputs (logits), weights as constants, batch symbolic."""
+    variables = jax.device_get(variables)
+
+    def forward(inputs):
+        return model.apply(variables, inputs, train=False)
+
+    (batch,) = jax_export.symbolic_shape("batch")
+    spec = jax.ShapeDtypeStruct((batch,) + tuple(example.shape[1:]), example.dtype)
+    return jax_export.export(jax.jit(forward), platforms=platforms)(spec)
+
+
+def export_run(workdir: str, output: str, step: int | None = None) -> dict[str, Any]:
+    """Exports a run's checkpoint into `output`; returns the metadata written to export.json."""
+    import checkpointing
+    import input_pipeline
+    import models
+
+    config, state, step = checkpointing.load_state_for_inference(workdir, step)
+    model = models.build_model(config)
+    example = input_pipeline.example_input(config)
+    variables = {"params": state.params, **state.model_state}
+    platforms = ("cpu", "cuda") if _cuda_lowering_available() else ("cpu",)
+    exported = export_forward(model, variables, example, platforms)
+    os.makedirs(output, exist_ok=True)
+    with open(os.path.join(output, MODEL_FILE), "wb") as f:
+        f.write(exported.serialize())
+    meta = {
+        "workdir": os.path.abspath(workdir),
+        "step": step,
+        "task": config.task,
+        "model": config.model.name,
+        "input_shape": ["batch", *example.shape[1:]],
+        "input_dtype": str(example.dtype),
+        "platforms": list(exported.platforms),
+        "format": "jax.export serialized StableHLO",
+    }
+    if config.task == "lm":
+        for name in os.listdir(workdir):  # the tokenizer files train.py saved
+            if name.startswith("tokenizer"):
+                shutil.copy(os.path.join(workdir, name), output)
+    with open(os.path.join(output, META_FILE), "w") as f:
+        json.dump(meta, f, indent=2)
+    return meta
+
+
+def _cuda_lowering_available() -> bool:
+    """Whether this jaxlib can lower for CUDA too (multi-platform export), e.g. on a GPU host."""
+    try:
+        return any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:
+        return False
+
+
+def load(output: str) -> jax_export.Exported:
+    """The exported forward pass; call it as `load(output).call(inputs)`."""
+    with open(os.path.join(output, MODEL_FILE), "rb") as f:
+        return jax_export.deserialize(bytearray(f.read()))
+
+
+def run(output: str, inputs: np.ndarray) -> np.ndarray:
+    """Runs an exported model on a batch of inputs (ints for LMs, float images otherwise)."""
+    exported = load(output)
+    dtype = exported.in_avals[0].dtype
+    return np.asarray(exported.call(jnp.asarray(inputs, dtype)))
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The CLI's flags (defined only when run as a script: train.py also has --workdir)."""
+    flags.DEFINE_string("workdir", None, "Run directory holding checkpoints and config.json.")
+    flags.DEFINE_string("output", None, "Directory to write model.stablehlo and export.json to.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+
+
+def main(argv: list[str]) -> None:
+    """absl entry point: exports and prints the metadata as one JSON line."""
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not FLAGS.workdir or not FLAGS.output:
+        raise app.UsageError("--workdir and --output are required.")
+    logging.set_verbosity(logging.WARNING)
+    print(json.dumps(export_run(FLAGS.workdir, FLAGS.output, FLAGS.step)))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
