@@ -314,7 +314,7 @@ def benchmark_decoding(config: ml_collections.ConfigDict, batch_sizes=(1, 16),
             times.append(time.perf_counter() - start)
         seconds = statistics.median(times)
         out[f"decode_b{b}_tokens_per_sec"] = b * new_tokens / seconds
-        out[f"decode_b{b}_ms_per_token"] = 1e3 * seconds / new_tokens
+        out[f"decode_b{b}_ms_per_step"] = 1e3 * seconds / new_tokens
     return out
 
 
