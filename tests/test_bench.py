@@ -58,7 +58,8 @@ def test_classifier_flops_are_counted_matmuls(tiny_mlp_config):
     result = bench.benchmark_training(config, steps=2, warmup=1)
     macs = 784 * 32 + 32 * 10
     assert result["model_flops_per_step"] == 3 * 2 * macs * config.batch_size
-    assert result["xla_flops_per_step"] >= 0.9 * result["model_flops_per_step"]
+    # XLA counts less: the first layer needs no input gradient (2x, not 3x, its forward).
+    assert 0.5 * result["model_flops_per_step"] < result["xla_flops_per_step"]
     assert "tokens_per_sec" not in result
     for field in TRAIN_FIELDS:
         assert field in result, field
