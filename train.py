@@ -126,20 +126,10 @@ class Runner:
         if self.pmap:  # pmap maps over its own 'batch' mesh: no context mesh, and no rules, so
             # that the models' logical constraints name no axis of the (data, fsdp, tensor) mesh
             return nn.logical_axis_rules(())
-        return _Both(jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules))
-
-
-class _Both:
-    def __init__(self, a, b):
-        self.a, self.b = a, b
-
-    def __enter__(self):
-        self.a.__enter__()
-        self.b.__enter__()
-
-    def __exit__(self, *exc):
-        self.b.__exit__(*exc)
-        self.a.__exit__(*exc)
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(self.rules))
+        return stack
 
 
 def prefetch_to_device(batches: Iterator[dict], put, size: int = 2) -> Iterator[dict]:
