@@ -37,6 +37,8 @@ class Conv3x3(nn.Module):
     def __call__(self, x: jnp.ndarray, pool: bool = False) -> jnp.ndarray:
         """Applies the convolution to x[batch, height, width, channels]; with `pool`, 2x2
         max-pools before adding the bias (equal, as the bias is constant per channel)."""
+        if self.padding not in ("SAME", "VALID"):
+            raise ValueError(f"padding={self.padding!r}: use 'SAME' or 'VALID'.")
         cin = x.shape[-1]
         kernel = self.param("kernel", _conv_init(), (3, 3, cin, self.features))
         if self.padding == "SAME":
@@ -76,6 +78,8 @@ class CNN(nn.Module):
 
     conv_features: Sequence[int] = (32,)
     convs_per_block: int = 1
+    # None: 'SAME' with several convs per block (VGG), 'VALID' with one (the Keras CNN).
+    padding: str | None = None
     dense_features: Sequence[int] = (128,)
     num_classes: int = 10
     dropout_rate: float = 0.0
@@ -92,7 +96,7 @@ class CNN(nn.Module):
             for j in range(self.convs_per_block):
                 conv = Conv3x3(
                     width,
-                    padding="SAME" if self.convs_per_block > 1 else "VALID",
+                    padding=self.padding or ("SAME" if self.convs_per_block > 1 else "VALID"),
                     use_bias=not self.batch_norm,
                     dtype=self.dtype,
                     name=f"conv_{block}_{j}",
@@ -113,7 +117,7 @@ class CNN(nn.Module):
                     # channel and relu is monotonic, so both run on the 4x smaller pooled map.
                     x = nn.relu(conv(x, pool=True))
             if self.batch_norm:
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = max_pool_2x2(x)
             x = nn.Dropout(self.dropout_rate / 2, deterministic=not train)(x)
         x = x.reshape((x.shape[0], -1))
         for i, width in enumerate(self.dense_features):

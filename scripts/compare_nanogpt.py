@@ -1,0 +1,184 @@
+"""jaxlab's GPT loop vs nanoGPT's PyTorch loop at the CPU config: speed, step-by-step losses, loss.
+
+    .venv/bin/python scripts/compare_nanogpt.py --mode=speed [--iters=300]
+    .venv/bin/python scripts/compare_nanogpt.py --mode=lockstep [--iters=300]
+    .venv/bin/python scripts/compare_nanogpt.py --mode=loss --seeds=1337,1,2
+
+The PyTorch side is scripts/nanogpt_torch_baseline.py, run by --torch_python (an environment
+with torch; never jaxlab's .venv, whose TensorFlow and torch would share a process otherwise):
+
+    python3 -m venv .venv-torch && .venv-torch/bin/pip install numpy torch \
+        --index-url https://download.pytorch.org/whl/cpu
+
+- speed: median time per training iteration of each (torch: forward, backward, clip, AdamW and
+  loss.item(), as nanoGPT times them; jaxlab: bench.py's steady-state step and train.py's
+  whole loop), tokens/s and the ratio. The two run one after the other, never together.
+- lockstep: both start from the same weights (jaxlab's init, copied into the torch model) and
+  train on the same batches (jaxlab's); prints the two loss curves and their largest gap. Any
+  difference in model, loss, clipping, AdamW or schedule shows up as a gap from the first steps.
+- loss: full 2000-iteration runs of each for every seed; validation loss on nanoGPT's 20 random
+  batches and on 500, so seed noise and estimate noise can be told apart from a real gap.
+Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+TORCH_SCRIPT = os.path.join(REPO_ROOT, "scripts", "nanogpt_torch_baseline.py")
+
+
+def _config(seed: int = 1337):
+    from configs import shakespeare_char_cpu
+
+    config = shakespeare_char_cpu.get_config()
+    config.seed = seed
+    return config
+
+
+def run_torch(python: str, *args: str, timeout: int = 3600) -> dict[str, Any]:
+    """Runs the PyTorch baseline with `args`; returns its JSON line."""
+    if not os.path.exists(python):
+        raise SystemExit(
+            f"ERROR: no PyTorch environment at {python}. Create one (see this script's docstring) "
+            "or pass --torch_python=/path/to/python."
+        )
+    proc = subprocess.run([python, TORCH_SCRIPT, *args], capture_output=True, text=True,
+                          timeout=timeout, check=False)  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"the PyTorch baseline failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def speed(args: argparse.Namespace) -> dict[str, Any]:
+    """Steady-state time per iteration of each loop, measured one after the other."""
+    import metrics_writer
+    import train
+
+    import bench
+
+    torch_result = run_torch(args.torch_python, f"--max_iters={args.iters}",
+                             "--eval_interval=1000000", "--final_eval_iters=0")  # fmt: skip
+    config = _config()
+    step = bench.benchmark_training(config, steps=args.iters)
+    # train.py's whole loop (input pipeline, NaN checks, logging), without evaluations.
+    config.num_train_steps = args.iters
+    config.eval_every_steps = config.checkpoint_every_steps = 10**9
+    config.log_every_steps = 50
+    config.sample_every_eval = False
+    config.eval_steps = 1
+    with tempfile.TemporaryDirectory() as workdir:
+        train.train_and_evaluate(config, workdir)
+        rows = metrics_writer.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    rates = [r["train/tokens_per_sec"] for r in rows if "train/tokens_per_sec" in r][1:]
+    tokens = config.batch_size * config.model.block_size
+    return {
+        "mode": "speed",
+        "iters": args.iters,
+        "torch_version": torch_result["torch_version"],
+        "torch_threads": torch_result["threads"],
+        "torch_ms_per_iter": round(torch_result["median_ms_per_iter"], 2),
+        "torch_tokens_per_sec": round(torch_result["tokens_per_sec"]),
+        "jaxlab_step_ms": round(1000 * step["step_time_median_s"], 2),
+        "jaxlab_step_tokens_per_sec": round(step["tokens_per_sec"]),
+        "jaxlab_loop_tokens_per_sec": round(statistics.median(rates)) if rates else None,
+        "jaxlab_loop_ms_per_iter": round(1000 * tokens / statistics.median(rates), 2)
+        if rates
+        else None,
+        "ratio_step": round(step["tokens_per_sec"] / torch_result["tokens_per_sec"], 3),
+        "ratio_loop": round(statistics.median(rates) / torch_result["tokens_per_sec"], 3)
+        if rates
+        else None,
+    }
+
+
+def lockstep(args: argparse.Namespace) -> dict[str, Any]:
+    """Same initial weights and batches in both loops; compares the per-step training losses."""
+    import jax
+    import numpy as np
+    from flax import traverse_util
+
+    import bench
+
+    parts = bench.build(_config())
+    runner, datasets = parts["runner"], parts["datasets"]
+    state = runner.init_state()
+    flat = traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
+    weights = {k: np.asarray(v) for k, v in flat.items()}
+    batch_iter = datasets.train_batches(0)
+    batches, losses = [], []
+    with runner.step_context():
+        for _ in range(args.iters):
+            batch = next(batch_iter)
+            batches.append(np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1))
+            state, metrics = runner.train_step(state, runner.put_batch(batch))
+            losses.append(float(jax.device_get(metrics["loss"])))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "init.npz")
+        np.savez(path, batches=np.stack(batches), **weights)
+        torch_result = run_torch(args.torch_python, f"--init_npz={path}",
+                                 f"--max_iters={args.iters}")  # fmt: skip
+    torch_losses = torch_result["train_losses"]
+    gaps = [abs(a - b) for a, b in zip(losses, torch_losses, strict=True)]
+    marks = sorted({0, 1, 10, 50, 100, args.iters - 1} & set(range(args.iters)))
+    return {
+        "mode": "lockstep",
+        "iters": args.iters,
+        "losses": {i: [round(losses[i], 5), round(torch_losses[i], 5)] for i in marks},
+        "max_abs_gap_first_10": max(gaps[:10]),
+        "max_abs_gap": max(gaps),
+        "mean_loss_last_50_jaxlab": float(np.mean(losses[-50:])),
+        "mean_loss_last_50_torch": float(np.mean(torch_losses[-50:])),
+    }
+
+
+def loss(args: argparse.Namespace) -> dict[str, Any]:
+    """Full CPU-config runs of both loops for every seed; validation loss on 20 and 500 batches."""
+    import evaluate as evaluate_lib
+    import train
+
+    rows = []
+    for seed in args.seeds:
+        t = run_torch(args.torch_python, f"--seed={seed}", "--final_eval_iters=500")
+        with tempfile.TemporaryDirectory() as workdir:
+            final = train.train_and_evaluate(_config(seed), workdir)
+            big = evaluate_lib.evaluate_checkpoint(workdir, "val", eval_steps=500)
+        rows.append({
+            "seed": seed,
+            "torch_val_20": round(t["val_loss"], 4),
+            "torch_val_500": round(t["val_loss_final_eval"], 4),
+            "jaxlab_val_20": round(float(final["val_loss"]), 4),
+            "jaxlab_val_500": round(float(big["loss"]), 4),
+        })  # fmt: skip
+    mean = lambda key: round(statistics.mean(r[key] for r in rows), 4)  # noqa: E731
+    return {"mode": "loss", "runs": rows,
+            **{f"mean_{k}": mean(k) for k in rows[0] if k != "seed"}}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mode", choices=("speed", "lockstep", "loss"), default="speed")
+    parser.add_argument("--iters", type=int, default=300)
+    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[1337])
+    parser.add_argument("--torch_python", default=os.environ.get(
+        "TORCH_PYTHON", os.path.join(REPO_ROOT, ".venv-torch", "bin", "python")))  # fmt: skip
+    args = parser.parse_args()
+    result = {"speed": speed, "lockstep": lockstep, "loss": loss}[args.mode](args)
+    for key, value in result.items():
+        print(f"{key:28s} {value}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
