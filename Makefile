@@ -7,7 +7,7 @@ WORKDIR ?= runs/default
 # Multi-device tests simulate 8 CPU devices in their own subprocesses; pytest itself runs on 2 workers.
 PYTEST_ARGS ?= -n 2
 
-.PHONY: setup venv data train test lint format clean
+.PHONY: setup venv data train test lint format clean torch-env
 
 setup: venv data
 
@@ -36,5 +36,14 @@ format: venv
 test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 
+# PyTorch, in its own environment, only for scripts/compare_nanogpt.py's nanoGPT baseline.
+# torch==2.13.0 is a CPU build on this machine's disk; elsewhere add
+# --index-url https://download.pytorch.org/whl/cpu to avoid a multi-GB CUDA build.
+torch-env: .venv-torch/.installed
+.venv-torch/.installed:
+	test -x .venv-torch/bin/python || $(PYTHON) -m venv .venv-torch
+	.venv-torch/bin/python -m pip install -q numpy torch==2.13.0
+	touch $@
+
 clean:
-	rm -rf $(VENV) .data runs
+	rm -rf $(VENV) .venv-torch .data runs

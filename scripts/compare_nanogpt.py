@@ -7,8 +7,7 @@
 The PyTorch side is scripts/nanogpt_torch_baseline.py, run by --torch_python (an environment
 with torch; never jaxlab's .venv, whose TensorFlow and torch would share a process otherwise):
 
-    python3 -m venv .venv-torch && .venv-torch/bin/pip install numpy torch \
-        --index-url https://download.pytorch.org/whl/cpu
+    make torch-env   # .venv-torch: numpy and a CPU build of torch (see the Makefile)
 
 - speed: median time per training iteration of each (torch: forward, backward, clip, AdamW and
   loss.item(), as nanoGPT times them; jaxlab: bench.py's steady-state step and train.py's

@@ -2,8 +2,7 @@
 
 Runs in its own environment with torch installed (never jaxlab's .venv), e.g.
 
-    python3 -m venv .venv-torch && .venv-torch/bin/pip install torch numpy \
-        --index-url https://download.pytorch.org/whl/cpu
+    make torch-env   # .venv-torch: numpy and a CPU build of torch (see the Makefile)
     .venv-torch/bin/python scripts/nanogpt_torch_baseline.py --max_iters=2000
 
 It re-implements what nanoGPT's model.py and train.py do at the CPU command of its README
