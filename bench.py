@@ -16,6 +16,10 @@ of the real loop's time spent waiting for input. Prints a table, then one JSON l
 
 from __future__ import annotations
 
+import host_allocator
+
+host_allocator.keep_freed_memory_mapped()  # first, as in train.py
+
 import functools
 import json
 import math
@@ -200,8 +204,9 @@ def benchmark_training(config: ml_collections.ConfigDict, steps: int = 50,
     device = jax.devices()[0]
     example = datasets.example_input
     items_per_example = int(np.prod(example.shape[1:])) if config.task == "lm" else 1
-    batch_iter = datasets.train_batches(0)
-    batches = [runner.put_batch(next(batch_iter)) for _ in range(min(steps, 8))]
+    k = runner.steps_per_dispatch  # steps per call: every time below is divided by it
+    batch_iter = datasets.train_batches(0, k)
+    batches = [runner.put_train_batch(next(batch_iter)) for _ in range(min(steps, 8))]
     state = runner.from_global(runner.init_state())
 
     with runner.step_context():
@@ -221,17 +226,19 @@ def benchmark_training(config: ml_collections.ConfigDict, steps: int = 50,
             start = time.perf_counter()
             state, metrics = step_fn(state, batches[i % len(batches)])
             _block((state, metrics))
-            times.append(time.perf_counter() - start)
+            times.append((time.perf_counter() - start) / k)
 
         # Pipelined, as the training loop runs: dispatch all, wait once.
         start = time.perf_counter()
         for i in range(steps):
             state, metrics = step_fn(state, batches[i % len(batches)])
         _block((state, metrics))
-        pipelined = (time.perf_counter() - start) / steps
+        pipelined = (time.perf_counter() - start) / (steps * k)
 
         # The real loop structure: prefetching input pipeline, metrics read one step late.
-        loop_iter = train.prefetch_to_device(datasets.train_batches(steps), runner.put_batch)
+        loop_iter = train.prefetch_to_device(
+            datasets.train_batches(steps * k, k), runner.put_train_batch
+        )
         wait = 0.0
         pending = None
         start = time.perf_counter()
@@ -245,7 +252,7 @@ def benchmark_training(config: ml_collections.ConfigDict, steps: int = 50,
             pending = metrics
         jax.device_get(pending)
         loop_total = time.perf_counter() - start
-    final_loss = float(np.asarray(jax.device_get(metrics["loss"])).ravel()[0])
+    final_loss = float(np.asarray(jax.device_get(metrics["loss"])).ravel()[-1])
 
     step_s = statistics.median(times)
     flops = model_flops_per_step(config, model, example)
@@ -257,6 +264,7 @@ def benchmark_training(config: ml_collections.ConfigDict, steps: int = 50,
         "config_model": config.model.name,
         "dtype": config.dtype,
         "batch_size": int(config.batch_size),
+        "steps_per_dispatch": k,
         "platform": device.platform,
         "device_kind": device.device_kind,
         "num_devices": num_devices,
@@ -274,8 +282,8 @@ def benchmark_training(config: ml_collections.ConfigDict, steps: int = 50,
         "peak_flops_per_sec": peak,
         "peak_source": peak_source,
         "mfu": None if peak is None else per_step / step_s / (peak * num_devices),
-        "loop_step_time_s": loop_total / steps,
-        "input_wait_s_per_step": wait / steps,
+        "loop_step_time_s": loop_total / (steps * k),
+        "input_wait_s_per_step": wait / (steps * k),
         "input_wait_fraction": wait / loop_total,
         **_memory(compiled, device),
     }

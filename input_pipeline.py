@@ -9,6 +9,7 @@ save, no data repeated or skipped, and N processes together see exactly the batc
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,7 +31,8 @@ Batch = dict[str, np.ndarray]
 class Datasets:
     """What train.py needs to know about the data."""
 
-    train_batches: Any  # (start_step: int) -> iterator of process-local batches
+    # (start_step, steps_per_dispatch=1) -> iterator of process-local batches: see _step_batches
+    train_batches: Any
     eval_batches: Any  # (split: str) -> finite iterable of process-local padded, masked batches
     eval_splits: tuple[str, ...]
     num_train_examples: int  # examples (or tokens, for lm) in the training split
@@ -53,6 +55,24 @@ def _process_slice(global_batch: int) -> tf.Tensor:
     local = local_batch_size(global_batch)
     start = jax.process_index() * local
     return tf.range(start, start + local, dtype=tf.int64)
+
+
+def _step_batches(make_batch, start_step: int = 0, steps_per_dispatch: int = 1) -> Iterator[Batch]:
+    """The batches of steps start_step, start_step + 1, ... (make_batch: step -> batch).
+
+    With steps_per_dispatch=k > 1, stacks of k consecutive batches ([k, batch, ...]) that start
+    on multiples of k; a first, shorter stack reaches the next multiple when start_step is not
+    one (a run resumed with another k). Stacking happens inside tf.data, so the host pays one
+    `next()` per k steps.
+    """
+    ds = tf.data.Dataset.range(start_step, 2**62)
+    ds = ds.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    k = int(steps_per_dispatch)
+    if k > 1:
+        head = -start_step % k
+        stacked = ds.skip(head).batch(k)
+        ds = ds.take(head).batch(head).concatenate(stacked) if head else stacked
+    return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
 
 def _data_dir(config: ml_collections.ConfigDict) -> str:
@@ -109,12 +129,7 @@ def _image_train_fn(config, images: np.ndarray, labels: np.ndarray):
             x = _augment(x, config.seed, step, pad, flip)
         return {"inputs": x, "targets": tf.gather(labels_t, idx)}
 
-    def train_batches(start_step: int = 0) -> Iterator[Batch]:
-        ds = tf.data.Dataset.range(start_step, 2**62)
-        ds = ds.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
-
-    return train_batches
+    return functools.partial(_step_batches, make_batch)
 
 
 def _augment(x: tf.Tensor, seed: int, step: tf.Tensor, pad: int, flip: bool) -> tf.Tensor:
@@ -230,12 +245,6 @@ def _text_datasets(config: ml_collections.ConfigDict) -> Datasets:
     block = int(config.model.block_size)
     train_fn = _window_batch_fn(splits["train"], config.batch_size, block, config.seed)
 
-    def train_batches(start_step: int = 0) -> Iterator[Batch]:
-        ds = tf.data.Dataset.range(start_step, 2**62).map(
-            train_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-        )
-        return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
-
     # Evaluation: the same fixed, seeded windows at every evaluation (lower-variance curves).
     eval_steps = config.eval_steps if config.eval_steps > 0 else 20
     eval_fns = {
@@ -252,7 +261,7 @@ def _text_datasets(config: ml_collections.ConfigDict) -> Datasets:
         return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
     return Datasets(
-        train_batches=train_batches,
+        train_batches=functools.partial(_step_batches, train_fn),
         eval_batches=eval_batches,
         eval_splits=("train", "val"),
         num_train_examples=len(splits["train"]),

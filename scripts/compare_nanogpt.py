@@ -62,10 +62,9 @@ def run_torch(python: str, *args: str, timeout: int = 3600) -> dict[str, Any]:
 
 def speed(args: argparse.Namespace) -> dict[str, Any]:
     """Steady-state time per iteration of each loop, measured one after the other."""
+    import bench
     import metrics_writer
     import train
-
-    import bench
 
     torch_result = run_torch(args.torch_python, f"--max_iters={args.iters}",
                              "--eval_interval=1000000", "--final_eval_iters=0")  # fmt: skip
@@ -121,7 +120,7 @@ def lockstep(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.iters):
             batch = next(batch_iter)
             batches.append(np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1))
-            state, metrics = runner.train_step(state, runner.put_batch(batch))
+            state, metrics = runner.train_step(state, runner.put_train_batch(batch))
             losses.append(float(jax.device_get(metrics["loss"])))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "init.npz")

@@ -121,7 +121,9 @@ def learning_rate(it: int, args: argparse.Namespace) -> float:
     if it > args.lr_decay_iters:
         return args.min_lr
     ratio = (it - args.warmup_iters) / (args.lr_decay_iters - args.warmup_iters)
-    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (args.learning_rate - args.min_lr)
+    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (
+        args.learning_rate - args.min_lr
+    )
 
 
 def main() -> None:
@@ -151,7 +153,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    text = open(args.data, encoding="utf-8").read()
+    with open(args.data, encoding="utf-8") as f:
+        text = f.read()
     chars = sorted(set(text))
     stoi = {ch: i for i, ch in enumerate(chars)}
     data = np.array([stoi[c] for c in text], dtype=np.int64)
@@ -201,8 +204,8 @@ def main() -> None:
         if given is None and it % args.eval_interval == 0:
             curve.append({"iter": it, "train": estimate_loss("train", args.eval_iters),
                           "val": estimate_loss("val", args.eval_iters)})  # fmt: skip
-            print(f"step {it}: train loss {curve[-1]['train']:.4f}, val loss {curve[-1]['val']:.4f}",
-                  flush=True)  # fmt: skip
+            train_loss, val_loss = curve[-1]["train"], curve[-1]["val"]
+            print(f"step {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}", flush=True)
         if it == args.max_iters:
             break  # nanoGPT also evaluates at max_iters; its one extra step changes nothing here
         t0 = time.perf_counter()

@@ -85,7 +85,7 @@ def _train_steps(runner, state, datasets, start: int, stop: int):
     batches = datasets.train_batches(start)
     with runner.step_context():
         for _ in range(start, stop):
-            state, _ = runner.train_step(state, runner.put_batch(next(batches)))
+            state, _ = runner.train_step(state, runner.put_train_batch(next(batches)))
     return state
 
 

@@ -32,7 +32,9 @@ def test_constant_schedule_warmup() -> None:
     config = base.get_config()
     config.lr_schedule, config.learning_rate, config.warmup_steps = "constant", 0.1, 9
     schedule = optim.learning_rate_schedule(config, 100)
-    np.testing.assert_allclose([float(schedule(t)) for t in (0, 4, 9, 50)], [0.01, 0.05, 0.1, 0.1], rtol=1e-6)
+    np.testing.assert_allclose(
+        [float(schedule(t)) for t in (0, 4, 9, 50)], [0.01, 0.05, 0.1, 0.1], rtol=1e-6
+    )
 
 
 def torch_adamw_reference(params, grads_per_step, lrs, wd, b1, b2, eps, clip):

@@ -58,7 +58,7 @@ def _runner_and_batches(config, n: int = 3):
     parts = bench.build(config)
     runner = parts["runner"]
     iterator = parts["datasets"].train_batches(0)
-    batches = [runner.put_batch(next(iterator)) for _ in range(n)]
+    batches = [runner.put_train_batch(next(iterator)) for _ in range(n)]
     return runner, runner.from_global(runner.init_state()), batches
 
 
