@@ -109,13 +109,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         raise ConfigError(f"config.val_fraction={config.val_fraction} must be in (0, 1).")
     if config.init_from.mode not in ("params", "state"):
         raise ConfigError(f"config.init_from.mode={config.init_from.mode!r}: 'params' or 'state'.")
-    for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
-        if config[key] % config.steps_per_dispatch:
-            raise ConfigError(
-                f"config.{key}={config[key]} is not a multiple of config.steps_per_dispatch="
-                f"{config.steps_per_dispatch}: it would fall inside a compiled call. Use a "
-                f"multiple of {config.steps_per_dispatch}."
-            )
     _check_model(config)
     if config.task == "lm" and config.model.name != "gpt":
         raise ConfigError("config.task='lm' needs a language model: set config.model.name='gpt'.")
@@ -136,11 +129,7 @@ def check_parallelism(config: ml_collections.ConfigDict, num_devices: int | None
             raise ConfigError(
                 "config.parallelism='pmap' runs on one process here; use 'jit' on several hosts."
             )
-        if config.steps_per_dispatch != 1:
-            raise ConfigError(
-                "config.steps_per_dispatch > 1 needs config.parallelism='jit' (with 'pmap' "
-                "set it to 1)."
-            )
+
     dp = data * fsdp
     b, k = config.batch_size, config.grad_accum_steps
     if b % k:

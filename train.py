@@ -65,6 +65,20 @@ def total_train_steps(config: ml_collections.ConfigDict, num_train_examples: int
     return int(math.ceil(config.num_epochs * num_train_examples / config.batch_size))
 
 
+def steps_per_dispatch(config: ml_collections.ConfigDict) -> int:
+    """Steps per compiled train call: config.steps_per_dispatch, lowered to the largest number
+    that also divides the log, eval and checkpoint intervals (so that those always fall between
+    calls); 1 under pmap."""
+    if config.parallelism == "pmap":
+        return 1
+    return math.gcd(
+        int(config.steps_per_dispatch),
+        int(config.log_every_steps),
+        int(config.eval_every_steps),
+        int(config.checkpoint_every_steps),
+    )
+
+
 class Runner:
     """Places state and batches and compiles the steps, for 'jit' (mesh) or 'pmap' parallelism."""
 
@@ -82,8 +96,8 @@ class Runner:
         train = functools.partial(
             steps.train_step, model=model, tx=tx, schedule=schedule, config=config
         )
-        self.steps_per_dispatch = int(config.steps_per_dispatch)
-        if self.steps_per_dispatch > 1:  # config validation keeps this to 'jit'
+        self.steps_per_dispatch = steps_per_dispatch(config)
+        if self.steps_per_dispatch > 1:
             train = steps.scan_steps(train)
         evaluate = functools.partial(steps.eval_step, model=model, num_classes=num_classes)
         if self.pmap:

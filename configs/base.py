@@ -28,8 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.batch_size = 128  # global batch, over all devices and processes
     c.grad_accum_steps = 1  # microbatches per step (batch_size must divide by it)
     # Training steps per compiled call (a lax.scan; Keras's steps_per_execution). Same updates,
-    # less host work per step: worth it when a step takes about a millisecond. log, eval and
-    # checkpoint intervals must be multiples of it.
+    # less host work per step: worth it when steps are short. Lowered where needed to divide the
+    # log, eval and checkpoint intervals (train.steps_per_dispatch); 1 under pmap.
     c.steps_per_dispatch = 1
     c.num_epochs = 10.0
     c.num_train_steps = -1  # > 0 overrides num_epochs

@@ -39,7 +39,7 @@ def run_jaxlab(name: str, epochs: int, batch_size: int, workdir: str) -> dict[st
     config.num_epochs = float(epochs)
     config.batch_size = batch_size
     steps_per_epoch = -(-60000 // batch_size)
-    k = config.steps_per_dispatch  # log lines must fall between compiled calls
+    k = config.steps_per_dispatch  # a multiple of it keeps every call k steps long
     config.log_every_steps = max(k, steps_per_epoch // 4 // k * k)
     final = train.train_and_evaluate(config, workdir)
     rows = metrics_writer.read_jsonl(os.path.join(workdir, "metrics.jsonl"))

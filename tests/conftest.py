@@ -37,6 +37,7 @@ def tiny_mlp_config(fashion_mnist_ready):
     config.eval_every_steps = 1000
     config.checkpoint_every_steps = 10
     config.async_checkpointing = False
+    config.steps_per_dispatch = 1  # tests step one batch at a time; test_steps_per_dispatch.py
     return config
 
 
@@ -65,6 +66,7 @@ def _tiny_lm_config(corpus: str):
     config.decay_steps = 12
     config.warmup_steps = 2
     config.log_every_steps = 4
+    config.steps_per_dispatch = 1  # tests step one batch at a time; test_steps_per_dispatch.py
     config.eval_every_steps = 6
     config.eval_steps = 2
     config.eval_batch_size = 8

@@ -30,6 +30,7 @@ def _finetune_config(source: str, steps: int, **init_from):
     config = _source_config(source)
     config.num_train_steps = steps
     config.log_every_steps = steps
+    config.steps_per_dispatch = 1  # the test steps one batch at a time
     config.eval_every_steps = 1000
     config.restart = False
     config.init_from.workdir = source
