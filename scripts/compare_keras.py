@@ -25,6 +25,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
+import host_allocator  # noqa: E402
+
+host_allocator.keep_freed_memory_mapped()  # before TensorFlow and jax start threads
+
 CONFIGS = {"mlp": "fashion_mnist_mlp", "cnn": "fashion_mnist_cnn"}
 
 
