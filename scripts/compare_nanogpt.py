@@ -113,7 +113,9 @@ def lockstep(args: argparse.Namespace) -> dict[str, Any]:
 
     import bench
 
-    parts = bench.build(_config())
+    config = _config()
+    config.steps_per_dispatch = 1  # one step per call, to read every step's loss
+    parts = bench.build(config)
     runner, datasets = parts["runner"], parts["datasets"]
     state = runner.init_state()
     flat = traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
