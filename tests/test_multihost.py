@@ -88,11 +88,15 @@ def _tail(path: str, chars: int = 3000) -> str:
         return f.read()[-chars:]
 
 
-def test_two_processes_train_like_one(tmp_path, fashion_mnist_ready) -> None:
-    """Same per-step losses (process 0's metrics.jsonl) and final parameters as 1 x 8 devices."""
+@pytest.mark.parametrize("steps_per_dispatch", [1, 2])
+def test_two_processes_train_like_one(tmp_path, fashion_mnist_ready, steps_per_dispatch) -> None:
+    """Same per-step losses (process 0's metrics.jsonl) and final parameters as 1 x 8 devices;
+    with 2 steps per call, each process feeds its slice of stacked batches (calls of 2 + 1)."""
     multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
     coordinator = f"127.0.0.1:{free_port()}"
     fsdp = ["--config.mesh_shape.data=1", "--config.mesh_shape.fsdp=-1"]
+    k = steps_per_dispatch
+    fsdp += [f"--config.steps_per_dispatch={k}", f"--config.log_every_steps={k}"]
     commands = {
         f"process {i}": [
             f"--workdir={multi}",  # the same directory: Orbax saves collectively
@@ -112,5 +116,5 @@ def test_two_processes_train_like_one(tmp_path, fashion_mnist_ready) -> None:
     # (A process alone has 4 devices: the fsdp=8 mesh exists only if the two joined up.)
     sharded_driver.assert_same_run(multi, single, "2 processes x 4 devices")
     steps = [row["step"] for row in metrics_writer.read_jsonl(os.path.join(multi, "metrics.jsonl"))]
-    assert steps.count(1) == 1, "only process 0 writes metrics"
+    assert steps.count(k) == 1, "only process 0 writes metrics"
     assert os.path.exists(os.path.join(multi, "final_metrics.json"))
