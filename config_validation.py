@@ -28,8 +28,8 @@ _CHOICES = {
     "dtype": ("float32", "bfloat16", "float16"),
 }
 _POSITIVE = ("batch_size", "eval_batch_size", "grad_accum_steps", "steps_per_dispatch",
-             "log_every_steps",
-             "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints")  # fmt: skip
+             "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+             "keep_checkpoints")  # fmt: skip
 _NON_NEGATIVE = ("learning_rate", "min_learning_rate", "warmup_steps", "weight_decay",
                  "grad_clip_norm", "label_smoothing")  # fmt: skip
 
@@ -129,7 +129,6 @@ def check_parallelism(config: ml_collections.ConfigDict, num_devices: int | None
             raise ConfigError(
                 "config.parallelism='pmap' runs on one process here; use 'jit' on several hosts."
             )
-
     dp = data * fsdp
     b, k = config.batch_size, config.grad_accum_steps
     if b % k:

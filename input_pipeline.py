@@ -31,7 +31,8 @@ Batch = dict[str, np.ndarray]
 class Datasets:
     """What train.py needs to know about the data."""
 
-    # (start_step, steps_per_dispatch=1) -> iterator of process-local batches: see _step_batches
+    # (start_step, steps_per_dispatch=1, stop_step) -> iterator of process-local batches:
+    # see _step_batches
     train_batches: Any
     eval_batches: Any  # (split: str) -> finite iterable of process-local padded, masked batches
     eval_splits: tuple[str, ...]
@@ -57,15 +58,17 @@ def _process_slice(global_batch: int) -> tf.Tensor:
     return tf.range(start, start + local, dtype=tf.int64)
 
 
-def _step_batches(make_batch, start_step: int = 0, steps_per_dispatch: int = 1) -> Iterator[Batch]:
-    """The batches of steps start_step, start_step + 1, ... (make_batch: step -> batch).
+def _step_batches(
+    make_batch, start_step: int = 0, steps_per_dispatch: int = 1, stop_step: int = 2**62
+) -> Iterator[Batch]:
+    """The batches of steps start_step, ..., stop_step - 1 (make_batch: step -> batch).
 
     With steps_per_dispatch=k > 1, stacks of k consecutive batches ([k, batch, ...]) that start
     on multiples of k; a first, shorter stack reaches the next multiple when start_step is not
-    one (a run resumed with another k). Stacking happens inside tf.data, so the host pays one
-    `next()` per k steps.
+    one (a run resumed with another k), and the last is cut short by stop_step. Stacking happens
+    inside tf.data, so the host pays one `next()` per k steps.
     """
-    ds = tf.data.Dataset.range(start_step, 2**62)
+    ds = tf.data.Dataset.range(start_step, stop_step)
     ds = ds.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     k = int(steps_per_dispatch)
     if k > 1:

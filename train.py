@@ -270,12 +270,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # Metrics stay on the device until a log line, a checkpoint or the end needs them; then one
     # transfer fetches them all and checks every step for NaN/Inf. The host thus never waits for
     # a step just to read its loss, and dispatches run at most two ahead of the device.
-    sizes = runner.dispatch_sizes(start_step, total_steps)
-    host_batches = datasets.train_batches(start_step, runner.steps_per_dispatch)
-    if runner.steps_per_dispatch > 1:  # the last stack may be cut short by the end of training
-        host_batches = (
-            jax.tree.map(lambda x, n=n: x[:n], b) for n, b in zip(sizes, host_batches, strict=False)
-        )
+    sizes = runner.dispatch_sizes(start_step, total_steps)  # the tf.data stacks' sizes too
+    host_batches = datasets.train_batches(start_step, runner.steps_per_dispatch, total_steps)
     batches = prefetch_to_device(host_batches, runner.put_train_batch)
     unchecked: list[tuple[int, int, Any]] = []  # (first step number, steps, device metrics)
     window: list[dict[str, float]] = []  # checked per-step metrics since the last log line
