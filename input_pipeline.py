@@ -59,22 +59,32 @@ def _process_slice(global_batch: int) -> tf.Tensor:
 
 
 def _step_batches(
-    make_batch, start_step: int = 0, steps_per_dispatch: int = 1, stop_step: int = 2**62
+    make_stack, start_step: int = 0, steps_per_dispatch: int = 1, stop_step: int = 2**62
 ) -> Iterator[Batch]:
-    """The batches of steps start_step, ..., stop_step - 1 (make_batch: step -> batch).
+    """The batches of steps start_step, ..., stop_step - 1.
 
-    With steps_per_dispatch=k > 1, stacks of k consecutive batches ([k, batch, ...]) that start
-    on multiples of k; a first, shorter stack reaches the next multiple when start_step is not
-    one (a run resumed with another k), and the last is cut short by stop_step. Stacking happens
-    inside tf.data, so the host pays one `next()` per k steps.
+    make_stack(steps: int64[n]) -> the batches of those steps stacked on a leading axis [n, ...];
+    the batch of a step must not depend on the others in its stack. With steps_per_dispatch=k > 1
+    the iterator yields stacks of k consecutive steps ([k, batch, ...]) that start on multiples of
+    k; a first, shorter stack reaches the next multiple when start_step is not one (a run resumed
+    with another k), and the last is cut short by stop_step. With k=1 it yields single batches.
+    One tf.data map builds a whole stack (vectorised over its steps), so the host pays one op
+    dispatch and one `next()` per k steps.
     """
-    ds = tf.data.Dataset.range(start_step, stop_step)
-    ds = ds.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     k = int(steps_per_dispatch)
-    if k > 1:
-        head = -start_step % k
-        stacked = ds.skip(head).batch(k)
-        ds = ds.take(head).batch(head).concatenate(stacked) if head else stacked
+
+    def steps_of_stack(j):
+        first = tf.maximum(j * k, start_step)
+        return tf.range(first, tf.minimum((j + 1) * k, stop_step), dtype=tf.int64)
+
+    ds = tf.data.Dataset.range(start_step // k, -(-stop_step // k))
+    ds = ds.map(
+        lambda j: make_stack(steps_of_stack(j)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    if k == 1:
+        ds = ds.unbatch()  # stacks of one -> the batch itself
     return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
 
@@ -117,26 +127,33 @@ def _image_train_fn(config, images: np.ndarray, labels: np.ndarray):
     global_batch = config.batch_size
     images_t, labels_t = tf.constant(images), tf.constant(labels)
     positions = _process_slice(global_batch)
+    local = positions.shape[0]
     pad, flip = int(config.augment.random_crop_pad), bool(config.augment.random_flip)
 
-    def make_batch(step):
+    def make_stack(steps):
         # Global example number -> (epoch, position); each epoch is a fresh permutation.
-        g = step * global_batch + positions
+        g = tf.reshape(steps[:, None] * global_batch + positions[None, :], [-1])
         epoch, pos = g // n, g % n
         seeds = tf.stack([tf.fill(tf.shape(g), tf.cast(config.seed, tf.int64)), epoch, 0 * g], 1)
         max_index = tf.fill(tf.shape(g), tf.constant(n - 1, tf.int64))
         # The raw op: the tf.random.experimental wrapper mis-pads batched [n, 3] seeds.
         idx = tf.raw_ops.RandomIndexShuffle(index=pos, seed=seeds, max_index=max_index)
-        x = tf.cast(tf.gather(images_t, idx), tf.float32) / 255.0
+        # Raw uint8 pixels: the model scales them on the device (models/preprocessing.py).
+        x = tf.reshape(tf.gather(images_t, idx), tf.concat([[-1, local], images.shape[1:]], 0))
         if pad or flip:
-            x = _augment(x, config.seed, step, pad, flip)
-        return {"inputs": x, "targets": tf.gather(labels_t, idx)}
+            x = tf.map_fn(
+                lambda a: _augment(a[0], config.seed, a[1], pad, flip),
+                (x, steps),
+                fn_output_signature=x.dtype,
+            )
+        return {"inputs": x, "targets": tf.reshape(tf.gather(labels_t, idx), [-1, local])}
 
-    return functools.partial(_step_batches, make_batch)
+    return functools.partial(_step_batches, make_stack)
 
 
 def _augment(x: tf.Tensor, seed: int, step: tf.Tensor, pad: int, flip: bool) -> tf.Tensor:
-    """Random crops (zero padding by `pad` pixels) and horizontal flips, seeded by (seed, step)."""
+    """Random crops (zero padding by `pad` pixels) and horizontal flips of one step's batch,
+    seeded by (seed, step)."""
     key = tf.stack([tf.cast(seed, tf.int64) + 1_000_003, step])
     b, h, w = tf.shape(x)[0], x.shape[1], x.shape[2]
     if flip:
@@ -150,7 +167,7 @@ def _augment(x: tf.Tensor, seed: int, step: tf.Tensor, pad: int, flip: bool) -> 
         x = tf.map_fn(
             lambda a: tf.slice(a[0], [a[1][0], a[1][1], 0], [h, w, -1]),
             (x, offsets),
-            fn_output_signature=tf.float32,
+            fn_output_signature=x.dtype,
         )
     return x
 
@@ -179,8 +196,7 @@ def _image_datasets(config: ml_collections.ConfigDict) -> Datasets:
     test_x_t, test_y_t = tf.constant(test_x), tf.constant(test_y)
 
     def gather_test(idx):
-        x = tf.cast(tf.gather(test_x_t, idx), tf.float32) / 255.0
-        return {"inputs": x, "targets": tf.gather(test_y_t, idx)}
+        return {"inputs": tf.gather(test_x_t, idx), "targets": tf.gather(test_y_t, idx)}
 
     eval_ds = _padded_eval_fn(config, len(test_x), gather_test)
 
@@ -192,8 +208,7 @@ def _image_datasets(config: ml_collections.ConfigDict) -> Datasets:
             train_x_t, train_y_t = tf.constant(train_x), tf.constant(train_y)
 
             def gather_train(idx):
-                x = tf.cast(tf.gather(train_x_t, idx), tf.float32) / 255.0
-                return {"inputs": x, "targets": tf.gather(train_y_t, idx)}
+                return {"inputs": tf.gather(train_x_t, idx), "targets": tf.gather(train_y_t, idx)}
 
             return _padded_eval_fn(config, len(train_x), gather_train).as_numpy_iterator()
         raise ValueError(f"{config.dataset} has the splits 'train' and 'test', not {split!r}.")
@@ -203,7 +218,7 @@ def _image_datasets(config: ml_collections.ConfigDict) -> Datasets:
         eval_batches=eval_batches,
         eval_splits=("test",),
         num_train_examples=len(train_x),
-        example_input=np.zeros((1,) + train_x.shape[1:], np.float32),
+        example_input=np.zeros((1,) + train_x.shape[1:], train_x.dtype),
         num_classes=int(train_y.max()) + 1,
     )
 
@@ -211,8 +226,8 @@ def _image_datasets(config: ml_collections.ConfigDict) -> Datasets:
 # ----------------------------------------------------------------------------- text
 
 
-def _window_batch_fn(tokens: np.ndarray, global_batch: int, block_size: int, seed: int):
-    """(step) -> batch of random windows of block_size + 1 tokens, as nanoGPT's get_batch."""
+def _window_stack_fn(tokens: np.ndarray, global_batch: int, block_size: int, seed: int):
+    """(steps[n]) -> [n, batch] random windows of block_size + 1 tokens, as nanoGPT's get_batch."""
     tokens_t = tf.constant(tokens)
     positions = _process_slice(global_batch)
     max_start = len(tokens) - block_size - 1
@@ -222,18 +237,19 @@ def _window_batch_fn(tokens: np.ndarray, global_batch: int, block_size: int, see
             "use a smaller model.block_size or a larger corpus."
         )
 
-    def make_batch(step):
-        starts = tf.random.stateless_uniform(
-            [global_batch],
-            seed=tf.stack([tf.cast(seed, tf.int64), step]),
-            maxval=max_start,
-            dtype=tf.int64,
+    def global_starts(step):  # the whole global batch's windows, seeded by (seed, step)
+        seed_t = tf.stack([tf.cast(seed, tf.int64), step])
+        return tf.random.stateless_uniform(
+            [global_batch], seed=seed_t, maxval=max_start, dtype=tf.int64
         )
-        starts = tf.gather(starts, positions)
-        windows = tf.gather(tokens_t, starts[:, None] + tf.range(block_size + 1, dtype=tf.int64))
-        return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
 
-    return make_batch
+    def make_stack(steps):
+        starts = tf.map_fn(global_starts, steps, fn_output_signature=tf.int64)
+        starts = tf.gather(starts, positions, axis=1)
+        windows = tf.gather(tokens_t, starts[..., None] + tf.range(block_size + 1, dtype=tf.int64))
+        return {"inputs": windows[..., :-1], "targets": windows[..., 1:]}
+
+    return make_stack
 
 
 def _text_datasets(config: ml_collections.ConfigDict) -> Datasets:
@@ -246,21 +262,22 @@ def _text_datasets(config: ml_collections.ConfigDict) -> Datasets:
     n_train = int(len(tokens) * (1.0 - config.val_fraction))
     splits = {"train": tokens[:n_train], "val": tokens[n_train:]}
     block = int(config.model.block_size)
-    train_fn = _window_batch_fn(splits["train"], config.batch_size, block, config.seed)
+    train_fn = _window_stack_fn(splits["train"], config.batch_size, block, config.seed)
 
     # Evaluation: the same fixed, seeded windows at every evaluation (lower-variance curves).
     eval_steps = config.eval_steps if config.eval_steps > 0 else 20
     eval_fns = {
-        name: _window_batch_fn(split, config.eval_batch_size, block, config.seed + 7919)
+        name: _window_stack_fn(split, config.eval_batch_size, block, config.seed + 7919)
         for name, split in splits.items()
     }
 
     def eval_batches(split: str = "val") -> Iterator[Batch]:
-        def with_mask(batch):
+        def eval_batch(b):  # a stack of one step, unstacked; every row counts
+            batch = {k: v[0] for k, v in eval_fns[split](b[None]).items()}
             batch["mask"] = tf.ones(tf.shape(batch["targets"])[:1], tf.float32)
             return batch
 
-        ds = tf.data.Dataset.range(eval_steps).map(eval_fns[split]).map(with_mask)
+        ds = tf.data.Dataset.range(eval_steps).map(eval_batch)
         return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
     return Datasets(
@@ -278,7 +295,7 @@ def example_input(config: ml_collections.ConfigDict) -> np.ndarray:
     if config.task == "lm":
         return np.zeros((1, int(config.model.block_size)), np.int32)
     shapes = {"fashion_mnist": (28, 28, 1), "mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
-    return np.zeros((1,) + shapes.get(config.dataset, (28, 28, 1)), np.float32)
+    return np.zeros((1,) + shapes.get(config.dataset, (28, 28, 1)), np.uint8)  # raw pixels
 
 
 def get_datasets(config: ml_collections.ConfigDict) -> Datasets:

@@ -17,6 +17,7 @@ import optax
 from flax import linen as nn
 
 import optim
+from models import preprocessing
 from train_state import TrainState
 
 Metrics = dict[str, jax.Array]
@@ -132,6 +133,11 @@ def scan_steps(step_fn: Callable[..., tuple[TrainState, Metrics]]) -> Callable:
     transfer and one host `next()` per k steps instead of per step; the updates are the same."""
 
     def run(state: TrainState, batches: dict[str, jax.Array]) -> tuple[TrainState, Metrics]:
+        if batches["inputs"].dtype == jnp.uint8:
+            # Raw pixels scaled for the whole stack at once (the model then finds them scaled):
+            # inside the scan's loop XLA:CPU converts them 5x slower (35 vs 7 us per MLP step).
+            inputs = preprocessing.pixels_to_unit_range(batches["inputs"], jnp.float32)
+            batches = {**batches, "inputs": inputs}
         return jax.lax.scan(step_fn, state, batches)
 
     return run

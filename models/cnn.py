@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from models.preprocessing import pixels_to_unit_range
+
 
 def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
     """2x2 max-pooling, stride 2, VALID (an odd last row/column is dropped), via a reshape:
@@ -88,7 +90,7 @@ class CNN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        x = x.astype(self.dtype)
+        x = pixels_to_unit_range(x, self.dtype)
         if x.ndim == 3:  # (batch, height, width) -> add a channel axis
             x = x[..., None]
         x = nn.with_logical_constraint(x, ("batch", None, None, None))

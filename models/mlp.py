@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 from flax import linen as nn
 
+from models.preprocessing import pixels_to_unit_range
+
 # Alternate column- and row-parallel layers (Megatron style): odd layers shard their outputs over
 # `mlp` (tensor axis), even layers their inputs, so tensor parallelism needs no extra all-gathers.
 _KERNEL_AXES = (("embed", "mlp"), ("mlp", "embed"))
@@ -22,7 +24,7 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        x = x.reshape((x.shape[0], -1)).astype(self.dtype)
+        x = pixels_to_unit_range(x.reshape((x.shape[0], -1)), self.dtype)
         x = nn.with_logical_constraint(x, ("batch", "embed"))
         for i, width in enumerate(self.features):
             axes = _KERNEL_AXES[i % 2]

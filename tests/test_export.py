@@ -6,6 +6,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import checkpointing
@@ -31,9 +32,9 @@ def test_exported_lm_matches_jax_model(trained_lm_run, tmp_path):
 
 
 def test_exported_classifier_matches_jax_model(trained_mlp_run, tmp_path):
-    """The same for a Fashion-MNIST classifier (float image inputs)."""
+    """The same for a Fashion-MNIST classifier, which takes raw uint8 pixels."""
     export.export_run(trained_mlp_run, str(tmp_path))
     config, params = checkpointing.load_for_inference(trained_mlp_run)
-    images = jax.random.uniform(jax.random.key(0), (5, 28, 28, 1))
+    images = jax.random.randint(jax.random.key(0), (5, 28, 28, 1), 0, 256).astype(jnp.uint8)
     expected = models.build_model(config).apply({"params": params}, images)
     np.testing.assert_allclose(export.run(str(tmp_path), np.asarray(images)), expected, atol=1e-5)

@@ -119,7 +119,7 @@ def test_augmentation_changes_images_but_not_shapes_labels_or_determinism(fashio
     assert not np.array_equal(first["inputs"], base["inputs"])
     np.testing.assert_array_equal(first["inputs"], again["inputs"])
     assert not np.array_equal(first["inputs"], later["inputs"])
-    assert first["inputs"].min() >= 0.0 and first["inputs"].max() <= 1.0
+    assert first["inputs"].dtype == np.uint8  # raw pixels; the model scales them
     changed = 0
     for original, result in zip(base["inputs"], first["inputs"], strict=True):
         assert any(np.array_equal(result, c) for c in _shifted_candidates(original, 2))

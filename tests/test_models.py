@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import pytest
 
 import models
@@ -58,6 +59,17 @@ def test_bfloat16_compute_returns_float32_logits():
     model, variables, x = _init(config)
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
     assert model.apply(variables, x).dtype == jnp.float32
+
+
+@pytest.mark.parametrize("config_module", [fashion_mnist_mlp, fashion_mnist_cnn])
+def test_raw_uint8_pixels_equal_floats_scaled_to_unit_range(config_module):
+    """The pipeline ships uint8 pixels; the model reads them as pixel / 255."""
+    model, variables, _ = _init(config_module.get_config())
+    pixels = jax.random.randint(jax.random.key(3), (4, 28, 28, 1), 0, 256).astype(jnp.uint8)
+    from_uint8 = model.apply(variables, pixels)
+    from_float = model.apply(variables, pixels.astype(jnp.float32) / 255.0)
+    assert from_uint8.dtype == jnp.float32
+    np.testing.assert_array_equal(from_uint8, from_float)
 
 
 def test_unknown_model_name_is_rejected_with_the_choices():

@@ -55,7 +55,7 @@ def test_eval_counts_every_test_example_exactly_once(fashion_mnist_ready):
         tfds.load("fashion_mnist", split="test", batch_size=-1, data_dir=fashion_mnist_ready)
     )
     np.testing.assert_array_equal(labels, test["label"])
-    np.testing.assert_array_equal(images, test["image"].astype(np.float32) / 255.0)
+    np.testing.assert_array_equal(images, test["image"])  # raw uint8 pixels
 
 
 def test_train_batches_are_a_pure_function_of_the_step(fashion_mnist_ready):
