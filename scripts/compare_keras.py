@@ -1,11 +1,13 @@
 """jaxlab's full training loop vs the Keras baselines on Fashion-MNIST: examples/s and accuracy.
 
-    .venv/bin/python scripts/compare_keras.py --models=mlp,cnn --epochs=10 --batch_size=128
+    .venv/bin/python scripts/compare_keras.py --models=mlp,cnn --epochs=10 --batch_size=128 \
+        [--repeats=3]
 
 For each model, runs train.train_and_evaluate (real logging, checkpoints, evaluation) with the
 jaxlab config (configs/fashion_mnist_{mlp,cnn}.py at the same batch size and number of epochs),
 then scripts/keras_baseline.py in a separate process (so the two never share a CPU thread pool),
 and prints steady-state examples/s and test accuracy of each and the ratio, then one JSON line.
+With --repeats=N the two alternate N times and the ratio's median and range are printed too.
 Steady state: jaxlab's logged windows after the first (which holds compilation); Keras's epochs
 after the first (which holds tracing).
 """
@@ -75,30 +77,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp, cnn")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=1, help="alternating jaxlab/Keras pairs")
     parser.add_argument("--keras_timeout", type=int, default=3600, help="seconds per Keras run")
     parser.add_argument("--workdir", default=None, help="parent of the jaxlab run dirs (tmp)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = sorted(set(names) - set(CONFIGS))
-    if unknown or args.epochs < 2:
-        parser.error(f"unknown models {unknown}" if unknown else "--epochs must be >= 2.")
+    if unknown or args.epochs < 2 or args.repeats < 1:
+        parser.error(
+            f"unknown models {unknown}" if unknown else "--epochs must be >= 2, --repeats >= 1."
+        )
 
     results = []
     parent = args.workdir or tempfile.mkdtemp(prefix="compare_keras_")
     for name in names:
-        jaxlab = run_jaxlab(name, args.epochs, args.batch_size, os.path.join(parent, name))
-        keras = run_keras(name, args.epochs, args.batch_size, args.keras_timeout)
-        ratio = jaxlab["steady_examples_per_sec"] / keras["steady_examples_per_sec"]
-        results.append({
-            "model": name,
-            "epochs": args.epochs,
-            "batch_size": args.batch_size,
-            "jaxlab_examples_per_sec": jaxlab["steady_examples_per_sec"],
-            "keras_examples_per_sec": keras["steady_examples_per_sec"],
-            "speedup": round(ratio, 2),
-            "jaxlab_test_accuracy": jaxlab["test_accuracy"],
-            "keras_test_accuracy": keras["test_accuracy"],
-        })  # fmt: skip
+        # Alternating pairs: this machine's speed drifts, so each ratio compares neighbours.
+        for repeat in range(args.repeats):
+            workdir = os.path.join(parent, f"{name}_{repeat}")
+            jaxlab = run_jaxlab(name, args.epochs, args.batch_size, workdir)
+            keras = run_keras(name, args.epochs, args.batch_size, args.keras_timeout)
+            ratio = jaxlab["steady_examples_per_sec"] / keras["steady_examples_per_sec"]
+            results.append({
+                "model": name,
+                "repeat": repeat,
+                "epochs": args.epochs,
+                "batch_size": args.batch_size,
+                "jaxlab_examples_per_sec": jaxlab["steady_examples_per_sec"],
+                "keras_examples_per_sec": keras["steady_examples_per_sec"],
+                "speedup": round(ratio, 2),
+                "jaxlab_test_accuracy": jaxlab["test_accuracy"],
+                "keras_test_accuracy": keras["test_accuracy"],
+            })  # fmt: skip
 
     header = f"{'model':6s} {'jaxlab ex/s':>12s} {'keras ex/s':>11s} {'speedup':>8s} "
     header += f"{'jaxlab acc':>11s} {'keras acc':>10s}"
@@ -107,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['model']:6s} {r['jaxlab_examples_per_sec']:12,.0f} "
               f"{r['keras_examples_per_sec']:11,.0f} {r['speedup']:7.2f}x "
               f"{r['jaxlab_test_accuracy']:11.4f} {r['keras_test_accuracy']:10.4f}")  # fmt: skip
+    for name in names:
+        ratios = [r["speedup"] for r in results if r["model"] == name]
+        print(
+            f"{name}: speedup median {statistics.median(ratios):.2f}x, "
+            f"range {min(ratios):.2f}-{max(ratios):.2f}x over {len(ratios)} pairs"
+        )
     print(json.dumps({"results": results}))
     return 0
 
