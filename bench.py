@@ -1,12 +1,13 @@
 """Performance of a config's training step (and, with --decode, of cached sampling).
 
     python bench.py --config=configs/shakespeare_char_cpu.py [--config.dtype=bfloat16]
-        [--steps=50] [--warmup=5] [--decode]
+        [--steps=50] [--warmup=5] [--rounds=3] [--decode]
 
 Builds the run exactly as train.py does (input_pipeline.get_datasets, models.build_model, optim,
 train.Runner, train.prefetch_to_device) and reports: compilation time; steady-state step time
 (median over --steps single steps, each waited for with block_until_ready, and the mean over a
-pipelined run of --steps steps as the training loop dispatches them); examples and tokens per
+pipelined run of --steps steps as the training loop dispatches them, alternated --rounds times
+with the real loop, medians); examples and tokens per
 second; model FLOPs per step (analytic: nanoGPT/PaLM 6N + 12LHQT per token for the GPT, counted
 matmuls and convolutions of the forward pass x3 for the others) next to XLA's cost analysis; MFU
 against the device's peak (measured with a 2048x2048 float32 matmul on CPU, a datasheet figure on
@@ -197,8 +198,8 @@ def _block(tree: Any) -> None:
     jax.block_until_ready(tree)
 
 
-def benchmark_training(config: ml_collections.ConfigDict, steps: int = 50,
-                       warmup: int = 5) -> dict[str, Any]:  # fmt: skip
+def benchmark_training(config: ml_collections.ConfigDict, steps: int = 50, warmup: int = 5,
+                       rounds: int = 3) -> dict[str, Any]:  # fmt: skip
     """Times the training step of `config` and returns every measurement as a flat dict."""
     parts = build(config)
     config, datasets, model, runner = (parts[k] for k in ("config", "datasets", "model", "runner"))
@@ -229,39 +230,43 @@ def benchmark_training(config: ml_collections.ConfigDict, steps: int = 50,
             _block((state, metrics))
             times.append((time.perf_counter() - start) / k)
 
-        # Pipelined, as the training loop runs: dispatch all, wait once.
-        start = time.perf_counter()
-        for i in range(steps):
-            state, metrics = step_fn(state, batches[i % len(batches)])
-        _block((state, metrics))
-        pipelined = (time.perf_counter() - start) / (steps * k)
-
         # The real loop structure: prefetching input pipeline, at most two calls in flight,
         # metrics read once at the end (train.py reads them per log window). Its first calls
         # are not timed: they hold tf.data's start-up, which a run pays once, not per step.
-        loop_iter = train.prefetch_to_device(
-            datasets.train_batches(steps * k, k), runner.put_train_batch
-        )
+        loop_iter = train.prefetch_to_device(datasets.train_batches(0, k), runner.put_train_batch)
         for _ in range(warmup):
             state, metrics = step_fn(state, next(loop_iter))
         _block((state, metrics))
-        wait = 0.0
-        in_flight = []
-        start = time.perf_counter()
-        for _ in range(steps):
-            t = time.perf_counter()
-            batch = next(loop_iter)
-            wait += time.perf_counter() - t
-            state, metrics = step_fn(state, batch)
-            in_flight.append(metrics)
-            if len(in_flight) > 2:
-                _block(in_flight.pop(0))
-        jax.device_get(in_flight)
-        loop_total = time.perf_counter() - start
+
+        # Pipelined (dispatch all, wait once, batches already on the device) and the real loop,
+        # alternated `rounds` times: the machine's speed drifts, and their difference is the
+        # input's cost.
+        pipelined_times, loop_times, waits = [], [], []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for i in range(steps):
+                state, metrics = step_fn(state, batches[i % len(batches)])
+            _block((state, metrics))
+            pipelined_times.append((time.perf_counter() - start) / (steps * k))
+
+            wait = 0.0
+            in_flight = []
+            start = time.perf_counter()
+            for _ in range(steps):
+                t = time.perf_counter()
+                batch = next(loop_iter)
+                wait += time.perf_counter() - t
+                state, metrics = step_fn(state, batch)
+                in_flight.append(metrics)
+                if len(in_flight) > 2:
+                    _block(in_flight.pop(0))
+            jax.device_get(in_flight)
+            loop_times.append((time.perf_counter() - start) / (steps * k))
+            waits.append(wait / (steps * k))
     final_loss = float(np.asarray(jax.device_get(metrics["loss"])).ravel()[-1])
 
     step_s = statistics.median(times)
-    loop_step = loop_total / (steps * k)
+    pipelined, loop_step = statistics.median(pipelined_times), statistics.median(loop_times)
     input_wait = max(0.0, loop_step - pipelined)
     flops = model_flops_per_step(config, model, example)
     xla_flops = _cost_flops(compiled)
@@ -296,7 +301,7 @@ def benchmark_training(config: ml_collections.ConfigDict, steps: int = 50,
         "input_wait_s_per_step": input_wait,
         "input_wait_fraction": input_wait / loop_step,
         # Time the host spent inside next() (overlapped with the calls already in flight).
-        "next_batch_s_per_step": wait / (steps * k),
+        "next_batch_s_per_step": statistics.median(waits),
         **_memory(compiled, device),
     }
     if config.task == "lm":
@@ -362,6 +367,7 @@ def define_flags() -> None:
                                         lock_config=True)  # fmt: skip
     flags.DEFINE_integer("steps", 50, "Timed steps (after warm-up).")
     flags.DEFINE_integer("warmup", 5, "Untimed steps after compilation.")
+    flags.DEFINE_integer("rounds", 3, "Alternations of the pipelined and real-loop timings.")
     flags.DEFINE_bool("decode", False, "Also time cached sampling (language models).")
     flags.DEFINE_multi_integer("decode_batch", [1, 16], "Batch sizes for --decode.")
     flags.DEFINE_bool("train", True, "Time training (--notrain --decode: sampling only).")
@@ -379,7 +385,7 @@ def main(argv: list[str]) -> None:
     result: dict[str, Any] = {}
     try:
         if FLAGS.train:
-            result.update(benchmark_training(FLAGS.config, FLAGS.steps, FLAGS.warmup))
+            result.update(benchmark_training(FLAGS.config, FLAGS.steps, FLAGS.warmup, FLAGS.rounds))
         if FLAGS.decode:
             result.update(benchmark_decoding(FLAGS.config, tuple(FLAGS.decode_batch)))
     except config_validation.ConfigError as e:
