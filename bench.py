@@ -13,7 +13,8 @@ matmuls and convolutions of the forward pass x3 for the others) next to XLA's co
 against the device's peak (measured with a 2048x2048 float32 matmul on CPU, a datasheet figure on
 GPU/TPU); peak device memory (memory_stats, or the compiled memory analysis on CPU); and the share
 of the real loop's step time lost to input (the real loop's time per step minus the pipelined
-time on batches already on the device). Prints a table, then one JSON line.
+time on batches already on the device), with the host CPU time the input pipeline alone needs
+per step. Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import functools
 import json
 import math
 import os
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -198,6 +200,27 @@ def _block(tree: Any) -> None:
     jax.block_until_ready(tree)
 
 
+def _process_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def input_pipeline_cost(datasets: input_pipeline.Datasets, k: int, calls: int) -> dict[str, float]:
+    """The training pipeline alone, nothing else running: host CPU seconds (all threads) and
+    wall seconds per step, over `calls` stacks of k steps after a few untimed ones. On a CPU
+    platform this CPU time is taken from the step's cores."""
+    batch_iter = datasets.train_batches(0, k)
+    for _ in range(3):
+        next(batch_iter)
+    cpu, wall = _process_cpu_seconds(), time.perf_counter()
+    for _ in range(calls):
+        next(batch_iter)
+    return {
+        "input_cpu_s_per_step": (_process_cpu_seconds() - cpu) / (calls * k),
+        "input_wall_s_per_step": (time.perf_counter() - wall) / (calls * k),
+    }
+
+
 def benchmark_training(config: ml_collections.ConfigDict, steps: int = 50, warmup: int = 5,
                        rounds: int = 3) -> dict[str, Any]:  # fmt: skip
     """Times the training step of `config` and returns every measurement as a flat dict."""
@@ -207,6 +230,7 @@ def benchmark_training(config: ml_collections.ConfigDict, steps: int = 50, warmu
     example = datasets.example_input
     items_per_example = int(np.prod(example.shape[1:])) if config.task == "lm" else 1
     k = runner.steps_per_dispatch  # steps per call: every time below is divided by it
+    pipeline_cost = input_pipeline_cost(datasets, k, max(steps, 20))
     batch_iter = datasets.train_batches(0, k)
     batches = [runner.put_train_batch(next(batch_iter)) for _ in range(min(steps, 8))]
     state = runner.from_global(runner.init_state())
@@ -302,6 +326,7 @@ def benchmark_training(config: ml_collections.ConfigDict, steps: int = 50, warmu
         "input_wait_fraction": input_wait / loop_step,
         # Time the host spent inside next() (overlapped with the calls already in flight).
         "next_batch_s_per_step": statistics.median(waits),
+        **pipeline_cost,
         **_memory(compiled, device),
     }
     if config.task == "lm":

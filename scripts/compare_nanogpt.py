@@ -73,7 +73,8 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     torch_result = run_torch(args.torch_python, f"--max_iters={args.iters}",
                              "--eval_interval=1000000", "--final_eval_iters=0")  # fmt: skip
     config = _config()
-    step = bench.benchmark_training(config, steps=args.iters)
+    # bench times calls of config.steps_per_dispatch iterations each.
+    step = bench.benchmark_training(config, steps=max(3, args.iters // config.steps_per_dispatch))
     # train.py's whole loop (input pipeline, NaN checks, logging), without evaluations.
     config.num_train_steps = args.iters
     config.eval_every_steps = config.checkpoint_every_steps = 10**9

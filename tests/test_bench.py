@@ -19,7 +19,7 @@ TRAIN_FIELDS = (
     "compile_s", "step_time_median_s", "step_time_pipelined_s", "examples_per_sec",
     "model_flops_per_step", "traced_matmul_flops_per_step", "xla_flops_per_step",
     "achieved_flops_per_sec", "peak_flops_per_sec", "mfu", "peak_device_memory_bytes",
-    "input_wait_fraction", "loop_step_time_s", "next_batch_s_per_step",
+    "input_wait_fraction", "loop_step_time_s", "next_batch_s_per_step", "input_cpu_s_per_step",
 )  # fmt: skip
 
 
