@@ -77,7 +77,9 @@ def _step_batches(
         first = tf.maximum(j * k, start_step)
         return tf.range(first, tf.minimum((j + 1) * k, stop_step), dtype=tf.int64)
 
-    ds = tf.data.Dataset.range(start_step // k, -(-stop_step // k))
+    first_stack = start_step // k
+    end_stack = -(-stop_step // k) if stop_step > start_step else first_stack  # none if empty
+    ds = tf.data.Dataset.range(first_stack, end_stack)
     ds = ds.map(
         lambda j: make_stack(steps_of_stack(j)),
         num_parallel_calls=tf.data.AUTOTUNE,

@@ -41,6 +41,26 @@ def test_dispatch_sizes_align_to_multiples(tiny_mlp_config) -> None:
     assert train.steps_per_dispatch(config) == 1
 
 
+@pytest.mark.parametrize(
+    "start, k, stop, expected",
+    [
+        (0, 1, 3, [0, 1, 2]),
+        (0, 4, 10, [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]),
+        (5, 4, 14, [[5, 6, 7], [8, 9, 10, 11], [12, 13]]),
+        (6, 3, 7, [[6]]),
+        (5, 4, 5, []),
+        (5, 1, 5, []),
+    ],
+)
+def test_step_stacks_start_on_multiples_and_cover_each_step_once(start, k, stop, expected):
+    """The iterator's stacks, from a make_stack that returns its steps: aligned to multiples of
+    k, a shorter first and last stack, nothing at all for an empty range, unstacked for k=1."""
+    import input_pipeline
+
+    stacks = input_pipeline._step_batches(lambda steps: {"steps": steps}, start, k, stop)
+    assert [s["steps"].tolist() for s in stacks] == expected
+
+
 @pytest.mark.parametrize("task", ["classification", "lm"])
 def test_several_steps_per_call_equal_one_step_per_call(
     task, tiny_mlp_config, tiny_lm_config, tmp_path
