@@ -13,5 +13,5 @@ def pixels_to_unit_range(x: jnp.ndarray, dtype: jnp.dtype) -> jnp.ndarray:
     first thing, as a Keras Rescaling(1/255) layer would, so exported models take raw pixels.
     """
     if x.dtype == jnp.uint8:
-        x = x.astype(jnp.float32) / 255.0  # in float32 first: exact for every compute dtype
+        x = x.astype(jnp.float32) / 255.0  # in float32, then one rounding to a narrower dtype
     return x.astype(dtype)
