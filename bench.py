@@ -390,9 +390,11 @@ def define_flags() -> None:
     if "config" not in FLAGS:  # train.py (imported above) already defines --config
         config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                         lock_config=True)  # fmt: skip
-    flags.DEFINE_integer("steps", 50, "Timed steps (after warm-up).")
-    flags.DEFINE_integer("warmup", 5, "Untimed steps after compilation.")
-    flags.DEFINE_integer("rounds", 3, "Alternations of the pipelined and real-loop timings.")
+    flags.DEFINE_integer("steps", 50, "Timed steps (after warm-up).", lower_bound=1)
+    flags.DEFINE_integer("warmup", 5, "Untimed steps after compilation.", lower_bound=1)
+    flags.DEFINE_integer(
+        "rounds", 3, "Alternations of the pipelined and real-loop timings.", lower_bound=1
+    )
     flags.DEFINE_bool("decode", False, "Also time cached sampling (language models).")
     flags.DEFINE_multi_integer("decode_batch", [1, 16], "Batch sizes for --decode.")
     flags.DEFINE_bool("train", True, "Time training (--notrain --decode: sampling only).")
