@@ -154,14 +154,10 @@ class Runner:
             lambda x: jax.make_array_from_process_local_data(data_sharding, x), batch
         )
 
-    def dispatch_sizes(self, start_step: int, total_steps: int) -> list[int]:
-        """How many steps each train_step call from start_step to total_steps covers: all 1s,
-        or (steps_per_dispatch=k) k at a time on multiples of k, shorter at either end."""
-        k, sizes, step = self.steps_per_dispatch, [], start_step
-        while step < total_steps:
-            sizes.append(min(k - step % k, total_steps - step))
-            step += sizes[-1]
-        return sizes
+    def steps_in(self, batch: dict[str, jax.Array]) -> int:
+        """How many steps a batch from put_train_batch covers: the length of its stack (the
+        input pipeline aligns stacks to multiples of steps_per_dispatch), or 1."""
+        return batch["targets"].shape[0] if self.steps_per_dispatch > 1 else 1
 
     def step_context(self):
         """Mesh and logical rules active while tracing (a no-op cost after compilation)."""
@@ -270,7 +266,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # Metrics stay on the device until a log line, a checkpoint or the end needs them; then one
     # transfer fetches them all and checks every step for NaN/Inf. The host thus never waits for
     # a step just to read its loss, and dispatches run at most two ahead of the device.
-    sizes = runner.dispatch_sizes(start_step, total_steps)  # the tf.data stacks' sizes too
     host_batches = datasets.train_batches(start_step, runner.steps_per_dispatch, total_steps)
     batches = prefetch_to_device(host_batches, runner.put_train_batch)
     unchecked: list[tuple[int, int, Any]] = []  # (first step number, steps, device metrics)
@@ -283,8 +278,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         unchecked.clear()
 
     with runner.step_context(), _finish_saves_on_error(ckpt):
-        for n in sizes:
-            state, metrics = runner.train_step(state, next(batches))
+        for batch in batches:
+            n = runner.steps_in(batch)
+            state, metrics = runner.train_step(state, batch)
             unchecked.append((step + 1, n, metrics))
             in_flight.append(metrics)
             if len(in_flight) > 2:
