@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -12,8 +11,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
+
+from absl import flags
+
+import cli
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -156,7 +159,7 @@ _show_progress_bars = True
 
 def _import_tfds() -> Any:
     """Imports tensorflow_datasets with TF's C++ info logs silenced (unless configured)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    cli.quiet_tensorflow()
     import tensorflow_datasets as tfds
 
     if not _show_progress_bars:
@@ -412,14 +415,10 @@ def load_text_corpus(name_or_path: str, data_dir: str | None = None) -> str:
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Prepares all datasets (idempotent), printing one status line each; returns the exit code."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data_dir", default=None, help="TFDS data dir (default: %(default)s)")
-    args = parser.parse_args(argv)
-    data_dir = args.data_dir or default_data_dir()
-    global _show_progress_bars
-    _show_progress_bars = False
+def prepare_all(data_dir: str | None = None) -> int:
+    """Prepares all datasets (idempotent), printing one status line each; returns the exit code:
+    1 if Fashion-MNIST or Tiny Shakespeare is unavailable (the KJV text is optional), else 0."""
+    data_dir = data_dir or default_data_dir()
     exit_code = 0
 
     try:
@@ -465,5 +464,19 @@ def main(argv: list[str] | None = None) -> int:
     return exit_code
 
 
+def main(argv: Sequence[str]) -> int:
+    """`python data_setup.py [--data_dir=...]` (`make data`): prepares every dataset, without
+    TFDS's progress bars; the exit status is 1 if a required dataset is unavailable."""
+    del argv  # cli.run rejects positional arguments
+    global _show_progress_bars
+    _show_progress_bars = False
+    return prepare_all(flags.FLAGS.data_dir)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    flags.DEFINE_string(
+        "data_dir",
+        None,
+        "TFDS data dir (default: $JAXLAB_DATA_DIR, else <repo>/.data/tensorflow_datasets).",
+    )
+    cli.run(main)

@@ -7,6 +7,7 @@ import hashlib
 import os
 import pathlib
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -136,23 +137,76 @@ def test_fashion_mnist_unavailable_message(tmp_path: pathlib.Path) -> None:
     assert isinstance(info.value, RuntimeError)
 
 
-def test_main_reports_ready(data_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
-    """`python data_setup.py` on prepared data exits 0 with one ready line per dataset."""
-    assert data_setup.main(["--data_dir", data_dir]) == 0
+def test_command_reports_ready(data_dir: str) -> None:
+    """`python data_setup.py --data_dir=...` on prepared data exits 0 with one ready line per
+    dataset, and a positional argument is refused."""
+    repo = os.path.dirname(os.path.abspath(data_setup.__file__))
+    command = [sys.executable, os.path.join(repo, "data_setup.py")]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run(
+        [*command, f"--data_dir={data_dir}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=repo,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fashion_mnist: ready (60000 train / 10000 test)" in result.stdout
+    assert "tiny_shakespeare: ready (1115394 chars: 1003854 train / 55770 validation / " in (
+        result.stdout
+    )
+    result = subprocess.run(
+        [*command, data_dir], capture_output=True, text=True, timeout=300, cwd=repo, env=env
+    )
+    assert result.returncode != 0 and "Unexpected arguments" in result.stderr
+
+
+def test_command_exit_status_when_a_dataset_is_unavailable(
+    data_dir: str, tmp_path: pathlib.Path
+) -> None:
+    """`python data_setup.py` exits 1 and prints the how-to when Tiny Shakespeare cannot be
+    prepared (here: a corrupt shared input.txt; Fashion-MNIST is linked in, already prepared)."""
+    repo = os.path.dirname(os.path.abspath(data_setup.__file__))
+    tfds_dir = tmp_path / "tfds"
+    tfds_dir.mkdir()
+    (tfds_dir / "fashion_mnist").symlink_to(os.path.join(data_dir, "fashion_mnist"))
+    shared = tmp_path / "shared"
+    (shared / "tinyshakespeare").mkdir(parents=True)
+    (shared / "tinyshakespeare" / "input.txt").write_text("not shakespeare\n")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "JAXLAB_SHARED_DIR": str(shared)}
+    result = subprocess.run(
+        [sys.executable, os.path.join(repo, "data_setup.py"), f"--data_dir={tfds_dir}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=repo,
+        env=env,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "fashion_mnist: ready (60000 train / 10000 test)" in result.stdout
+    assert "tiny_shakespeare: UNAVAILABLE" in result.stderr and "sha256" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_prepare_all_reports_ready(data_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """prepare_all (the command's work) on prepared data returns 0 with one line per dataset."""
+    assert data_setup.prepare_all(data_dir) == 0
     out = capsys.readouterr().out
     assert "fashion_mnist: ready (60000 train / 10000 test)" in out
     assert "tiny_shakespeare: ready (1115394 chars" in out
 
 
-def test_main_fails_without_fashion_mnist(
+def test_prepare_all_fails_without_fashion_mnist(
     monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Without Fashion-MNIST (no Debian files, no network) main exits non-zero with the how-to."""
+    """Without Fashion-MNIST (no Debian files, no network) the command's prepare_all returns 1
+    (its exit status) with the how-to."""
     monkeypatch.setattr(data_setup, "DEBIAN_FASHION_MNIST_DIR", str(tmp_path / "nothing"))
     monkeypatch.setattr(data_setup, "_unreachable_reason", lambda url: "offline (test)")
     monkeypatch.setattr(data_setup, "prepare_tiny_shakespeare", lambda data_dir: None)
     monkeypatch.setattr(data_setup, "BIBLE_COMMAND", "no-such-bible-command")
-    assert data_setup.main(["--data_dir", str(tmp_path / "tfds")]) == 1
+    assert data_setup.prepare_all(str(tmp_path / "tfds")) == 1
     err = capsys.readouterr().err
     assert "sudo apt-get install dataset-fashion-mnist" in err
     assert "offline (test)" in err

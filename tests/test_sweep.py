@@ -1,4 +1,4 @@
-"""Tests for sweep.py: expanding settings, naming runs, running them, tables and plots."""
+"""Tests for tools/sweep: expanding settings, naming runs, running them, tables and plots."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import textwrap
 import numpy as np
 import pytest
 
-import sweep
+from tools.sweep import driver, plots, reporting, spec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,43 +47,43 @@ def fake_command(tmp_path):
     script = tmp_path / "fake_train.py"
     script.write_text(FAKE_TRAINER)
 
-    def command(spec, run, extra=()):
+    def command(sweep, run, extra=()):
         return [sys.executable, str(script), json.dumps(run.setting), str(run.seed), run.workdir]
 
     return command
 
 
-def _calls(run: sweep.Run) -> int:
+def _calls(run: spec.Run) -> int:
     path = os.path.join(run.workdir, "calls.txt")
     return len(open(path).readlines()) if os.path.exists(path) else 0
 
 
 def test_grid_expands_to_every_combination_times_seeds(tmp_path):
     """A 2 x 3 grid with 2 seeds gives 12 runs, each with its own workdir."""
-    spec = sweep.parse_sweep(
+    sweep = spec.parse_sweep(
         {
             "config": "configs/fashion_mnist_cnn.py",
             "grid": {"model.conv_features": [(32,), (64,)], "learning_rate": [1e-4, 1e-3, 1e-2]},
             "seeds": [0, 1],
         }
     )
-    assert len(spec.settings) == 6
-    assert {(s["model.conv_features"], s["learning_rate"]) for s in spec.settings} == {
+    assert len(sweep.settings) == 6
+    assert {(s["model.conv_features"], s["learning_rate"]) for s in sweep.settings} == {
         (w, lr) for w in [(32,), (64,)] for lr in [1e-4, 1e-3, 1e-2]
     }
-    assert spec.fields == ["model.conv_features", "learning_rate"]
-    runs = sweep.plan_runs(spec, str(tmp_path))
+    assert sweep.fields == ["model.conv_features", "learning_rate"]
+    runs = spec.plan_runs(sweep, str(tmp_path))
     assert len(runs) == 12 and len({r.workdir for r in runs}) == 12
     assert all(r.workdir.startswith(str(tmp_path)) for r in runs)
 
 
 def test_explicit_settings_and_invalid_sweeps():
     """A list of override dicts is taken as is; contradictory sweeps are rejected."""
-    spec = sweep.parse_sweep(
+    sweep = spec.parse_sweep(
         {"config": "c.py", "settings": [{"learning_rate": 0.1}, {"optimizer": "sgd"}]}
     )
-    assert spec.settings == [{"learning_rate": 0.1}, {"optimizer": "sgd"}]
-    assert spec.seeds == [0] and spec.kind == "settings"
+    assert sweep.settings == [{"learning_rate": 0.1}, {"optimizer": "sgd"}]
+    assert sweep.seeds == [0] and sweep.kind == "settings"
     bad = [
         {"config": "c.py", "grid": {"a": [1]}, "settings": [{}]},  # two kinds
         {"config": "c.py", "grid": {"seed": [1, 2]}},  # seeds belong in 'seeds'
@@ -96,20 +96,20 @@ def test_explicit_settings_and_invalid_sweeps():
     ]
     for spec_dict in bad:
         with pytest.raises(ValueError):
-            sweep.parse_sweep(spec_dict)
+            spec.parse_sweep(spec_dict)
 
 
 def test_random_search_is_seeded_and_stays_in_range():
     """Same seed, same samples; log-uniform values lie in range and spread over decades."""
     params = {
-        "learning_rate": sweep.log_uniform(1e-4, 1e-1),
-        "dropout_rate": sweep.uniform(0.0, 0.5),
-        "optimizer": sweep.choice(["adamw", "sgd"]),
+        "learning_rate": spec.log_uniform(1e-4, 1e-1),
+        "dropout_rate": spec.uniform(0.0, 0.5),
+        "optimizer": spec.choice(["adamw", "sgd"]),
         "batch_size": 64,
     }
-    a = sweep.sample_random(params, 200, seed=3)
-    assert a == sweep.sample_random(params, 200, seed=3)
-    assert a != sweep.sample_random(params, 200, seed=4)
+    a = spec.sample_random(params, 200, seed=3)
+    assert a == spec.sample_random(params, 200, seed=3)
+    assert a != spec.sample_random(params, 200, seed=4)
     lrs = np.array([s["learning_rate"] for s in a])
     assert lrs.min() >= 1e-4 * 0.999 and lrs.max() <= 1e-1 * 1.001
     # Log-uniform: about half the samples fall below the geometric mean (uniform: ~3%).
@@ -118,30 +118,30 @@ def test_random_search_is_seeded_and_stays_in_range():
     assert all(0 <= s["dropout_rate"] <= 0.5 for s in a)
     assert {s["optimizer"] for s in a} == {"adamw", "sgd"}
     assert all(s["batch_size"] == 64 for s in a)
-    spec = sweep.parse_sweep(
+    sweep = spec.parse_sweep(
         {"config": "c.py", "random": {"count": 5, "seed": 1, "params": params}, "seeds": [0, 1]}
     )
-    assert spec.kind == "random" and len(spec.settings) == 5
+    assert sweep.kind == "random" and len(sweep.settings) == 5
 
 
 def test_run_names_are_readable_and_safe(tmp_path):
     """Names read 'field=value,...' (fields sorted); odd characters and long names are tamed."""
-    run = sweep.Run({"model.conv_features": (64,), "learning_rate": 0.001}, 0, "")
+    run = spec.Run({"model.conv_features": (64,), "learning_rate": 0.001}, 0, "")
     assert run.name == "learning_rate=0.001,model.conv_features=(64,)/seed=0"
-    assert sweep.setting_name({"features": (32, 64), "flip": True}) == "features=(32,64),flip=True"
-    assert sweep.setting_name({}) == "base"
-    assert sweep.sanitize("dataset=/tmp/my corpus.txt") == "dataset=_tmp_my_corpus.txt"
+    assert spec.setting_name({"features": (32, 64), "flip": True}) == "features=(32,64),flip=True"
+    assert spec.setting_name({}) == "base"
+    assert spec.sanitize("dataset=/tmp/my corpus.txt") == "dataset=_tmp_my_corpus.txt"
     long_a, long_b = "x=" + "a" * 300, "x=" + "a" * 299 + "b"
-    assert len(sweep.sanitize(long_a)) <= 120
-    assert sweep.sanitize(long_a) != sweep.sanitize(long_b)
-    spec = sweep.parse_sweep({"config": "c.py", "grid": {"dataset": ["/a/b.txt", "/a/c.txt"]}})
-    for r in sweep.plan_runs(spec, str(tmp_path)):
+    assert len(spec.sanitize(long_a)) <= 120
+    assert spec.sanitize(long_a) != spec.sanitize(long_b)
+    sweep = spec.parse_sweep({"config": "c.py", "grid": {"dataset": ["/a/b.txt", "/a/c.txt"]}})
+    for r in spec.plan_runs(sweep, str(tmp_path)):
         assert os.path.dirname(os.path.dirname(r.workdir)) == str(tmp_path)
 
 
 def test_train_command_passes_overrides_that_config_flags_parse(tmp_path):
     """Every setting, fixed field and the seed become --config.<field>=<literal> flags."""
-    spec = sweep.parse_sweep(
+    sweep = spec.parse_sweep(
         {
             "config": "configs/fashion_mnist_cnn.py",
             "settings": [{"model.conv_features": (32, 64), "learning_rate": 3e-4}],
@@ -149,8 +149,8 @@ def test_train_command_passes_overrides_that_config_flags_parse(tmp_path):
             "seeds": [7],
         }
     )
-    run = sweep.plan_runs(spec, str(tmp_path))[0]
-    command = sweep.train_command(spec, run)
+    run = spec.plan_runs(sweep, str(tmp_path))[0]
+    command = spec.train_command(sweep, run)
     assert command[1] == os.path.join(REPO, "train.py")
     assert command[2] == f"--config={os.path.join(REPO, 'configs', 'fashion_mnist_cnn.py')}"
     flags = dict(arg.split("=", 1) for arg in command[3:])
@@ -164,20 +164,20 @@ def test_train_command_passes_overrides_that_config_flags_parse(tmp_path):
 
 def test_example_sweep_files_load():
     """The shipped sweep files parse, full and quick, and point at existing configs."""
-    cnn = sweep.load_sweep(os.path.join(REPO, "configs/sweeps/cnn_width_lr.py"))
+    cnn = spec.load_sweep(os.path.join(REPO, "configs/sweeps/cnn_width_lr.py"))
     assert len(cnn.settings) == 9 and len(cnn.seeds) == 3
-    quick = sweep.load_sweep(os.path.join(REPO, "configs/sweeps/cnn_width_lr.py:quick"))
+    quick = spec.load_sweep(os.path.join(REPO, "configs/sweeps/cnn_width_lr.py:quick"))
     assert len(quick.settings) == 4 and quick.seeds == [0, 1]
-    gpt = sweep.load_sweep(os.path.join(REPO, "configs/sweeps/gpt_depth.py:quick"))
+    gpt = spec.load_sweep(os.path.join(REPO, "configs/sweeps/gpt_depth.py:quick"))
     assert gpt.fields == ["model.num_layers"] and gpt.fixed["num_train_steps"] == 300
-    for spec in (cnn, quick, gpt):
-        assert os.path.isfile(sweep.resolve_config_path(spec.config))
+    for sweep in (cnn, quick, gpt):
+        assert os.path.isfile(spec.resolve_config_path(sweep.config))
 
 
 def test_failures_are_contained_and_finished_runs_skipped(tmp_path, fake_command):
     """A failing run is reported with its log kept; the others finish; a restart skips the
     finished ones and retries only the failed one."""
-    spec = sweep.parse_sweep(
+    sweep = spec.parse_sweep(
         {
             "config": "configs/fashion_mnist_mlp.py",
             "settings": [
@@ -189,8 +189,8 @@ def test_failures_are_contained_and_finished_runs_skipped(tmp_path, fake_command
         }
     )
     messages = []
-    summary = sweep.run_sweep(
-        spec, str(tmp_path / "sw"), parallel=2, command_fn=fake_command, log=messages.append
+    summary = driver.run_sweep(
+        sweep, str(tmp_path / "sw"), parallel=2, command_fn=fake_command, log=messages.append
     )
     status = {o.run.name: o.status for o in summary["outcomes"]}
     assert sorted(status.values()) == ["failed"] * 2 + ["finished"] * 4
@@ -204,7 +204,7 @@ def test_failures_are_contained_and_finished_runs_skipped(tmp_path, fake_command
     assert len(rows) == 6
     assert sum(r["status"] == "finished" for r in rows) == 4
 
-    summary = sweep.run_sweep(spec, str(tmp_path / "sw"), command_fn=fake_command, log=print)
+    summary = driver.run_sweep(sweep, str(tmp_path / "sw"), command_fn=fake_command, log=print)
     for outcome in summary["outcomes"]:
         expected_calls = 2 if outcome.run in failed else 1
         assert _calls(outcome.run) == expected_calls, outcome.run.name
@@ -213,11 +213,11 @@ def test_failures_are_contained_and_finished_runs_skipped(tmp_path, fake_command
 
 def test_dry_run_runs_nothing(tmp_path, fake_command):
     """--dry_run lists the runs and their commands but starts none."""
-    spec = sweep.parse_sweep({"config": "c.py", "grid": {"learning_rate": [0.1, 0.2]}})
+    sweep = spec.parse_sweep({"config": "c.py", "grid": {"learning_rate": [0.1, 0.2]}})
     messages = []
     sweep_dir = tmp_path / "sw"
-    sweep.run_sweep(
-        spec, str(sweep_dir), dry_run=True, command_fn=fake_command, log=messages.append
+    driver.run_sweep(
+        sweep, str(sweep_dir), dry_run=True, command_fn=fake_command, log=messages.append
     )
     assert sum("[new]" in m for m in messages) == 2
     assert not sweep_dir.exists()
@@ -225,14 +225,14 @@ def test_dry_run_runs_nothing(tmp_path, fake_command):
 
 def test_tables_report_mean_and_std_over_seeds_and_plots_are_drawn(tmp_path, fake_command):
     """results.md holds mean ± sample std per setting (best in bold); the PNGs are written."""
-    spec = sweep.parse_sweep(
+    sweep = spec.parse_sweep(
         {
             "config": "c.py",
             "grid": {"learning_rate": [0.001, 0.01, 0.03], "model.width": [8, 16]},
             "seeds": [0, 1],
         }
     )
-    summary = sweep.run_sweep(spec, str(tmp_path), command_fn=fake_command, log=lambda m: None)
+    summary = driver.run_sweep(sweep, str(tmp_path), command_fn=fake_command, log=lambda m: None)
     assert summary["metric"] == "test_accuracy"
     with open(summary["markdown"]) as f:
         table = f.read()
@@ -258,7 +258,7 @@ def test_tables_report_mean_and_std_over_seeds_and_plots_are_drawn(tmp_path, fak
 
 def test_curves_are_seed_averaged_on_common_steps():
     """Seeds are averaged at the steps they all logged."""
-    steps, values = sweep.mean_curve(
+    steps, values = plots.mean_curve(
         [
             (np.array([10, 20, 30]), np.array([1.0, 2.0, 3.0])),
             (np.array([10, 20]), np.array([3.0, 4.0])),
@@ -266,17 +266,32 @@ def test_curves_are_seed_averaged_on_common_steps():
     )
     np.testing.assert_array_equal(steps, [10, 20])
     np.testing.assert_allclose(values, [2.0, 3.0])
-    assert sweep.use_log_x("learning_rate", [1e-3, 3e-3])
-    assert not sweep.use_log_x("model.num_layers", [2, 4])
-    assert sweep.use_log_x("batch_size", [8, 1024])
-    assert sweep.curve_name("test_accuracy") == "test/accuracy"
-    assert sweep.curve_name("val_loss") == "val/loss"
-    assert sweep.higher_is_better("test_accuracy") and not sweep.higher_is_better("val_loss")
+    assert plots.use_log_x("learning_rate", [1e-3, 3e-3])
+    assert not plots.use_log_x("model.num_layers", [2, 4])
+    assert plots.use_log_x("batch_size", [8, 1024])
+    assert plots.curve_name("test_accuracy") == "test/accuracy"
+    assert plots.curve_name("val_loss") == "val/loss"
+    assert reporting.higher_is_better("test_accuracy") and not reporting.higher_is_better(
+        "val_loss"
+    )
+
+
+def _sweep_command(*args: str, cwd: str, env: dict[str, str] | None = None, timeout: float = 120):
+    """Runs `python -m tools.sweep <args>` in `cwd`; returns the CompletedProcess."""
+    return subprocess.run(
+        [sys.executable, "-m", "tools.sweep", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=env,
+    )
 
 
 def test_sweep_cli_with_real_training(tmp_path, fashion_mnist_ready):
-    """sweep.py end to end on a tiny MLP: train.py runs in its workdir, results are gathered,
-    and a second invocation skips the finished run."""
+    """python -m tools.sweep end to end on a tiny MLP, started outside the repository (with the
+    repository on PYTHONPATH): train.py runs in its workdir, results are gathered, and a second
+    invocation skips the finished run."""
     sweep_file = tmp_path / "tiny_sweep.py"
     sweep_file.write_text(
         textwrap.dedent(
@@ -293,18 +308,10 @@ def test_sweep_cli_with_real_training(tmp_path, fashion_mnist_ready):
         )
     )
     sweep_dir = tmp_path / "sw"
-    command = [
-        sys.executable,
-        os.path.join(REPO, "sweep.py"),
-        f"--sweep={sweep_file}",
-        f"--sweep_dir={sweep_dir}",
-        "--set=learning_rate=0.003",
-    ]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    args = [f"--sweep={sweep_file}", f"--sweep_dir={sweep_dir}", "--set=learning_rate=0.003"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO}
     for _ in range(2):
-        result = subprocess.run(
-            command, capture_output=True, text=True, timeout=300, cwd=str(tmp_path), env=env
-        )
+        result = _sweep_command(*args, cwd=str(tmp_path), env=env, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
     assert "Skipping 1 finished run(s)." in result.stdout
     workdir = sweep_dir / "model.features=(16,)" / "seed=0"
@@ -320,39 +327,120 @@ def test_sweep_cli_with_real_training(tmp_path, fashion_mnist_ready):
     assert (sweep_dir / "plots" / "learning_curves.png").exists()
 
 
+def test_readme_command_dry_run(tmp_path):
+    """The sweep command of README.md, run from the repository root with --dry_run (and another
+    sweep_dir), lists the shipped CNN sweep's 27 runs as train.py commands and starts none."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    found = re.search(r"`python -m tools\.sweep ([^`\[]+)", readme)
+    assert found, "README.md shows no `python -m tools.sweep ...` command"
+    args = found.group(1).split()
+    sweep_dir = tmp_path / "sw"
+    args = [f"--sweep_dir={sweep_dir}" if a.startswith("--sweep_dir=") else a for a in args]
+    assert "--sweep=configs/sweeps/cnn_width_lr.py" in args
+    result = _sweep_command(*args, "--dry_run", cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("[new] ") == 27
+    assert result.stdout.count(os.path.join(REPO, "train.py")) == 27
+    assert "learning_rate=0.003,model.conv_features=(64,)/seed=2" in result.stdout
+    assert not sweep_dir.exists()
+
+
 def test_random_sweep_file_dry_run_from_the_command_line(tmp_path):
-    """A sweep file may `import sweep` for its distributions; --dry_run lists the samples."""
+    """A sweep file imports its distributions from tools.sweep; --dry_run lists the samples."""
     sweep_file = tmp_path / "random_sweep.py"
     sweep_file.write_text(
         textwrap.dedent(
             """
-            import sweep
+            from tools.sweep import log_uniform
 
             def get_sweep():
                 return {
                     "config": "configs/fashion_mnist_mlp.py",
                     "random": {"count": 3, "seed": 0,
-                               "params": {"learning_rate": sweep.log_uniform(1e-4, 1e-2)}},
+                               "params": {"learning_rate": log_uniform(1e-4, 1e-2)}},
                     "seeds": [0, 1],
                 }
             """
         )
     )
-    result = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO, "sweep.py"),
-            f"--sweep={sweep_file}",
-            f"--sweep_dir={tmp_path / 'sw'}",
-            "--dry_run",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=str(tmp_path),
+    result = _sweep_command(
+        f"--sweep={sweep_file}", f"--sweep_dir={tmp_path / 'sw'}", "--dry_run", cwd=REPO
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rates = set(re.findall(r"\[new\] learning_rate=([0-9.e-]+)/seed=\d", result.stdout))
     assert len(rates) == 3 and all(1e-4 <= float(r) <= 1e-2 for r in rates)
     assert result.stdout.count("--config.learning_rate=") == 6
     assert not (tmp_path / "sw").exists()
+
+
+def test_sweep_file_distributions_are_the_modules_own(tmp_path, monkeypatch):
+    """A loaded sweep file's distributions are instances of tools.sweep.spec.Distribution (one
+    module, whatever the import path), so the isinstance check samples them; the repository root
+    is put on sys.path for the file's imports."""
+    sweep_file = tmp_path / "distributions.py"
+    sweep_file.write_text(
+        textwrap.dedent(
+            """
+            from tools.sweep import choice, log_uniform
+            from tools.sweep.spec import uniform
+
+            PARAMS = {
+                "learning_rate": log_uniform(1e-4, 1e-2),
+                "weight_decay": uniform(0.0, 0.1),
+                "optimizer": choice(["adamw", "sgd"]),
+                "batch_size": 64,
+            }
+
+            def get_sweep():
+                return {"config": "configs/fashion_mnist_mlp.py",
+                        "random": {"count": 4, "seed": 1, "params": PARAMS}}
+            """
+        )
+    )
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if os.path.abspath(p or ".") != REPO])
+    monkeypatch.chdir(tmp_path)
+    sweep = spec.load_sweep(str(sweep_file))
+    assert REPO in sys.path
+    assert sweep.kind == "random" and len(sweep.settings) == 4
+    for setting in sweep.settings:
+        assert not any(isinstance(v, spec.Distribution) for v in setting.values())
+        assert 1e-4 <= setting["learning_rate"] <= 1e-2
+        assert 0.0 <= setting["weight_decay"] <= 0.1
+        assert setting["optimizer"] in ("adamw", "sgd") and setting["batch_size"] == 64
+    # Sampled, not passed through: a distribution would otherwise reach the run names.
+    assert all("Distribution" not in spec.setting_name(s) for s in sweep.settings)
+
+
+def test_command_line_errors_are_one_line(tmp_path):
+    """Missing flags, a missing sweep file and a bad --set give one ERROR: line, exit status 1."""
+    sweep_dir = f"--sweep_dir={tmp_path / 'sw'}"
+    cases = [
+        ([sweep_dir], "--sweep=configs/sweeps/<name>.py and --sweep_dir are required"),
+        ([f"--sweep={tmp_path / 'nope.py'}", sweep_dir], "not found"),
+        (["--sweep=configs/sweeps/cnn_width_lr.py:slow", sweep_dir], "Unknown variant"),
+        (["--sweep=configs/sweeps/cnn_width_lr.py", sweep_dir, "--set=oops"], "--set="),
+        (
+            ["--sweep=configs/sweeps/cnn_width_lr.py", sweep_dir, "--set=learning_rate=0.1"],
+            "are swept by",
+        ),
+    ]
+    for args, message in cases:
+        result = _sweep_command(*args, "--dry_run", cwd=REPO)
+        assert result.returncode == 1, (args, result.stderr[-3000:])
+        errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR:")]
+        assert len(errors) == 1 and message in errors[0], (args, result.stderr[-3000:])
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "sw").exists()
+
+
+def test_importing_the_package_defines_no_flags():
+    """The flags exist only when the package runs as `python -m tools.sweep`."""
+    import importlib
+
+    from absl import flags
+
+    for name in ("tools.sweep", "tools.sweep.__main__", "tools.sweep.driver"):
+        importlib.import_module(name)
+    for flag in ("sweep", "sweep_dir", "parallel", "dry_run", "run_timeout", "set"):
+        assert flag not in flags.FLAGS

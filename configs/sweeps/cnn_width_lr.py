@@ -1,7 +1,7 @@
 """Ablation: the small CNN's conv width x peak learning rate on Fashion-MNIST, several seeds.
 
-python sweep.py --sweep=configs/sweeps/cnn_width_lr.py --sweep_dir=runs/sweeps/cnn
-python sweep.py --sweep=configs/sweeps/cnn_width_lr.py:quick --sweep_dir=runs/sweeps/cnn_quick
+python -m tools.sweep --sweep=configs/sweeps/cnn_width_lr.py --sweep_dir=runs/sweeps/cnn
+python -m tools.sweep --sweep=configs/sweeps/cnn_width_lr.py:quick --sweep_dir=runs/sweeps/cnn_quick
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Ablation: depth of the CPU-sized character GPT (4 heads x 128 wide) on Tiny Shakespeare.
 
-python sweep.py --sweep=configs/sweeps/gpt_depth.py --sweep_dir=runs/sweeps/gpt_depth
-python sweep.py --sweep=configs/sweeps/gpt_depth.py:quick --sweep_dir=runs/sweeps/gpt_quick
+python -m tools.sweep --sweep=configs/sweeps/gpt_depth.py --sweep_dir=runs/sweeps/gpt_depth
+python -m tools.sweep --sweep=configs/sweeps/gpt_depth.py:quick --sweep_dir=runs/sweeps/gpt_quick
 """
 
 from __future__ import annotations
