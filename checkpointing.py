@@ -6,7 +6,6 @@ data order is a pure function of the step, so the step is all the input state th
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -14,14 +13,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+import cli
+import distributed
 
-class CheckpointMismatchError(ValueError):
-    """The workdir's checkpoint was made by a model of other shapes than the config's."""
+
+class CheckpointMismatchError(cli.UserError, ValueError):
+    """The workdir's checkpoint was made by a model of other shapes than the config's, or none
+    of its checkpoints can be read."""
 
 
 def _path_str(path: tuple) -> str:
@@ -48,7 +50,7 @@ def _model_shapes(tree: Any) -> dict[str, tuple]:
     }
 
 
-class NonFiniteStateError(FloatingPointError):
+class NonFiniteStateError(cli.UserError, FloatingPointError):
     """The state to be checkpointed holds NaN/Inf: it is not saved (older checkpoints stay)."""
 
 
@@ -93,15 +95,6 @@ def fingerprint(tree: Any) -> tuple[dict[str, str], list[str]]:
     host = [[int(np.asarray(v.addressable_data(0))) for v in leaf] for leaf in values]
     sums = {path: f"{a:08x}{b:08x}" for path, (a, b, _) in zip(paths, host, strict=True)}
     return sums, [path for path, (_, _, ok) in zip(paths, host, strict=True) if not ok]
-
-
-def _all_processes_agree(ok: bool) -> bool:
-    """True only if `ok` on every process (a damaged shard may be read by one process only)."""
-    if jax.process_count() == 1:
-        return ok
-    from jax.experimental import multihost_utils
-
-    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
 class Checkpointer:
@@ -170,31 +163,14 @@ class Checkpointer:
     ) -> tuple[Any, dict[str, Any]] | None:
         """Restores the newest checkpoint that reads back whole and matches its checksums, onto
         `abstract_state`'s shardings; warns about and skips damaged ones. None if there is no
-        checkpoint. Damaged ones newer than the restored one are moved to
-        workdir/damaged_checkpoints/ (unless `set_aside_damaged` is False, for readers), so that
-        the resumed run can save those steps again."""
+        checkpoint; CheckpointMismatchError if there are some but none is readable. Damaged ones
+        newer than the restored one are moved to workdir/damaged_checkpoints/ (unless
+        `set_aside_damaged` is False, for readers), so that the resumed run can save those
+        steps again."""
         self._warn_about_unfinished_saves()
         damaged = []
         for step in sorted(self.all_steps(), reverse=True):
-            problem = None
-            try:
-                self.check_shapes(step, abstract_state)
-                restored = self._manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state),
-                        meta=ocp.args.JsonRestore(),
-                    ),
-                )
-            except CheckpointMismatchError:
-                raise
-            except Exception as e:  # unreadable metadata or arrays: a damaged checkpoint
-                problem = f"{type(e).__name__}: {str(e)[:300]}"
-            # Every process must take the same branch: the checksums are a collective computation.
-            if _all_processes_agree(problem is None):
-                problem = self._verify(restored["state"], restored["meta"])
-            else:
-                problem = problem or "unreadable on another process"
+            restored, problem = self._restore_verified(step, abstract_state)
             if problem is not None:
                 logging.warning(
                     "Checkpoint %d in %s is damaged or incomplete (%s); trying an older one.",
@@ -206,7 +182,7 @@ class Checkpointer:
                 continue
             if damaged and set_aside_damaged:
                 self._set_aside(damaged)
-            return restored["state"], restored["meta"]
+            return restored
         if self.all_steps():  # never silently start over on top of unreadable checkpoints
             raise CheckpointMismatchError(
                 f"None of the checkpoints {self.all_steps()} in {self.directory} could be read "
@@ -214,6 +190,51 @@ class Checkpointer:
                 "start afresh, or use a new --workdir."
             )
         return None
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        """Restores the checkpoint at `step` onto `abstract_state`'s shardings, verified as
+        `restore_latest` verifies; FileNotFoundError if there is none at that step,
+        CheckpointMismatchError if it is damaged or of other shapes."""
+        if step not in self.all_steps():
+            raise FileNotFoundError(
+                f"No checkpoint at step {step} in {self.directory}; have {self.all_steps()}."
+            )
+        restored, problem = self._restore_verified(step, abstract_state)
+        if problem is not None:
+            raise CheckpointMismatchError(
+                f"The checkpoint at step {step} in {self.directory} is damaged or incomplete "
+                f"({problem}); choose another step of {self.all_steps()}."
+            )
+        return restored
+
+    def _restore_verified(
+        self, step: int, abstract_state: Any
+    ) -> tuple[tuple[Any, dict[str, Any]] | None, str | None]:
+        """((state, meta), None) if the checkpoint at `step` reads back whole and matches its
+        checksums, else (None, what is wrong). Raises CheckpointMismatchError for other shapes.
+        Collective: every process must call it for the same step."""
+        problem = None
+        try:
+            self.check_shapes(step, abstract_state)
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
+        except CheckpointMismatchError:
+            raise
+        except Exception as e:  # unreadable metadata or arrays: a damaged checkpoint
+            problem = f"{type(e).__name__}: {str(e)[:300]}"
+        # Every process must take the same branch: the checksums are a collective computation.
+        if distributed.all_processes_agree(problem is None):
+            problem = self._verify(restored["state"], restored["meta"])
+        else:
+            problem = problem or "unreadable on another process"
+        if problem is not None:
+            return None, problem
+        return (restored["state"], restored["meta"]), None
 
     def _verify(self, state: Any, meta: dict[str, Any]) -> str | None:
         """None if the restored arrays match the checksums saved with them, else what differs."""
@@ -274,83 +295,37 @@ def move_aside(workdir: str) -> str | None:
     return target
 
 
-def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Writes the run's config next to its checkpoints (read back by sample.py, evaluate.py)."""
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """Reads back the config a run was trained with."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: is {workdir} a jaxlab workdir?")
-    with open(path) as f:
-        return ml_collections.ConfigDict(_lists_to_tuples(json.load(f)))
-
-
-def _lists_to_tuples(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _lists_to_tuples(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return tuple(_lists_to_tuples(v) for v in x)
-    return x
-
-
-def to_host(tree: Any) -> Any:
-    """Fetches a (possibly sharded, multi-process) pytree to host numpy arrays."""
-    from jax.experimental import multihost_utils
-
-    if jax.process_count() > 1:
-        tree = multihost_utils.process_allgather(tree, tiled=True)
-    return jax.tree.map(np.asarray, tree)
-
-
-def load_for_inference(
-    workdir: str, step: int | None = None
-) -> tuple[ml_collections.ConfigDict, Any]:
-    """(config, params) of a run's latest (or given) checkpoint, placed on this host's devices."""
-    config, state, _ = load_state_for_inference(workdir, step)
-    return config, state.params
-
-
-def load_state_for_inference(
-    workdir: str, step: int | None = None
-) -> tuple[ml_collections.ConfigDict, Any, int]:
-    """(config, whole train state, checkpoint step) of a run's latest (or given) checkpoint;
-    the state includes model_state (BatchNorm statistics), which evaluation needs."""
-    import input_pipeline  # local imports: only inference needs the whole model stack
-    import models
-    import optim
-    import sharding
-    import train_state
-
-    config = load_config(workdir)
-    config.mesh_shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-    config.parallelism = "jit"
-    model = models.build_model(config)
-    tx = optim.build_optimizer(config, optim.learning_rate_schedule(config, 1))
-    example = input_pipeline.example_input(config)
-    mesh = sharding.make_mesh(config, jax.local_devices())
-    target = train_state.abstract_state(
-        model, tx, example, mesh, sharding.logical_axis_rules(config), config.seed
-    )
+def read_state_as_numpy(workdir: str, step: int | None = None) -> tuple[dict[str, Any], int]:
+    """A run's saved train state as a tree of host numpy arrays, whatever mesh saved it, with no
+    model or config needed: for comparing checkpoints bit for bit (tests, scripts/chaos.py).
+    The newest step by default. Verified against the saved checksums like every restore;
+    CheckpointMismatchError if damaged, FileNotFoundError if there is no such checkpoint. (To
+    use a run, restore it with `experiment.restore_run`, which places it on a mesh.)"""
     checkpointer = Checkpointer(workdir, async_save=False)
-    steps = checkpointer.all_steps()
-    if not steps:
-        raise FileNotFoundError(f"No checkpoints in {checkpointer.directory}.")
-    if step is not None and step not in steps:
-        raise FileNotFoundError(f"No checkpoint at step {step} in {workdir}; have {steps}.")
-    if step is None:
-        restored = checkpointer.restore_latest(target, set_aside_damaged=False)
-        if restored is None:
-            raise FileNotFoundError(f"No readable checkpoint in {checkpointer.directory}.")
-        state, step = restored[0], int(restored[1]["step"])
-    else:
-        state = checkpointer._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-        )["state"]
-    checkpointer.close()
-    return config, state, int(step)
+    try:
+        steps = checkpointer.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"No checkpoints in {checkpointer.directory}.")
+        step = steps[-1] if step is None or step < 0 else step
+        if step not in steps:
+            raise FileNotFoundError(
+                f"No checkpoint at step {step} in {checkpointer.directory}; have {steps}."
+            )
+        manager = checkpointer._manager
+        metadata = manager.item_metadata(step)["state"]
+        # numpy leaves in the target make Orbax restore host arrays (np.empty allocates lazily)
+        target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), metadata)
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+            ),
+        )
+        problem = checkpointer._verify(restored["state"], restored["meta"])
+        if problem is not None:
+            raise CheckpointMismatchError(
+                f"The checkpoint at step {step} in {checkpointer.directory} is damaged ({problem})."
+            )
+        return restored["state"], step
+    finally:
+        checkpointer.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import math
 from typing import Any
@@ -10,12 +9,13 @@ from typing import Any
 import jax
 import ml_collections
 
+import cli
 import models
 import sharding
 from configs import base
 
 
-class ConfigError(ValueError):
+class ConfigError(cli.UserError, ValueError):
     """The config asks for something impossible or misspelt."""
 
 
@@ -74,23 +74,39 @@ def _same_kind(value: Any, default: Any) -> bool:
 
 
 def _check_model(config: ml_collections.ConfigDict) -> None:
+    """The model file exists, the config sets only its fields, and it has what the task needs."""
     name = config.model.get("name")
-    if name not in models.MODELS:
-        raise ConfigError(
-            f"config.model.name={name!r} is not a known model; choose one of "
-            f"{sorted(models.MODELS)}.{_suggest(str(name), list(models.MODELS))}"
-        )
-    fields = {f.name for f in dataclasses.fields(models.MODELS[name])} - {"parent", "name"}
+    try:
+        fields = models.constructor_fields(name)
+        task = models.model_task(name)
+    except models.UnknownModelError as e:
+        raise ConfigError(f"{e}{_suggest(str(name), models.available_models())}") from e
     for key in config.model.keys():
         if key != "name" and key not in fields:
             raise ConfigError(
                 f"config.model.{key} is not a field of the {name!r} model.{_suggest(key, fields)} "
                 f"Its fields: {sorted(fields - {'dtype'})}."
             )
+    if task != config.task:
+        raise ConfigError(
+            f"config.model.name={name!r} is a model for task {task!r} (models/{name}.py), but "
+            f"config.task={config.task!r}; set config.task={task!r} or choose another model."
+        )
+    missing = [f for f in ("dtype", *models.TASK_FIELDS[task]) if f not in fields]
+    if missing:
+        raise ConfigError(
+            f"models/{name}.py's Model lacks the field(s) {missing} that a {task!r} model needs "
+            "(see models/__init__.py)."
+        )
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-    """Raises ConfigError naming the field and the fix for the first problem found."""
+def validate(
+    config: ml_collections.ConfigDict, num_devices: int | None = None, training: bool = True
+) -> None:
+    """Raises ConfigError naming the field and the fix for the first problem found.
+
+    num_devices: the devices the mesh will span (default: all). With training=False (a run
+    restored for inference) the training batch need not divide over them."""
     _check_keys(config, base.get_config(), "")
     for key, choices in _CHOICES.items():
         if config[key] not in choices:
@@ -110,14 +126,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if config.init_from.mode not in ("params", "state"):
         raise ConfigError(f"config.init_from.mode={config.init_from.mode!r}: 'params' or 'state'.")
     _check_model(config)
-    if config.task == "lm" and config.model.name != "gpt":
-        raise ConfigError("config.task='lm' needs a language model: set config.model.name='gpt'.")
-    check_parallelism(config, num_devices)
+    check_parallelism(config, num_devices, training)
 
 
-def check_parallelism(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+def check_parallelism(
+    config: ml_collections.ConfigDict, num_devices: int | None = None, training: bool = True
+) -> None:
     """The mesh fits the devices and the batch divides over data-parallel devices, processes
-    and microbatches."""
+    and microbatches (the training batch only if `training`)."""
     num_devices = num_devices or jax.device_count()
     try:
         data, fsdp, tensor = sharding.resolve_mesh_shape(dict(config.mesh_shape), num_devices)
@@ -130,21 +146,23 @@ def check_parallelism(config: ml_collections.ConfigDict, num_devices: int | None
                 "config.parallelism='pmap' runs on one process here; use 'jit' on several hosts."
             )
     dp = data * fsdp
+    need = math.lcm(dp, jax.process_count())
+    if config.eval_batch_size % need:
+        raise ConfigError(
+            f"config.eval_batch_size={config.eval_batch_size} does not divide over {dp} "
+            f"data-parallel devices; use a multiple of {need}."
+        )
+    if not training:
+        return
     b, k = config.batch_size, config.grad_accum_steps
     if b % k:
         raise ConfigError(
             f"config.batch_size={b} does not divide into config.grad_accum_steps={k} microbatches."
         )
-    need = math.lcm(dp, jax.process_count())
     if (b // k) % need:
         raise ConfigError(
             f"The microbatch of {b // k} examples (batch_size={b} / grad_accum_steps={k}) does "
             f"not divide over {dp} data-parallel devices (data={data} x fsdp={fsdp}) and "
             f"{jax.process_count()} processes; use a batch size that is a multiple of {need * k}."
-        )
-    if config.eval_batch_size % need:
-        raise ConfigError(
-            f"config.eval_batch_size={config.eval_batch_size} does not divide over {dp} "
-            f"data-parallel devices; use a multiple of {need}."
         )
     del tensor

@@ -5,8 +5,10 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+from typing import Any
 
 import jax
+import numpy as np
 from absl import logging
 
 
@@ -54,3 +56,22 @@ def initialize(
         jax.local_device_count(),
         jax.device_count(),
     )
+
+
+def to_host(tree: Any) -> Any:
+    """Fetches a (possibly sharded, multi-process) pytree to host numpy arrays, whole on every
+    process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        tree = multihost_utils.process_allgather(tree, tiled=True)
+    return jax.tree.map(np.asarray, tree)
+
+
+def all_processes_agree(ok: bool) -> bool:
+    """True only if `ok` on every process (e.g. a damaged shard may be read by one process only)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))

@@ -16,10 +16,15 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-import tensorflow as tf
 
-import data_setup
-import tokenizers_lib
+import cli
+
+cli.quiet_tensorflow()
+import tensorflow as tf  # noqa: E402
+
+import data_setup  # noqa: E402
+import tokenizers_lib  # noqa: E402
+import workdir_files  # noqa: E402
 
 # tf.data is only the host-side feeder here: keep TensorFlow off any accelerator.
 tf.config.set_visible_devices([], "GPU")
@@ -40,6 +45,12 @@ class Datasets:
     example_input: np.ndarray  # one input, batch of 1, for model.init
     num_classes: int = 0  # classification only
     tokenizer: Any = None  # lm only
+
+    def input_spec(self) -> workdir_files.InputSpec:
+        """What a model needs to know about this data (recorded in each run's workdir)."""
+        return workdir_files.InputSpec(
+            self.example_input, self.num_classes, self.num_train_examples
+        )
 
 
 def local_batch_size(global_batch: int) -> int:
@@ -305,14 +316,6 @@ def _text_datasets(config: ml_collections.ConfigDict) -> Datasets:
         example_input=np.zeros((1, block), np.int32),
         tokenizer=tokenizer,
     )
-
-
-def example_input(config: ml_collections.ConfigDict) -> np.ndarray:
-    """A zero input of the right shape (batch 1) for `model.init`, without loading any data."""
-    if config.task == "lm":
-        return np.zeros((1, int(config.model.block_size)), np.int32)
-    shapes = {"fashion_mnist": (28, 28, 1), "mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
-    return np.zeros((1,) + shapes.get(config.dataset, (28, 28, 1)), np.uint8)  # raw pixels
 
 
 def get_datasets(config: ml_collections.ConfigDict) -> Datasets:

@@ -1,22 +1,33 @@
-"""The pure step functions: `train_step(state, batch) -> (state, metrics)` and `eval_step`.
+"""The train and eval steps: pure functions, and their one compiled (jit or pmap) form.
 
-They are plain functions of their arguments; train.py wraps them once in `jax.jit` with shardings
-(or `jax.pmap` with `axis_name`). A batch is a dict with 'inputs', 'targets' and, for evaluation,
+`train_step(state, batch) -> (state, metrics)`, `eval_step(state, batch) -> sums` and
+`predict_step(state, batch) -> log-probabilities` are plain functions of their arguments.
+`CompiledSteps` wraps them once: `jax.jit` with the state's shardings, the batch sharding and the
+state donated (or `jax.pmap` over a 'batch' axis), with `scan_steps` around the train step when
+several steps run per call. A batch is a dict with 'inputs', 'targets' and, for evaluation,
 'mask' (1 for real examples, 0 for padding). The same cross-entropy serves classifiers (logits
 [B, C]) and language models (logits [B, T, V]).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
+from flax import jax_utils
 from flax import linen as nn
+from jax.sharding import Mesh
 
 import optim
+import sharding
 from models import preprocessing
 from train_state import TrainState
 
@@ -164,3 +175,131 @@ def eval_step(
     if axis_name is not None:
         sums = jax.lax.psum(sums, axis_name)
     return sums
+
+
+def predict_step(
+    state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module
+) -> jax.Array:
+    """float32 log-probabilities [batch, ..., classes] of the model on batch['inputs']."""
+    variables = {"params": state.params, **state.model_state}
+    logits = model.apply(variables, batch["inputs"], train=False)
+    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def effective_steps_per_dispatch(config: ml_collections.ConfigDict) -> int:
+    """Steps per compiled train call: the requested `config.steps_per_dispatch`, lowered to the
+    largest number that also divides the log, eval and checkpoint intervals (so that those always
+    fall between calls); 1 under pmap."""
+    if config.parallelism == "pmap":
+        return 1
+    return math.gcd(
+        int(config.steps_per_dispatch),
+        int(config.log_every_steps),
+        int(config.eval_every_steps),
+        int(config.checkpoint_every_steps),
+    )
+
+
+class CompiledSteps:
+    """The steps compiled for one run, and the placement of what they take.
+
+    With 'jit' parallelism: global arrays over the (data, fsdp, tensor) mesh, the state with the
+    shardings of `abstract_state` (donated to the train step), batches split over data x fsdp.
+    With 'pmap': the state replicated per local device and batches split on a leading device axis.
+    Checkpoints and metrics always see the global layout (`to_global`).
+    """
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        model: nn.Module,
+        tx: optax.GradientTransformation,
+        schedule: optax.Schedule,
+        abstract_state: TrainState,
+        mesh: Mesh,
+        rules: Any,
+        num_classes: int,
+    ):
+        self.pmap = config.parallelism == "pmap"
+        self.mesh, self.rules = mesh, rules
+        self.steps_per_dispatch = effective_steps_per_dispatch(config)
+        train = functools.partial(
+            train_step, model=model, tx=tx, schedule=schedule, config=config
+        )
+        if self.steps_per_dispatch > 1:
+            train = scan_steps(train)
+        evaluate = functools.partial(eval_step, model=model, num_classes=num_classes)
+        predict = functools.partial(predict_step, model=model)
+        if self.pmap:
+            self.train_step = jax.pmap(
+                functools.partial(train, axis_name="batch"), axis_name="batch", donate_argnums=0
+            )
+            self.eval_step = jax.pmap(functools.partial(evaluate, axis_name="batch"), "batch")
+            self.predict_step = jax.pmap(predict, "batch")
+            return
+        state_shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
+        self._batch_sharding = sharding.batch_sharding(mesh, rules)
+        self._train_batch_sharding = sharding.batch_sharding(
+            mesh, rules, stacked=self.steps_per_dispatch > 1
+        )
+        replicated = sharding.replicated(mesh)
+        self.train_step = jax.jit(
+            train,
+            in_shardings=(state_shardings, self._train_batch_sharding),
+            out_shardings=(state_shardings, replicated),
+            donate_argnums=0,
+        )
+        self.eval_step = jax.jit(
+            evaluate, in_shardings=(state_shardings, self._batch_sharding), out_shardings=replicated
+        )
+        self.predict_step = jax.jit(
+            predict,
+            in_shardings=(state_shardings, self._batch_sharding),
+            out_shardings=self._batch_sharding,
+        )
+
+    def from_global(self, state: TrainState) -> TrainState:
+        """Global (mesh-sharded) state -> the steps' layout (replicated per device for pmap)."""
+        return jax_utils.replicate(state) if self.pmap else state
+
+    def to_global(self, state: TrainState) -> TrainState:
+        """The steps' layout -> one global copy, for checkpoints and metrics."""
+        return jax_utils.unreplicate(state) if self.pmap else state
+
+    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Process-local numpy batch -> what eval_step and predict_step take (a global jax.Array
+        under jit)."""
+        return self._put(batch, None if self.pmap else self._batch_sharding)
+
+    def put_train_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Like put_batch, for what train_step takes: with steps_per_dispatch > 1, a stack of
+        batches [steps, batch, ...] sharded on its second axis."""
+        return self._put(batch, None if self.pmap else self._train_batch_sharding)
+
+    def _put(self, batch: dict[str, np.ndarray], data_sharding) -> dict[str, jax.Array]:
+        if self.pmap:  # [local devices, per-device batch, ...]; pmap splits the leading axis
+            n = jax.local_device_count()
+            return jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch)
+        return jax.tree.map(
+            lambda x: jax.make_array_from_process_local_data(data_sharding, x), batch
+        )
+
+    def steps_in(self, batch: dict[str, jax.Array]) -> int:
+        """How many steps a batch from put_train_batch covers: the length of its stack (the
+        input pipeline aligns stacks to multiples of steps_per_dispatch), or 1."""
+        return batch["targets"].shape[0] if self.steps_per_dispatch > 1 else 1
+
+    def context(self) -> contextlib.AbstractContextManager:
+        """Mesh and logical rules active while the steps trace (no cost once compiled)."""
+        if self.pmap:  # pmap maps over its own 'batch' mesh: no context mesh, and no rules, so
+            # that the models' logical constraints name no axis of the (data, fsdp, tensor) mesh
+            return nn.logical_axis_rules(())
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(self.rules))
+        return stack
+
+    def sums_to_host(self, sums: Any) -> Any:
+        """eval_step's sums as host numpy (pmap returns one equal copy per device)."""
+        sums = jax.device_get(sums)
+        return jax.tree.map(lambda x: x[0], sums) if self.pmap else sums

@@ -73,7 +73,7 @@ def create_train_state(
     mesh: Mesh,
     rules: Any,
     seed: int,
-) -> tuple[TrainState, Any]:
+) -> TrainState:
     """Initialises the state with each device computing only its own shard (jit out_shardings)."""
     shardings = state_shardings(model, tx, example_input, mesh, rules, seed)
     # No mesh context here: out_shardings place every leaf, and some Flax layers (DenseGeneral)
@@ -82,4 +82,4 @@ def create_train_state(
         init = jax.jit(
             lambda: nn.unbox(_init_boxed(model, tx, example_input, seed)), out_shardings=shardings
         )
-        return init(), shardings
+        return init()

@@ -1,25 +1,90 @@
-"""Model registry: a config names its model family in `config.model.name`; the rest are kwargs."""
+"""Model registry by file name: `config.model.name = "gpt"` is the model in `models/gpt.py`.
+
+A model file is self-describing (as in big_vision): it defines its Linen module, names it
+`Model = MyModule` at module level, and says which task it serves with `TASK = "classification"`
+(inputs [batch, ...] -> logits [batch, classes]) or `TASK = "lm"` (int32 tokens [batch, length]
+-> logits [batch, length, vocab]). The remaining `config.model` fields are the module's
+constructor arguments. Adding a model is one new file here and one config; nothing else changes.
+
+Contracts a task places on the module's fields (checked by config_validation before compiling):
+- every model: a `dtype` field (the compute dtype, from `config.dtype`);
+- "lm": `vocab_size` (set from the tokenizer) and `block_size` (the context length); a
+  `decode` field enables cached sampling (sampling.py).
+Optional: a module-level `training_flops_per_token(model, seq_len)` gives the analytic FLOPs the
+benchmark's MFU uses (otherwise it counts the traced matmuls).
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import os
+import types
 
 import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from models.cnn import CNN
-from models.gpt import GPT
-from models.mlp import MLP
+TASKS = ("classification", "lm")
+# Fields each task needs its module to have (besides `dtype`, which every model needs).
+TASK_FIELDS = {"classification": (), "lm": ("vocab_size", "block_size")}
 
-MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN, "gpt": GPT}
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class UnknownModelError(ValueError):
+    """config.model.name names no model file, or the file does not define a model."""
+
+
+def available_models() -> list[str]:
+    """Names of the model files in this folder (every .py except the registry and helpers)."""
+    return sorted(
+        name[:-3]
+        for name in os.listdir(_HERE)
+        if name.endswith(".py") and not name.startswith("_") and name != "preprocessing.py"
+    )
+
+
+@functools.cache
+def model_module(name: str) -> types.ModuleType:
+    """The module `models/<name>.py`, checked to define `Model` (a Linen module) and `TASK`.
+
+    Raises UnknownModelError naming the available models, or what the file lacks."""
+    if not isinstance(name, str) or name not in available_models():
+        raise UnknownModelError(
+            f"config.model.name={name!r} is not a model file in models/; choose one of "
+            f"{available_models()} or add models/{name}.py."
+        )
+    module = importlib.import_module(f"models.{name}")
+    model = getattr(module, "Model", None)
+    if not (isinstance(model, type) and issubclass(model, nn.Module)):
+        raise UnknownModelError(
+            f"models/{name}.py defines no `Model = <its Linen module class>` at module level."
+        )
+    task = getattr(module, "TASK", None)
+    if task not in TASKS:
+        raise UnknownModelError(f"models/{name}.py must set TASK to one of {TASKS}, got {task!r}.")
+    return module
+
+
+def model_class(name: str) -> type[nn.Module]:
+    """The Linen module class of `models/<name>.py`."""
+    return model_module(name).Model
+
+
+def model_task(name: str) -> str:
+    """'classification' or 'lm': the task `models/<name>.py` declares."""
+    return model_module(name).TASK
+
+
+def constructor_fields(name: str) -> set[str]:
+    """The module's dataclass fields a config may set (Flax's own `parent` and `name` excluded)."""
+    return {f.name for f in dataclasses.fields(model_class(name))} - {"parent", "name"}
 
 
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:
     """Instantiates `config.model` with the run's compute dtype (`config.dtype`)."""
     kwargs = dict(config.model)
     name = kwargs.pop("name")
-    if name not in MODELS:
-        raise ValueError(
-            f"config.model.name={name!r} is not a known model; choose one of {sorted(MODELS)} "
-            "or register a new one in models/__init__.py."
-        )
-    return MODELS[name](dtype=jnp.dtype(config.get("dtype", "float32")), **kwargs)
+    return model_class(name)(dtype=jnp.dtype(config.get("dtype", "float32")), **kwargs)

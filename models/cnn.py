@@ -144,3 +144,8 @@ class CNN(nn.Module):
             name="head",
         )(x)
         return logits.astype(jnp.float32)
+
+
+# The registry (models/__init__.py) finds this file by its name: config.model.name = "cnn".
+Model = CNN
+TASK = "classification"

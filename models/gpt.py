@@ -173,7 +173,7 @@ class CausalSelfAttention(nn.Module):
         return nn.Dropout(self.dropout_rate, deterministic=not train)(y)
 
 
-class MLP(nn.Module):
+class FeedForward(nn.Module):
     """Dense(mlp_ratio * embed) -> exact GELU (nanoGPT's nn.GELU()) -> Dense(embed) -> dropout."""
 
     mlp_ratio: int
@@ -236,7 +236,7 @@ class Block(nn.Module):
             dtype=self.dtype,
             name="attn",
         )(_layer_norm(self.use_bias, self.dtype, "ln_1")(x), positions, train)
-        x = x + MLP(
+        x = x + FeedForward(
             mlp_ratio=self.mlp_ratio,
             residual_init_std=self.residual_init_std,
             use_bias=self.use_bias,
@@ -389,3 +389,18 @@ def flops_per_token(
 ) -> float:
     """Training FLOPs per token, 6N + 12·L·H·Q·T (PaLM appendix B, as in nanoGPT's estimate_mfu)."""
     return 6.0 * n_params_non_embedding + 12.0 * num_layers * num_heads * head_dim * seq_len
+
+
+def training_flops_per_token(model: GPT, seq_len: int) -> float:
+    """Training FLOPs per token of `model` on sequences of `seq_len` tokens: `flops_per_token`
+    with nanoGPT's non-embedding parameter count (what MFU figures are computed from)."""
+    n = non_embedding_params(model.vocab_size, model.block_size, model.num_layers,
+                             model.embed_dim, model.mlp_ratio, model.use_bias,
+                             model.position_embedding)  # fmt: skip
+    head_dim = model.embed_dim // model.num_heads
+    return flops_per_token(n, model.num_layers, model.num_heads, head_dim, seq_len)
+
+
+# The registry (models/__init__.py) finds this file by its name: config.model.name = "gpt".
+Model = GPT
+TASK = "lm"

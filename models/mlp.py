@@ -48,3 +48,8 @@ class MLP(nn.Module):
             name="head",
         )(x)
         return logits.astype(jnp.float32)
+
+
+# The registry (models/__init__.py) finds this file by its name: config.model.name = "mlp".
+Model = MLP
+TASK = "classification"

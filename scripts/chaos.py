@@ -183,13 +183,13 @@ def compare(chaos_dir: str, reference_dir: str) -> list[str]:
     import numpy as np
     from absl import logging
 
-    import finetune
+    import checkpointing
 
     logging.set_verbosity(logging.ERROR)  # Orbax notes a missing optional metadata file
 
     differences = []
-    a, step_a = finetune.load_state_as_numpy(chaos_dir)
-    b, step_b = finetune.load_state_as_numpy(reference_dir)
+    a, step_a = checkpointing.read_state_as_numpy(chaos_dir)
+    b, step_b = checkpointing.read_state_as_numpy(reference_dir)
     if step_a != step_b:
         differences.append(f"final checkpoint steps differ: {step_a} vs {step_b}")
     flat_a = dict(jax.tree_util.tree_leaves_with_path(a))

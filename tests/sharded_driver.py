@@ -125,9 +125,9 @@ def final_params(workdir: str) -> dict[str, np.ndarray]:
     """The final checkpoint's parameters as host arrays, flattened to 'path/to/leaf'."""
     from flax import traverse_util
 
-    import finetune
+    import checkpointing
 
-    state, _ = finetune.load_state_as_numpy(workdir)
+    state, _ = checkpointing.read_state_as_numpy(workdir)
     return traverse_util.flatten_dict(state["params"], sep="/")
 
 

@@ -34,7 +34,6 @@ import pytest  # noqa: E402
 import checkpointing  # noqa: E402
 import config_validation  # noqa: E402
 import data_setup  # noqa: E402
-import finetune  # noqa: E402
 import input_pipeline  # noqa: E402
 import metrics_writer  # noqa: E402
 import preemption  # noqa: E402
@@ -133,8 +132,8 @@ def final_metrics(workdir: str) -> dict[str, Any]:
 
 def assert_same_state(workdir_a: str, workdir_b: str) -> None:
     """The newest saved train states (step, parameters, optimizer state) are bitwise equal."""
-    a, step_a = finetune.load_state_as_numpy(workdir_a)
-    b, step_b = finetune.load_state_as_numpy(workdir_b)
+    a, step_a = checkpointing.read_state_as_numpy(workdir_a)
+    b, step_b = checkpointing.read_state_as_numpy(workdir_b)
     assert step_a == step_b
     leaves_a = jax.tree_util.tree_leaves_with_path(a)
     leaves_b = jax.tree_util.tree_leaves_with_path(b)
@@ -349,8 +348,8 @@ def test_checkpoint_from_8_devices_resumes_on_4_and_on_1(tmp_path, capsys):
         np.testing.assert_allclose(
             final_metrics(workdir)["test_loss"], reference_final["test_loss"], rtol=1e-5
         )
-        a, _ = finetune.load_state_as_numpy(workdir)
-        b, _ = finetune.load_state_as_numpy(ref8)
+        a, _ = checkpointing.read_state_as_numpy(workdir)
+        b, _ = checkpointing.read_state_as_numpy(ref8)
         for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"]), strict=True):
             np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6, err_msg=name)
 
@@ -379,7 +378,7 @@ def test_skip_nonfinite_steps_continues_and_counts_them(tmp_path, capsys):
     skipped = [rows[s]["train/skipped_steps"] for s in sorted(rows) if "train/loss" in rows[s]]
     assert skipped[0] == 0 and skipped[-1] > 0 and skipped == sorted(skipped)
     assert f"skipped {int(skipped[-1])}" in capsys.readouterr().out
-    state, _ = finetune.load_state_as_numpy(str(tmp_path))
+    state, _ = checkpointing.read_state_as_numpy(str(tmp_path))
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
 
 
@@ -451,7 +450,7 @@ def test_resuming_with_other_model_shapes_is_refused_unless_restart(reference, t
     old = [d for d in os.listdir(workdir) if d.startswith("checkpoints.old-")]
     assert len(old) == 1  # the old checkpoints, moved aside, nothing lost
     assert sorted(os.listdir(os.path.join(workdir, old[0]))) == ["50", "60"]
-    state, step = finetune.load_state_as_numpy(workdir)
+    state, step = checkpointing.read_state_as_numpy(workdir)
     assert step == 10 and state["params"]["dense_0"]["kernel"].shape == (784, 32)
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import checkpointing
-import finetune
 import metrics_writer
+import steps
 import train
 
 
@@ -21,7 +21,7 @@ def _logged(workdir: str) -> dict[int, dict[str, float]]:
 
 
 def _params(workdir: str) -> list[np.ndarray]:
-    state, _ = finetune.load_state_as_numpy(workdir)
+    state, _ = checkpointing.read_state_as_numpy(workdir)
     return jax.tree.leaves(state["params"])
 
 
@@ -36,9 +36,9 @@ def test_dispatch_sizes_align_to_multiples(tiny_mlp_config) -> None:
     config = tiny_mlp_config.copy_and_resolve_references()
     config.update({"steps_per_dispatch": 8, "log_every_steps": 4, "eval_every_steps": 8,
                    "checkpoint_every_steps": 12})  # fmt: skip
-    assert train.steps_per_dispatch(config) == 4  # gcd(8, 4, 8, 12)
+    assert steps.effective_steps_per_dispatch(config) == 4  # gcd(8, 4, 8, 12)
     config.parallelism = "pmap"
-    assert train.steps_per_dispatch(config) == 1
+    assert steps.effective_steps_per_dispatch(config) == 1
 
 
 @pytest.mark.parametrize(

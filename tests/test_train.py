@@ -10,7 +10,6 @@ import pytest
 import checkpointing
 import config_validation
 import data_setup
-import finetune
 import input_pipeline
 import metrics_writer
 import train
@@ -86,8 +85,8 @@ def test_resume_continues_at_the_right_step_and_matches(tiny_mlp_config, tmp_pat
     steps = [r["step"] for r in metrics_writer.read_jsonl(os.path.join(cut, "metrics.jsonl"))
              if "train/loss" in r]  # fmt: skip
     assert steps == sorted(set(steps)) and steps[-1] == 20  # no duplicated log lines
-    a, _ = finetune.load_state_as_numpy(full)
-    b, _ = finetune.load_state_as_numpy(cut)
+    a, _ = checkpointing.read_state_as_numpy(full)
+    b, _ = checkpointing.read_state_as_numpy(cut)
     for x, y in zip(_leaves(a["params"]), _leaves(b["params"]), strict=True):
         np.testing.assert_array_equal(x, y)
 

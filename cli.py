@@ -1,0 +1,65 @@
+"""What every command shares: absl's entry point, one-line errors and quiet TensorFlow logging.
+
+Each command (train.py, sample.py, evaluate.py, data_setup.py, python -m tools.<name>) defines its
+flags under `if __name__ == "__main__":` and ends with `cli.run(main)`. An error in what the user
+asked for (a `UserError`, or a file that is not there) is printed as one `ERROR: ...` line with
+exit status 1; anything else is a bug and keeps its traceback. This module imports nothing heavy:
+the sweep tool uses it without loading JAX.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+from absl import app, flags, logging
+
+
+class UserError(Exception):
+    """Something the user asked for cannot be done; the message names the field and the fix.
+
+    Commands print it as one `ERROR:` line and exit with status 1 (no traceback)."""
+
+
+def quiet_tensorflow() -> None:
+    """Silences TensorFlow's C++ start-up logging; call before the first `import tensorflow`."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a misspelt --config.<field> reported in one readable line
+    (ml_collections raises a bare AttributeError from deep inside the parser)."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:
+        inner = e
+        while inner.args and isinstance(inner.args[0], BaseException):
+            inner = inner.args[0]
+        text = str(inner.args[0]) if inner.args else str(inner)
+        field, _, hint = text.partition("\n")
+        field = field.strip("'\"")
+        bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and field in a]
+        raise SystemExit(
+            f"ERROR: {bad[0] if bad else '--config'}: the config has no field {field!r}. "
+            f"{hint} Every field is defined in configs/base.py (model fields in models/)."
+        ) from None
+
+
+def run(main: Callable[[Sequence[str]], object]) -> None:
+    """absl's `app.run(main)` with the shared conventions: no positional arguments, WARNING
+    logging unless --verbosity is given (Orbax and TFDS log every step at INFO), and known
+    errors as one `ERROR:` line with exit status 1."""
+
+    def wrapped(argv: Sequence[str]) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"Unexpected arguments: {list(argv[1:])}")
+        if not flags.FLAGS["verbosity"].present:
+            logging.set_verbosity(logging.WARNING)
+        try:
+            status = main(argv)
+        except (UserError, FileNotFoundError) as e:
+            raise SystemExit(f"ERROR: {e}") from e
+        if isinstance(status, int) and status:
+            raise SystemExit(status)
+
+    app.run(wrapped, flags_parser=parse_flags)
