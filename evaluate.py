@@ -14,7 +14,6 @@ The report is `<workdir>/eval_<split>_step<N>.json` unless --output names anothe
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -24,27 +23,33 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 
-import checkpointing
+import cli
+import config_validation
+import distributed
 import evaluation_metrics
-import input_pipeline
-import models
-import steps
-import train_state
+import experiment
 
 
 def classifier_log_probs(
-    model: Any, variables: dict[str, Any], batches: Iterable[dict[str, np.ndarray]]
+    run: experiment.Run, state: Any, batches: Iterable[dict[str, np.ndarray]]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(log-probabilities [N, C], labels [N]) over the real (unmasked) examples of `batches`."""
-    forward = jax.jit(lambda v, x: jax.nn.log_softmax(model.apply(v, x, train=False), -1))
+    """(log-probabilities [N, C] float64, labels [N] int64) over the real (unmasked) examples of
+    `batches`, computed by the run's compiled, sharded predict step."""
+    compiled = run.steps
     log_probs, labels = [], []
-    for batch in batches:
-        keep = np.asarray(batch["mask"]) > 0
-        out = np.asarray(forward(variables, jnp.asarray(batch["inputs"])), np.float64)
-        log_probs.append(out[keep])
-        labels.append(np.asarray(batch["targets"])[keep])
+    with compiled.context():
+        for batch in batches:
+            placed = compiled.put_batch(batch)
+            out = compiled.predict_step(state, placed)
+            # Whole global batches on the host: small ([batch, classes]); every process sees all.
+            out, targets, mask = distributed.to_host((out, placed["targets"], placed["mask"]))
+            keep = mask > 0
+            log_probs.append(np.asarray(out, np.float64)[keep])
+            labels.append(targets[keep])
+    if not log_probs:
+        raise cli.UserError("The split produced no evaluation batches.")
     return np.concatenate(log_probs), np.concatenate(labels).astype(np.int64)
 
 
@@ -66,55 +71,56 @@ def classification_report(log_probs: np.ndarray, labels: np.ndarray) -> dict[str
 
 
 def lm_report(
-    model: Any, variables: dict[str, Any], batches: Iterable[dict[str, np.ndarray]], tokenizer: Any
+    run: experiment.Run, state: Any, batches: Iterable[dict[str, np.ndarray]], tokenizer: Any
 ) -> dict[str, Any]:
-    """Loss, accuracy, perplexity and bits per unit, with training's own eval step."""
-    eval_step = jax.jit(functools.partial(steps.eval_step, model=model, num_classes=0))
-
-    # eval_step reads only .params and .model_state; no optimizer state needed.
-    state = train_state.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=variables["params"],
-        opt_state=(),
-        model_state={k: v for k, v in variables.items() if k != "params"},
-    )
+    """Loss, accuracy, perplexity and bits per unit, with training's own compiled eval step."""
+    compiled = run.steps
     totals = None
-    for batch in batches:
-        sums = eval_step(state, jax.tree.map(jnp.asarray, batch))
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    with compiled.context():
+        for batch in batches:
+            sums = compiled.eval_step(state, compiled.put_batch(batch))
+            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     if totals is None:
-        raise ValueError("The split produced no evaluation batches.")
-    return evaluation_metrics.from_sums(jax.device_get(totals), 0, tokenizer)
+        raise cli.UserError("The split produced no evaluation batches.")
+    return evaluation_metrics.from_sums(compiled.sums_to_host(totals), 0, tokenizer)
 
 
-def _splits(config: ml_collections.ConfigDict, datasets: input_pipeline.Datasets) -> list[str]:
+def _splits(config: ml_collections.ConfigDict, datasets: Any) -> list[str]:
     if config.task == "classification":
         return ["train", "test"]
     return list(datasets.eval_splits)
 
 
-def evaluate_variables(
-    config: ml_collections.ConfigDict, variables: dict[str, Any], split: str | None = None
+def evaluate_restored(
+    restored: experiment.Restored, split: str | None = None, **overrides: Any
 ) -> dict[str, Any]:
-    """Metrics of `variables` ({'params': ..., 'batch_stats': ...}) on `split` of the data that
-    `config` names (default: 'test' for classifiers, 'val' for language models)."""
+    """Metrics of a restored run on `split` (default: 'test' for classifiers, 'val' for language
+    models) of its own data, or of the data that config `overrides` name (e.g.
+    dataset='tiny_shakespeare', eval_batch_size=500, eval_steps=200). The model stays sharded
+    as restored; the compiled steps of the run evaluate it.
+
+    Raises cli.UserError for a split the data lacks or a vocabulary that differs from the
+    model's, config_validation.ConfigError for overrides that do not fit the devices."""
+    import input_pipeline  # loading data needs tf.data; restoring does not
+
+    run = restored.run
+    config = ml_collections.ConfigDict(run.config.to_dict())
+    config.update(overrides)
+    config_validation.validate(config, num_devices=run.mesh.size, training=False)
     datasets = input_pipeline.get_datasets(config)
     split = split or ("test" if config.task == "classification" else "val")
     available = _splits(config, datasets)
     if split not in available:
-        raise ValueError(f"split {split!r} is not available for {config.dataset}: {available}.")
+        raise cli.UserError(f"split {split!r} is not available for {config.dataset}: {available}.")
     if datasets.tokenizer is not None and datasets.tokenizer.vocab_size != config.model.vocab_size:
-        raise ValueError(
+        raise cli.UserError(
             f"{config.dataset} with config.tokenizer={config.tokenizer!r} has a vocabulary of "
             f"{datasets.tokenizer.vocab_size}, the model {config.model.vocab_size}."
         )
-    if jax.device_count() > 1:  # evaluation runs on one device: gather the (small) variables
-        variables = jax.device_put(jax.device_get(variables), jax.devices()[0])
-    model = models.build_model(config)
     batches = datasets.eval_batches(split)
     if config.task == "classification":
-        return classification_report(*classifier_log_probs(model, variables, batches))
-    return lm_report(model, variables, batches, datasets.tokenizer)
+        return classification_report(*classifier_log_probs(run, restored.state, batches))
+    return lm_report(run, restored.state, batches, datasets.tokenizer)
 
 
 def evaluate_checkpoint(
@@ -127,35 +133,38 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Evaluates `workdir`'s checkpoint (latest, or `step`) on `split`; writes and returns the
     report (plus, for classifiers, a confusion-matrix PNG next to it)."""
-    config, state, ckpt_step = checkpointing.load_state_for_inference(workdir, step)
+    restored = experiment.restore_run(workdir, step)
+    config = restored.config
+    overrides = {}
     if eval_batch_size:
-        config.eval_batch_size = int(eval_batch_size)
+        overrides["eval_batch_size"] = int(eval_batch_size)
     if eval_steps:
-        config.eval_steps = int(eval_steps)
+        overrides["eval_steps"] = int(eval_steps)
     split = split or ("test" if config.task == "classification" else "val")
-    variables = {"params": state.params, **state.model_state}
-    metrics = evaluate_variables(config, variables, split)
+    metrics = evaluate_restored(restored, split, **overrides)
     report = {
         "workdir": os.path.abspath(workdir),
-        "step": ckpt_step,
+        "step": restored.step,
         "split": split,
         "task": config.task,
         "dataset": config.dataset,
         "model": config.model.name,
         **metrics,
     }
-    path = output or os.path.join(workdir, f"eval_{split}_step{ckpt_step}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
-    report["report_path"] = path
-    if "confusion_matrix" in metrics:
-        image = evaluation_metrics.confusion_matrix_image(np.array(metrics["confusion_matrix"]))
-        png = os.path.splitext(path)[0] + "_confusion.png"
-        import matplotlib.pyplot as plt  # after confusion_matrix_image chose the Agg backend
+    if jax.process_index() == 0:
+        path = output or os.path.join(workdir, f"eval_{split}_step{restored.step}.json")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
+        report["report_path"] = path
+        if "confusion_matrix" in metrics:
+            confusion = np.array(metrics["confusion_matrix"])
+            image = evaluation_metrics.confusion_matrix_image(confusion)
+            png = os.path.splitext(path)[0] + "_confusion.png"
+            import matplotlib.pyplot as plt  # after confusion_matrix_image chose the Agg backend
 
-        plt.imsave(png, image)
-        report["confusion_png"] = png
+            plt.imsave(png, image)
+            report["confusion_png"] = png
     return report
 
 
@@ -183,8 +192,7 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    """Defines the command-line flags (only when run as a script: importing this module must
-    not clash with train.py's flags of the same names)."""
+    """The command's flags (defined only when run as a script: importing evaluate defines none)."""
     flags.DEFINE_string("workdir", None, "Training run directory (checkpoints, config.json).")
     flags.DEFINE_string("split", None, "'test' or 'train' (classifiers), 'val' or 'train' (LMs).")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest readable one).")
@@ -193,32 +201,29 @@ def define_flags() -> None:
     )
     flags.DEFINE_integer("eval_batch_size", None, "Override the run's eval batch size.")
     flags.DEFINE_integer("eval_steps", None, "LMs: number of eval batches (default: the run's).")
+    flags.DEFINE_integer("cpu_devices", None, "Simulated CPU devices (testing sharded runs).")
+    flags.mark_flag_as_required("workdir")
 
 
 def main(argv: Sequence[str]) -> None:
-    """absl entry point."""
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if not FLAGS.workdir:
-        raise app.UsageError("--workdir=<training run directory> is required.")
-    if not FLAGS["verbosity"].present:  # Orbax and TFDS log every step at INFO
-        logging.set_verbosity(logging.WARNING)
-    try:
-        report = evaluate_checkpoint(
-            FLAGS.workdir,
-            FLAGS.split,
-            FLAGS.step,
-            FLAGS.output,
-            FLAGS.eval_batch_size,
-            FLAGS.eval_steps,
-        )
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"ERROR: {e}") from e
-    print(format_report(report))
-    written = [report["report_path"], report.get("confusion_png")]
-    print("Wrote " + " and ".join(p for p in written if p))
+    """absl entry point: evaluates, prints the report and where it was written."""
+    del argv
+    if FLAGS.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
+    report = evaluate_checkpoint(
+        FLAGS.workdir,
+        FLAGS.split,
+        FLAGS.step,
+        FLAGS.output,
+        FLAGS.eval_batch_size,
+        FLAGS.eval_steps,
+    )
+    if jax.process_index() == 0:
+        print(format_report(report))
+        written = [report["report_path"], report.get("confusion_png")]
+        print("Wrote " + " and ".join(p for p in written if p))
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

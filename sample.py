@@ -1,6 +1,8 @@
 """Samples text from a trained GPT checkpoint (like nanoGPT's sample.py).
 
-python sample.py --workdir=runs/shakespeare_char --prompt="ROMEO:" --num_samples=3
+    python sample.py --workdir=runs/shakespeare_char --prompt="ROMEO:" --num_samples=3
+
+The run is restored with experiment.restore_run (verified, on the run's own mesh where it fits).
 """
 
 from __future__ import annotations
@@ -10,50 +12,52 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 
-import checkpointing
-import models
+import cli
+import distributed
+import experiment
 import sampling
-import tokenizers_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Training run directory with checkpoints and tokenizer.")
-flags.DEFINE_string("prompt", "\n", "Text to continue.")
-flags.DEFINE_integer("num_samples", 3, "Number of samples, generated as one batch.")
-flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate per sample.")
-flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 = greedy.")
-flags.DEFINE_integer("top_k", 200, "Keep only the k most likely tokens (0 = all).")
-flags.DEFINE_float("top_p", None, "Nucleus sampling: keep the smallest set with this mass.")
-flags.DEFINE_integer("seed", 0, "Random seed.")
-flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
-flags.mark_flag_as_required("workdir")
+
+
+def define_flags() -> None:
+    """The command's flags (defined only when run as a script: importing sample defines none)."""
+    flags.DEFINE_string("workdir", None, "Training run directory with checkpoints and tokenizer.")
+    flags.DEFINE_string("prompt", "\n", "Text to continue.")
+    flags.DEFINE_integer("num_samples", 3, "Number of samples, generated as one batch.")
+    flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate per sample.")
+    flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 = greedy.")
+    flags.DEFINE_integer("top_k", 200, "Keep only the k most likely tokens (0 = all).")
+    flags.DEFINE_float("top_p", None, "Nucleus sampling: keep the smallest set with this mass.")
+    flags.DEFINE_integer("seed", 0, "Random seed.")
+    flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
+    flags.mark_flag_as_required("workdir")
 
 
 def main(argv: Sequence[str]) -> None:
-    """Loads the checkpoint, generates `num_samples` continuations, prints them and the speed."""
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if not FLAGS["verbosity"].present:  # Orbax logs at INFO; keep the samples readable
-        logging.set_verbosity(logging.WARNING)
-    config, params = checkpointing.load_for_inference(FLAGS.workdir, FLAGS.step)
-    tokenizer = tokenizers_lib.load_tokenizer(FLAGS.workdir)
+    """Restores the run, generates `num_samples` continuations, prints them and the speed."""
+    del argv
+    restored = experiment.restore_run(FLAGS.workdir, FLAGS.step)
+    if restored.config.task != "lm":
+        raise cli.UserError(f"{FLAGS.workdir} is a {restored.config.task} run; sample.py needs a "
+                            "language model (config.task='lm').")  # fmt: skip
+    tokenizer = restored.tokenizer
     try:
         ids = np.asarray(tokenizer.encode(FLAGS.prompt), np.int32)
     except ValueError as e:
-        raise app.UsageError(f"--prompt cannot be encoded by this run's tokenizer: {e}") from e
+        raise cli.UserError(f"--prompt cannot be encoded by this run's tokenizer: {e}") from e
     if ids.size == 0:
-        raise app.UsageError("--prompt encodes to no tokens; give at least one character.")
-
-    model = models.build_model(config)
+        raise cli.UserError("--prompt encodes to no tokens; give at least one character.")
     prompt = np.tile(ids[None, :], (FLAGS.num_samples, 1))
     rng = jax.random.key(FLAGS.seed)
 
     def run() -> np.ndarray:
         """One generation call, blocked until the tokens are on the host."""
         out = sampling.generate(
-            model,
-            params,
+            restored.model,
+            restored.params,
             prompt,
             rng,
             FLAGS.max_new_tokens,
@@ -61,18 +65,20 @@ def main(argv: Sequence[str]) -> None:
             top_k=FLAGS.top_k or None,
             top_p=FLAGS.top_p,
         )
-        return np.asarray(jax.device_get(out))
+        return distributed.to_host(out)
 
     try:
         start = time.perf_counter()
         run()  # warm-up: compiles (and runs once)
         warmup_s = time.perf_counter() - start
     except ValueError as e:
-        raise app.UsageError(str(e)) from e
+        raise cli.UserError(str(e)) from e
     start = time.perf_counter()
     tokens = run()
     elapsed = time.perf_counter() - start
 
+    if jax.process_index() != 0:
+        return
     for i, row in enumerate(tokens):
         print(f"---------- sample {i} ----------")
         print(tokenizer.decode(row))
@@ -86,4 +92,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    cli.run(main)

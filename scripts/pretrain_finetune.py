@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ml_collections  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-import checkpointing  # noqa: E402
 import evaluate  # noqa: E402
+import experiment  # noqa: E402
 import metrics_writer  # noqa: E402
 import train  # noqa: E402
 from configs import shakespeare_char_cpu  # noqa: E402
@@ -88,10 +88,10 @@ def main(argv: Sequence[str]) -> None:
     shakespeare = run_config("tiny_shakespeare", m, tok, FLAGS.seed)
     zero_shot = None
     if tok == "byte":  # a char model's vocabulary does not fit the other corpus
-        pre_config, state, _ = checkpointing.load_state_for_inference(dirs["pretrain_kjv"])
-        zero_shot_config = ml_collections.ConfigDict(shakespeare.to_dict())
-        zero_shot_config.model.vocab_size = pre_config.model.vocab_size
-        zero_shot = evaluate.evaluate_variables(zero_shot_config, {"params": state.params}, "val")
+        pretrained = experiment.restore_run(dirs["pretrain_kjv"])
+        zero_shot = evaluate.evaluate_restored(
+            pretrained, "val", dataset=shakespeare.dataset, eval_steps=shakespeare.eval_steps
+        )
 
     tuned_config = ml_collections.ConfigDict(shakespeare.to_dict())
     tuned_config.init_from.workdir = dirs["pretrain_kjv"]

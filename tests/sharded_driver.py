@@ -168,9 +168,9 @@ def _train(case: dict[str, Any]) -> dict[str, Any]:
     create = train_state.create_train_state
 
     def recording_create(*args: Any, **kwargs: Any) -> Any:
-        state, shardings = create(*args, **kwargs)
+        state = create(*args, **kwargs)
         created.update(shard_shapes(state.params))  # before the first step donates the buffers
-        return state, shardings
+        return state
 
     config = tiny_config(case["model"], case.get("corpus", ""), **case.get("overrides", {}))
     train_state.create_train_state = recording_create
@@ -207,7 +207,29 @@ def _config_error(case: dict[str, Any]) -> dict[str, Any]:
     return {"error": None, "compile_events": len(compiles)}
 
 
-KINDS = {"train": _train, "config_error": _config_error}
+def _evaluate(case: dict[str, Any]) -> dict[str, Any]:
+    """Evaluates case['workdir'] with evaluate.py's function on all devices (the run's own mesh),
+    and again restored onto the first device alone; reports both reports and how the restored
+    parameters were sharded."""
+    import jax
+
+    import evaluate
+    import experiment
+
+    report = evaluate.evaluate_checkpoint(case["workdir"], output=case["output"])
+    restored = experiment.restore_run(case["workdir"])
+    one_device = experiment.restore_run(case["workdir"], devices=jax.devices()[:1])
+    single = evaluate.evaluate_restored(one_device, report["split"])
+    scalars = {k: v for k, v in report.items() if isinstance(v, int | float)}
+    return {
+        "report": scalars,
+        "one_device": {k: v for k, v in single.items() if isinstance(v, int | float)},
+        "mesh": dict(restored.run.mesh.shape),
+        "params": shard_shapes(restored.params),
+    }
+
+
+KINDS = {"train": _train, "config_error": _config_error, "evaluate": _evaluate}
 
 
 def main(argv: list[str]) -> int:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+import cli
 import evaluate
 import evaluation_metrics
 
@@ -90,7 +91,7 @@ def test_classifier_train_split_and_older_step(trained_mlp_run, tmp_path):
     assert report["num_examples"] == 60_000
     assert np.sum(report["confusion_matrix"]) == 60_000
     assert os.path.exists(output) and os.path.exists(str(tmp_path / "report_confusion.png"))
-    with pytest.raises(ValueError, match="not available"):
+    with pytest.raises(cli.UserError, match="not available"):
         evaluate.evaluate_checkpoint(trained_mlp_run, "val")
     with pytest.raises(FileNotFoundError, match="No checkpoint at step 7"):
         evaluate.evaluate_checkpoint(trained_mlp_run, "test", step=7)

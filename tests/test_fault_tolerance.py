@@ -34,6 +34,7 @@ import pytest  # noqa: E402
 import checkpointing  # noqa: E402
 import config_validation  # noqa: E402
 import data_setup  # noqa: E402
+import experiment  # noqa: E402
 import input_pipeline  # noqa: E402
 import metrics_writer  # noqa: E402
 import preemption  # noqa: E402
@@ -219,7 +220,7 @@ def test_sigkill_during_a_save_then_sigterm_then_rerun_matches_uninterrupted(ref
     process.send_signal(signal.SIGKILL)
     code, _ = finish(process, logs[0])
     assert code == -signal.SIGKILL
-    _, params = checkpointing.load_for_inference(workdir)  # restorable, checksums verified
+    params = experiment.restore_run(workdir).params  # restorable, checksums verified
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
     survivor = checkpointing.Checkpointer(workdir).all_steps()[-1]
     assert survivor >= 10
@@ -366,7 +367,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
     assert 2 <= bad_step < 10
     steps = checkpointing.Checkpointer(str(tmp_path)).all_steps()
     assert steps and steps[-1] == bad_step - 1  # the last finite state, never the NaN one
-    _, params = checkpointing.load_for_inference(str(tmp_path))
+    params = experiment.restore_run(str(tmp_path)).params
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 

@@ -3,27 +3,29 @@ and mode='state' continuing the source run's optimizer."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
 import checkpointing
+import config_validation
+import experiment
 import finetune
-import input_pipeline
-import models
-import optim
 import train
+import workdir_files
 
 
 def _source_config(workdir: str):
     """The config the source run was trained with, as train.py saved it."""
-    return checkpointing.load_config(workdir)
+    return workdir_files.load_config(workdir)
 
 
 def _params(workdir: str, step: int | None = None) -> dict:
-    return jax.device_get(checkpointing.load_for_inference(workdir, step)[1])
+    return jax.device_get(experiment.restore_run(workdir, step).params)
 
 
 def _finetune_config(source: str, steps: int, **init_from):
@@ -72,21 +74,11 @@ def test_frozen_parameters_do_not_change(trained_mlp_run, tmp_path):
     assert not np.allclose(tuned["head"]["kernel"], source["head"]["kernel"])
 
 
-def _runner(config, num_classes: int = 10, num_train_examples: int = 60_000):
-    """train.py's Runner (state layout and compiled steps) for `config`, without loading data."""
-    total = train.total_train_steps(config, num_train_examples)
-    schedule = optim.learning_rate_schedule(config, total)
-    tx = optim.build_optimizer(config, schedule)
-    model = models.build_model(config)
-    example = input_pipeline.example_input(config)
-    return train.Runner(config, model, tx, schedule, example, num_classes)
-
-
-def _train_steps(runner, state, datasets, start: int, stop: int):
-    batches = datasets.train_batches(start)
-    with runner.step_context():
+def _train_steps(run: experiment.Run, state, start: int, stop: int):
+    batches = run.datasets.train_batches(start)
+    with run.steps.context():
         for _ in range(start, stop):
-            state, _ = runner.train_step(state, runner.put_train_batch(next(batches)))
+            state, _ = run.steps.train_step(state, run.steps.put_train_batch(next(batches)))
     return state
 
 
@@ -94,9 +86,9 @@ def test_mode_state_continues_the_optimizer(trained_mlp_run):
     """mode='state' restores the step and the Adam moments: training on from the step-10
     checkpoint reproduces the source run's step-20 parameters; mode='params' does not."""
     config = _finetune_config(trained_mlp_run, steps=20, step=10, mode="state")
-    runner, datasets = _runner(config), input_pipeline.get_datasets(config)
-    state = finetune.init_from(config, runner.init_state(), runner.abstract_state)
-    saved, _ = finetune.load_state_as_numpy(trained_mlp_run, 10)
+    run = experiment.build_run(config)
+    state = finetune.init_from(run, run.init_state())
+    saved, _ = checkpointing.read_state_as_numpy(trained_mlp_run, 10)
     assert int(state.step) == 10
     for ours, theirs in zip(
         jax.tree.leaves(jax.device_get(state.opt_state)),
@@ -105,15 +97,16 @@ def test_mode_state_continues_the_optimizer(trained_mlp_run):
     ):
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
 
-    continued = jax.device_get(_train_steps(runner, state, datasets, 10, 20).params)
+    continued = jax.device_get(_train_steps(run, state, 10, 20).params)
     expected = _params(trained_mlp_run, 20)
     for a, b in zip(jax.tree.leaves(continued), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
     config.init_from.mode = "params"  # fresh optimizer: step 0, zero moments, warmup again
-    fresh = finetune.init_from(config, runner.init_state(), runner.abstract_state)
+    run = experiment.build_run(config)
+    fresh = finetune.init_from(run, run.init_state())
     assert int(fresh.step) == 0
-    restarted = jax.device_get(_train_steps(runner, fresh, datasets, 10, 20).params)
+    restarted = jax.device_get(_train_steps(run, fresh, 10, 20).params)
     assert not np.allclose(restarted["dense_0"]["kernel"], expected["dense_0"]["kernel"])
 
 
@@ -121,6 +114,43 @@ def test_mode_state_refuses_other_shapes(trained_mlp_run):
     """The optimizer state cannot be carried over to parameters of other shapes."""
     config = _finetune_config(trained_mlp_run, steps=20, mode="state")
     config.model.num_classes = 12
-    runner = _runner(config, num_classes=12)
-    with pytest.raises(ValueError, match="mode='params'"):
-        finetune.init_from(config, runner.init_state(), runner.abstract_state)
+    run = experiment.build_run(config)
+    with pytest.raises(config_validation.ConfigError, match="mode='params'"):
+        finetune.init_from(run, run.init_state())
+
+
+def _flip_bytes_in_an_array(workdir: str, step: int) -> None:
+    """Overwrites bytes in the middle of the checkpoint's largest data file (Orbax itself reads
+    them back without complaint; only the checksums notice)."""
+    root = os.path.join(workdir, "checkpoints", str(step), "state")
+    files = [os.path.join(path, name) for path, _, names in os.walk(root) for name in names]
+    with open(max(files, key=os.path.getsize), "r+b") as f:
+        f.seek(os.path.getsize(f.name) // 2)
+        f.write(b"\xff" * 64)
+
+
+def test_init_from_refuses_a_damaged_checkpoint_as_resume_does(trained_mlp_run, tmp_path, caplog):
+    """A corrupted array in the source: init_from skips that checkpoint with resume's warning
+    and starts from the older, intact one; an explicitly requested damaged step, or a source
+    whose checkpoints are all damaged, is refused (resume refuses the same way)."""
+    source = str(tmp_path / "source")
+    shutil.copytree(trained_mlp_run, source)
+    _flip_bytes_in_an_array(source, 20)
+
+    config = _finetune_config(source, steps=20, mode="state")
+    run = experiment.build_run(config)
+    state = finetune.init_from(run, run.init_state())
+    assert "Checkpoint 20" in caplog.text and "checksum mismatch" in caplog.text
+    assert int(state.step) == 10  # the newest intact checkpoint
+    assert os.path.isdir(os.path.join(source, "checkpoints", "20"))  # a reader moves nothing
+
+    config.init_from.step = 20
+    with pytest.raises(checkpointing.CheckpointMismatchError, match="step 20 .* damaged"):
+        finetune.init_from(experiment.build_run(config), run.init_state())
+
+    _flip_bytes_in_an_array(source, 10)
+    config.init_from.step = -1
+    with pytest.raises(checkpointing.CheckpointMismatchError, match="could be read"):
+        finetune.init_from(experiment.build_run(config), run.init_state())
+    with pytest.raises(checkpointing.CheckpointMismatchError, match="could be read"):
+        train.train_and_evaluate(_source_config(source), source)  # resume: the same refusal
