@@ -55,7 +55,7 @@ _FASHION_MNIST_HOWTO = (
 )
 
 
-class DatasetUnavailableError(RuntimeError):
+class DatasetUnavailableError(cli.UserError, RuntimeError):
     """Raised when a dataset is neither prepared nor obtainable; the message says how to get it."""
 
 

@@ -1,22 +1,21 @@
-"""Package definition for jaxlab: dependencies with the version ranges we test against."""
+"""jaxlab's dependencies, with the version ranges we test against (and extras).
 
-import os
+jaxlab is run from the repository root (`python train.py ...`, `python -m tools.bench ...`),
+as Flax's examples are, so installing it adds dependencies only: no top-level module of ours
+(`train`, `evaluate`, `distributed`, ...) lands in site-packages, where it could shadow another
+package of the same name (Dask's `distributed`, Hugging Face's `evaluate`).
+"""
 
 from setuptools import setup
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 setup(
     name="jaxlab",
     version="0.1.0",
     description="A JAX/Flax research codebase for scalable models.",
     python_requires=">=3.10",
-    # The top-level modules (train.py, input_pipeline.py, ...) are the package: a flat layout
-    # like Flax's examples, importable after `pip install -e .`.
-    py_modules=sorted(
-        name[:-3] for name in os.listdir(HERE) if name.endswith(".py") and name != "setup.py"
-    ),
-    packages=["models", "configs"],
+    # Nothing to install but the dependencies (see the docstring).
+    py_modules=[],
+    packages=[],
     install_requires=[
         "jax>=0.10.2,<0.11",
         "flax>=0.12.8,<0.13",

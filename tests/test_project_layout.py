@@ -1,0 +1,166 @@
+"""The house itself: installing adds no module of ours, importing defines no flag, a model is one
+file plus one config, and every command reports a user's mistake as one ERROR line."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import data_setup
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT_MODULES = sorted(
+    name[:-3] for name in os.listdir(REPO) if name.endswith(".py") and name != "setup.py"
+)
+COMMAND_MODULES = ["train", "evaluate", "sample", "data_setup", "tools.bench", "tools.quantize",
+                   "tools.export", "tools.sweep.__main__"]  # fmt: skip
+
+
+def _python(code: str, cwd: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": ""})  # fmt: skip
+
+
+def test_installing_adds_no_top_level_module_of_ours(tmp_path):
+    """From outside the repository (the venv has jaxlab installed, editable), none of our
+    modules or packages is importable: `import distributed` or `import evaluate` finds another
+    package or nothing, never ours."""
+    names = ROOT_MODULES + ["models", "configs", "tools", "tests"]
+    code = f"import importlib.util; print([n for n in {names!r} if importlib.util.find_spec(n)])"
+    result = _python(code, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_importing_a_command_defines_no_flag():
+    """Every command defines its flags under __main__, so commands import one another freely."""
+    code = textwrap.dedent(f"""
+        import importlib
+        from absl import flags
+        before = set(flags.FLAGS)
+        for name in {COMMAND_MODULES!r}:
+            importlib.import_module(name)
+        print(sorted(set(flags.FLAGS) - before))
+    """)
+    result = _python(code, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["train.py", "--config=configs/fashion_mnist_mlp.py", "--workdir={missing}",
+         "--config.mesh_shape.tensor=3"],
+        ["evaluate.py", "--workdir={missing}"],
+        ["sample.py", "--workdir={missing}"],
+        ["-m", "tools.export", "--workdir={missing}", "--output={missing}/out"],
+        ["-m", "tools.quantize", "--workdir={missing}"],
+    ],
+    ids=["train", "evaluate", "sample", "export", "quantize"],
+)  # fmt: skip
+def test_a_users_mistake_is_one_error_line(command, tmp_path):
+    """A config that cannot run, or a workdir that is not there: exit status 1 and one line
+    starting with ERROR:, no traceback."""
+    missing = str(tmp_path / "no_such_run")
+    args = [a.replace("{missing}", missing) for a in command]
+    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 1, (result.stdout, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR: ")]
+    assert len(errors) == 1, result.stderr[-3000:]
+
+
+def test_sample_command_runs_as_the_readme_shows(trained_lm_run):
+    """sample.py restores a language-model run and prints the samples and the speed."""
+    result = subprocess.run(
+        [sys.executable, "sample.py", f"--workdir={trained_lm_run}", "--prompt=The king",
+         "--num_samples=2", "--max_new_tokens=8", "--seed=1"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("The king") == 2
+    assert "tokens/s" in result.stdout
+
+
+MODEL_FILE = '''
+"""Multinomial logistic regression on raw pixels: the smallest image classifier."""
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from models.preprocessing import pixels_to_unit_range
+
+
+class LogisticRegression(nn.Module):
+    num_classes: int = 10
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        x = pixels_to_unit_range(x.reshape((x.shape[0], -1)), self.dtype)
+        kernel_init = nn.with_logical_partitioning(
+            nn.linear.default_kernel_init, ("embed", "classes")
+        )
+        logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=kernel_init)(x)
+        return logits.astype(jnp.float32)
+
+
+Model = LogisticRegression
+TASK = "classification"
+'''
+
+CONFIG_FILE = '''
+"""Logistic regression on Fashion-MNIST, a few steps."""
+
+import ml_collections
+
+from configs import base
+
+
+def get_config():
+    c = base.get_config()
+    c.model = ml_collections.ConfigDict({"name": "logistic_regression", "num_classes": 10})
+    c.batch_size = 64
+    c.num_train_steps = 30
+    c.learning_rate = 1e-2
+    c.log_every_steps = 10
+    c.eval_every_steps = 30
+    c.checkpoint_every_steps = 30
+    c.async_checkpointing = False
+    return c
+'''
+
+
+def test_a_new_model_is_one_file_and_one_config(tmp_path, fashion_mnist_ready):
+    """A copy of the repository gets models/logistic_regression.py and
+    configs/logistic_regression.py, nothing else; train.py trains it (the loss falls) and
+    evaluate.py evaluates it, found by the file's name."""
+    repo = tmp_path / "repo"
+    ignore = shutil.ignore_patterns(".venv*", ".data", ".git", "runs", "__pycache__", "*cache*")
+    shutil.copytree(REPO, repo, ignore=ignore)
+    (repo / "models" / "logistic_regression.py").write_text(MODEL_FILE)
+    (repo / "configs" / "logistic_regression.py").write_text(CONFIG_FILE)
+    env = {**os.environ, "JAXLAB_DATA_DIR": data_setup.default_data_dir()}
+    workdir = str(tmp_path / "run")
+    train = subprocess.run(
+        [sys.executable, "train.py", "--config=configs/logistic_regression.py",
+         f"--workdir={workdir}"],
+        cwd=repo, capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert train.returncode == 0, train.stderr[-3000:]
+    progress = [line for line in train.stdout.splitlines() if line.startswith("step ")]
+    losses = [float(ln.split("| loss ")[1].split(" ")[0]) for ln in progress if "| loss" in ln]
+    assert len(losses) == 3 and losses[-1] < losses[0], train.stdout
+    evaluate = subprocess.run(
+        [sys.executable, "evaluate.py", f"--workdir={workdir}"],
+        cwd=repo, capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    assert "accuracy=" in evaluate.stdout
