@@ -10,7 +10,7 @@ with torch; never jaxlab's .venv, whose TensorFlow and torch would share a proce
     make torch-env   # .venv-torch: numpy and a CPU build of torch (see the Makefile)
 
 - speed: median time per training iteration of each (torch: forward, backward, clip, AdamW and
-  loss.item(), as nanoGPT times them; jaxlab: bench.py's steady-state step and train.py's
+  loss.item(), as nanoGPT times them; jaxlab: tools/bench.py's steady-state step and train.py's
   whole loop), tokens/s and the ratio. The two run one after the other, never together.
 - lockstep: both start from the same weights (jaxlab's init, copied into the torch model) and
   train on the same batches (jaxlab's); prints the two loss curves and their largest gap. Any
@@ -31,7 +31,6 @@ import sys
 import tempfile
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
@@ -66,9 +65,9 @@ def run_torch(python: str, *args: str, timeout: int = 3600) -> dict[str, Any]:
 
 def speed(args: argparse.Namespace) -> dict[str, Any]:
     """Steady-state time per iteration of each loop, measured one after the other."""
-    import bench
     import metrics_writer
     import train
+    from tools import bench
 
     torch_result = run_torch(args.torch_python, f"--max_iters={args.iters}",
                              "--eval_interval=1000000", "--final_eval_iters=0")  # fmt: skip
@@ -112,22 +111,24 @@ def lockstep(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     from flax import traverse_util
 
-    import bench
+    import distributed
+    import experiment
 
     config = _config()
     config.steps_per_dispatch = 1  # one step per call, to read every step's loss
-    parts = bench.build(config)
-    runner, datasets = parts["runner"], parts["datasets"]
-    state = runner.init_state()
-    flat = traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
+    run = experiment.build_run(config)
+    compiled = run.steps
+    state = run.init_state()
+    flat = traverse_util.flatten_dict(distributed.to_host(state.params), sep="/")
     weights = {k: np.asarray(v) for k, v in flat.items()}
-    batch_iter = datasets.train_batches(0)
+    state = compiled.from_global(state)
+    batch_iter = run.datasets.train_batches(0)
     batches, losses = [], []
-    with runner.step_context():
+    with compiled.context():
         for _ in range(args.iters):
             batch = next(batch_iter)
             batches.append(np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1))
-            state, metrics = runner.train_step(state, runner.put_train_batch(batch))
+            state, metrics = compiled.train_step(state, compiled.put_train_batch(batch))
             losses.append(float(jax.device_get(metrics["loss"])))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "init.npz")

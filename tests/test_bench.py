@@ -1,4 +1,4 @@
-"""bench.py: runs on tiny configs and reports every field (no timing assertions)."""
+"""tools/bench.py: runs on tiny configs and reports every field (no timing assertions)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-import bench
+from tools import bench
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,16 +25,16 @@ TRAIN_FIELDS = (
 
 
 def test_cli_prints_table_and_json_line(tiny_corpus):
-    """The CLI on a tiny GPT, decoding included: a readable table, then one JSON line."""
+    """`python -m tools.bench` from the repo root, as the README shows, on a tiny GPT with
+    decoding: a readable table, then one JSON line."""
     args = [
-        sys.executable, "bench.py", "--config=configs/shakespeare_char_cpu.py",
+        sys.executable, "-m", "tools.bench", "--config=configs/shakespeare_char_cpu.py",
         f"--config.dataset={tiny_corpus}", "--config.model.num_layers=1",
         "--config.model.num_heads=2", "--config.model.embed_dim=32",
-        "--config.model.block_size=16", "--config.batch_size=4", "--steps=3", "--warmup=1",
-        "--decode", "--decode_batch=1", "--decode_batch=2",
+        "--config.model.block_size=16", "--config.batch_size=4", "--steps=1", "--warmup=1",
+        "--rounds=1", "--decode", "--decode_batch=1", "--decode_batch=2",
     ]  # fmt: skip
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     result = json.loads(lines[-1])
@@ -49,6 +50,35 @@ def test_cli_prints_table_and_json_line(tiny_corpus):
     )
     assert result["xla_flops_per_step"] > 0.5 * result["model_flops_per_step"]
     assert 0 <= result["input_wait_fraction"] <= 1
+
+
+def test_cli_errors_are_one_line():
+    """Asking for something that cannot run: one ERROR line naming the fix, exit status 1."""
+    args = [sys.executable, "-m", "tools.bench", "--config=configs/fashion_mnist_mlp.py",
+            "--notrain", "--decode"]  # fmt: skip
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("ERROR: --decode needs a language")
+    assert "Traceback" not in proc.stderr
+
+
+def test_analytic_flops_come_from_the_model_file(tiny_lm_config):
+    """The GPT's FLOPs are models/gpt.py's training_flops_per_token (6N + 12LHQT per token)."""
+    import models
+    from models import gpt
+
+    config = tiny_lm_config
+    config.model.vocab_size = 40
+    model = models.build_model(config)
+    example = np.zeros((1, config.model.block_size), np.int32)
+    flops = bench.model_flops_per_step(config, model, example)
+    seq = config.model.block_size
+    assert flops["model_flops_per_step"] == (
+        gpt.training_flops_per_token(model, seq) * seq * config.batch_size
+    )
+    assert flops["traced_matmul_flops_per_step"] == pytest.approx(
+        flops["model_flops_per_step"], rel=0.25
+    )
 
 
 def test_classifier_flops_are_counted_matmuls(tiny_mlp_config):

@@ -1,18 +1,23 @@
-"""export.py: the serialized StableHLO model gives the JAX model's outputs, at any batch size."""
+"""tools/export.py: the serialized StableHLO model gives the JAX model's outputs, at any batch
+size."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import checkpointing
-import export
-import models
+import distributed
+import experiment
 import tokenizers_lib
+from tools import export
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_exported_lm_matches_jax_model(trained_lm_run, tmp_path):
@@ -21,9 +26,9 @@ def test_exported_lm_matches_jax_model(trained_lm_run, tmp_path):
     assert os.path.exists(tmp_path / export.MODEL_FILE)
     assert json.loads((tmp_path / export.META_FILE).read_text())["input_shape"][0] == "batch"
     tokenizer = tokenizers_lib.load_tokenizer(str(tmp_path))  # served next to the model
-    config, params = checkpointing.load_for_inference(trained_lm_run)
-    model = models.build_model(config)
-    block = config.model.block_size
+    restored = experiment.restore_run(trained_lm_run)
+    model, params = restored.model, distributed.to_host(restored.params)
+    block = restored.config.model.block_size
     assert meta["input_shape"] == ["batch", block]
     for batch in (1, 3):
         tokens = np.random.default_rng(batch).integers(0, tokenizer.vocab_size, (batch, block))
@@ -34,7 +39,25 @@ def test_exported_lm_matches_jax_model(trained_lm_run, tmp_path):
 def test_exported_classifier_matches_jax_model(trained_mlp_run, tmp_path):
     """The same for a Fashion-MNIST classifier, which takes raw uint8 pixels."""
     export.export_run(trained_mlp_run, str(tmp_path))
-    config, params = checkpointing.load_for_inference(trained_mlp_run)
+    restored = experiment.restore_run(trained_mlp_run)
     images = jax.random.randint(jax.random.key(0), (5, 28, 28, 1), 0, 256).astype(jnp.uint8)
-    expected = models.build_model(config).apply({"params": params}, images)
+    expected = restored.model.apply(distributed.to_host(restored.variables), images)
     np.testing.assert_allclose(export.run(str(tmp_path), np.asarray(images)), expected, atol=1e-5)
+
+
+def test_cli_exports_from_the_repo_root(trained_mlp_run, tmp_path):
+    """`python -m tools.export --workdir --output`, as the README shows: one JSON line, and the
+    files it names; a missing workdir is one ERROR line with exit status 1."""
+    out = tmp_path / "exported"
+    args = [sys.executable, "-m", "tools.export", f"--workdir={trained_mlp_run}", f"--output={out}",
+            "--step=10"]  # fmt: skip
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert meta["step"] == 10 and meta["input_dtype"] == "uint8"
+    assert os.path.exists(out / export.MODEL_FILE) and os.path.exists(out / export.META_FILE)
+    missing = [sys.executable, "-m", "tools.export", f"--workdir={tmp_path / 'none'}",
+               f"--output={out}"]  # fmt: skip
+    proc = subprocess.run(missing, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("ERROR: ")

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-import bench
+import experiment
 import train
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -53,21 +53,21 @@ def test_no_recompilation_in_training_loop(
     assert counts[2:] == [counts[2]] * 10, (counts, compile_events[counts[2] :])
 
 
-def _runner_and_batches(config, n: int = 3):
-    """bench.build's runner, a fresh state and n batches already on the device."""
-    parts = bench.build(config)
-    runner = parts["runner"]
-    iterator = parts["datasets"].train_batches(0)
-    batches = [runner.put_train_batch(next(iterator)) for _ in range(n)]
-    return runner, runner.from_global(runner.init_state()), batches
+def _steps_state_and_batches(config, n: int = 3):
+    """The run's compiled steps, a fresh state in their layout and n batches on the device."""
+    run = experiment.build_run(config)
+    compiled = run.steps
+    iterator = run.datasets.train_batches(0)
+    batches = [compiled.put_train_batch(next(iterator)) for _ in range(n)]
+    return compiled, compiled.from_global(run.init_state()), batches
 
 
-def _steps(runner, state, batches):
+def _steps(compiled, state, batches):
     """Runs one train step per batch; returns the state and the per-step losses."""
     losses = []
-    with runner.step_context():
+    with compiled.context():
         for batch in batches:
-            state, metrics = runner.train_step(state, batch)
+            state, metrics = compiled.train_step(state, batch)
             losses.append(float(metrics["loss"]))
     return state, losses
 
@@ -76,13 +76,13 @@ def _steps(runner, state, batches):
 def test_steady_state_steps_make_no_host_transfers(task, tiny_mlp_config, tiny_lm_config):
     """With transfers disallowed, compiled steps run: no host round trip inside the step."""
     config = tiny_mlp_config if task == "classification" else tiny_lm_config
-    runner, state, batches = _runner_and_batches(config, 4)
-    with runner.step_context():
-        state, metrics = runner.train_step(state, batches[0])  # compiles
+    compiled, state, batches = _steps_state_and_batches(config, 4)
+    with compiled.context():
+        state, metrics = compiled.train_step(state, batches[0])  # compiles
         jax.block_until_ready(metrics)
         with jax.transfer_guard("disallow"):
             for batch in batches[1:]:
-                state, metrics = runner.train_step(state, batch)
+                state, metrics = compiled.train_step(state, batch)
             jax.block_until_ready((state, metrics))
     assert np.isfinite(float(metrics["loss"]))
 
@@ -105,12 +105,12 @@ def test_bfloat16_keeps_float32_master_weights(tiny_lm_config):
     for dtype in ("float32", "bfloat16"):
         config = tiny_lm_config.copy_and_resolve_references()
         config.dtype = dtype
-        runner, state, batches = _runner_and_batches(config, 3)
+        compiled, state, batches = _steps_state_and_batches(config, 3)
         if dtype == "bfloat16":
-            with runner.step_context():
-                hlo = runner.train_step.lower(state, batches[0]).as_text()
+            with compiled.context():
+                hlo = compiled.train_step.lower(state, batches[0]).as_text()
             assert "bf16" in hlo
-        state, losses[dtype] = _steps(runner, state, batches)
+        state, losses[dtype] = _steps(compiled, state, batches)
         leaves = _floating_leaves(state.params) + _floating_leaves(state.opt_state)
         assert leaves and all(x.dtype == np.float32 for x in leaves), dtype
     np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=0.02)
@@ -123,8 +123,8 @@ def test_remat_train_step_matches_no_remat(tiny_lm_config):
         config = tiny_lm_config.copy_and_resolve_references()
         config.model.remat_policy = remat
         config.model.dropout_rate = 0.1  # remat must replay the same dropout masks
-        runner, state, batches = _runner_and_batches(config, 3)
-        results[remat] = _steps(runner, state, batches)
+        compiled, state, batches = _steps_state_and_batches(config, 3)
+        results[remat] = _steps(compiled, state, batches)
     state_a, loss_a = results.pop("none")
     for state_b, loss_b in results.values():
         np.testing.assert_allclose(loss_b, loss_a, rtol=1e-5)

@@ -10,11 +10,13 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-import checkpointing
-import models
-import quantize
+import cli
+import distributed
+import experiment
 import sampling
+from tools import quantize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +39,8 @@ def test_trained_gpt_loss_memory_and_sampling(trained_lm_run):
     assert result["quantized_matrices"] == 6  # 1 layer: query, key, value, out, fc, proj
     assert abs(result["loss_change"]) <= 0.02, result
     assert result["int8_param_bytes"] < result["float_param_bytes"]
-    config, params = checkpointing.load_for_inference(trained_lm_run)
+    restored = experiment.restore_run(trained_lm_run)
+    params = distributed.to_host(restored.params)
     block = params["h_0"]
     q_block = qparams["h_0"]
     assert q_block["mlp"]["fc"]["kernel"]["int8"].dtype == jnp.int8
@@ -50,20 +53,30 @@ def test_trained_gpt_loss_memory_and_sampling(trained_lm_run):
     # Embeddings stay float.
     assert qparams["wte"]["embedding"].dtype == jnp.float32
 
-    model = models.build_model(config)
+    # Sampling with the int8 weights (dequantized) continues as the float weights do.
+    model = restored.model
     prompt = jnp.zeros((2, 3), jnp.int32)
     greedy = dict(max_new_tokens=8, temperature=0.0)
     ref = sampling.generate(model, params, prompt, jax.random.key(0), **greedy)
-    out = quantize.generate(model, qparams, prompt, jax.random.key(0), **greedy)
+    out = sampling.generate(
+        model, quantize.dequantize(qparams), prompt, jax.random.key(0), **greedy
+    )
     assert out.shape == ref.shape == (2, 11)
     assert float(jnp.mean(out == ref)) > 0.7  # greedy continuations nearly always agree
 
 
+def test_non_gpt_run_is_a_user_error(trained_mlp_run):
+    """A classifier's workdir: a UserError naming what to give instead (one ERROR line)."""
+    with pytest.raises(cli.UserError, match="config.model.name='gpt'"):
+        quantize.report(trained_mlp_run)
+
+
 def test_cli_prints_json(trained_lm_run, tmp_path):
-    """quantize.py --workdir prints the comparison and can save the int8 parameters."""
+    """`python -m tools.quantize --workdir` from the repo root prints the comparison and can save
+    the int8 parameters."""
     out = tmp_path / "q.npz"
     proc = subprocess.run(
-        [sys.executable, "quantize.py", f"--workdir={trained_lm_run}", f"--output={out}"],
+        [sys.executable, "-m", "tools.quantize", f"--workdir={trained_lm_run}", f"--output={out}"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]

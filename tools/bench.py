@@ -1,54 +1,53 @@
 """Performance of a config's training step (and, with --decode, of cached sampling).
 
-    python bench.py --config=configs/shakespeare_char_cpu.py [--config.dtype=bfloat16]
+    python -m tools.bench --config=configs/shakespeare_char_cpu.py [--config.dtype=bfloat16]
         [--steps=50] [--warmup=5] [--rounds=3] [--decode]
 
-Builds the run exactly as train.py does (input_pipeline.get_datasets, models.build_model, optim,
-train.Runner, train.prefetch_to_device) and reports: compilation time; steady-state step time
+Builds the run exactly as train.py does (experiment.build_run: data, model, optimizer, mesh and
+compiled steps; train.prefetch_to_device) and reports: compilation time; steady-state step time
 (median over --steps single steps, each waited for with block_until_ready, and the mean over a
 pipelined run of --steps steps as the training loop dispatches them, alternated --rounds times
 with the real loop, medians); examples and tokens per
-second; model FLOPs per step (analytic: nanoGPT/PaLM 6N + 12LHQT per token for the GPT, counted
-matmuls and convolutions of the forward pass x3 for the others) next to XLA's cost analysis; MFU
-against the device's peak (measured with a 2048x2048 float32 matmul on CPU, a datasheet figure on
-GPU/TPU); peak device memory (memory_stats, or the compiled memory analysis on CPU); and the share
-of the real loop's step time lost to input (the real loop's time per step minus the pipelined
-time on batches already on the device), with the host CPU time the input pipeline alone needs
-per step. Prints a table, then one JSON line.
+second; model FLOPs per step (analytic where the model file defines
+`training_flops_per_token(model, seq_len)`: nanoGPT/PaLM 6N + 12LHQT per token for the GPT;
+counted matmuls and convolutions of the forward pass x3 for the others) next to XLA's cost
+analysis; MFU against the device's peak (measured with a 2048x2048 float32 matmul on CPU, a
+datasheet figure on GPU/TPU); peak device memory (memory_stats, or the compiled memory analysis
+on CPU); and the share of the real loop's step time lost to input (the real loop's time per step
+minus the pipelined time on batches already on the device), with the host CPU time the input
+pipeline alone needs per step. Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
 
 import host_allocator
 
-host_allocator.keep_freed_memory_mapped()  # first, as in train.py
+host_allocator.keep_freed_memory_mapped()  # first, before jax and TensorFlow, as in train.py
 
 import functools
 import json
 import math
-import os
 import resource
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import flags
+from flax import linen as nn
+from ml_collections import config_flags
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from flax import linen as nn  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+import cli
+import experiment
+import models
+import train
 
-import config_validation  # noqa: E402
-import input_pipeline  # noqa: E402
-import models  # noqa: E402
-import optim  # noqa: E402
-import train  # noqa: E402
-from models import gpt  # noqa: E402
+if TYPE_CHECKING:
+    import input_pipeline
 
 # Dense bf16 peak FLOP/s by device_kind substring (first match wins; more specific names first).
 PEAK_FLOPS = (
@@ -134,15 +133,12 @@ def model_flops_per_step(config: ml_collections.ConfigDict, model: nn.Module, ex
     inputs = jax.ShapeDtypeStruct((batch,) + example.shape[1:], example.dtype)
     forward = matmul_flops(lambda v, x: model.apply(v, x, train=False), variables, inputs)
     result = {"traced_matmul_flops_per_step": 3.0 * forward}
-    if isinstance(model, gpt.GPT):
-        m = model
-        n = gpt.non_embedding_params(m.vocab_size, m.block_size, m.num_layers, m.embed_dim,
-                                     m.mlp_ratio, m.use_bias, m.position_embedding)  # fmt: skip
+    name = config.model.name
+    analytic = getattr(models.model_module(name), "training_flops_per_token", None)
+    if analytic is not None:
         seq = int(example.shape[1])
-        per_token = gpt.flops_per_token(n, m.num_layers, m.num_heads, m.embed_dim // m.num_heads,
-                                        seq)  # fmt: skip
-        result["model_flops_per_step"] = per_token * seq * batch
-        result["flops_formula"] = "6N + 12*L*H*Q*T per token (nanoGPT/PaLM)"
+        result["model_flops_per_step"] = analytic(model, seq) * seq * batch
+        result["flops_formula"] = f"models/{name}.py training_flops_per_token (analytic)"
     else:
         result["model_flops_per_step"] = 3.0 * forward
         result["flops_formula"] = "3 x forward matmul/conv FLOPs (2 x MACs)"
@@ -180,22 +176,6 @@ def _cost_flops(compiled: Any) -> float | None:
     return float(cost["flops"])
 
 
-def build(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The pieces of a run, made as train.train_and_evaluate makes them."""
-    config = ml_collections.ConfigDict(config.to_dict())
-    config_validation.validate(config)
-    datasets = input_pipeline.get_datasets(config)
-    if datasets.tokenizer is not None:
-        config.model.vocab_size = datasets.tokenizer.vocab_size
-    model = models.build_model(config)
-    total_steps = train.total_train_steps(config, datasets.num_train_examples)
-    schedule = optim.learning_rate_schedule(config, total_steps)
-    tx = optim.build_optimizer(config, schedule)
-    runner = train.Runner(config, model, tx, schedule, datasets.example_input,
-                          datasets.num_classes)  # fmt: skip
-    return {"config": config, "datasets": datasets, "model": model, "runner": runner}
-
-
 def _block(tree: Any) -> None:
     jax.block_until_ready(tree)
 
@@ -224,20 +204,20 @@ def input_pipeline_cost(datasets: input_pipeline.Datasets, k: int, calls: int) -
 def benchmark_training(config: ml_collections.ConfigDict, steps: int = 50, warmup: int = 5,
                        rounds: int = 3) -> dict[str, Any]:  # fmt: skip
     """Times the training step of `config` and returns every measurement as a flat dict."""
-    parts = build(config)
-    config, datasets, model, runner = (parts[k] for k in ("config", "datasets", "model", "runner"))
+    run = experiment.build_run(config)
+    config, datasets, model, compiled_steps = run.config, run.datasets, run.model, run.steps
     device = jax.devices()[0]
-    example = datasets.example_input
+    example = run.input_spec.example_input
     items_per_example = int(np.prod(example.shape[1:])) if config.task == "lm" else 1
-    k = runner.steps_per_dispatch  # steps per call: every time below is divided by it
+    k = compiled_steps.steps_per_dispatch  # steps per call: every time below is divided by it
     pipeline_cost = input_pipeline_cost(datasets, k, max(steps, 20))
     batch_iter = datasets.train_batches(0, k)
-    batches = [runner.put_train_batch(next(batch_iter)) for _ in range(min(steps, 8))]
-    state = runner.from_global(runner.init_state())
+    batches = [compiled_steps.put_train_batch(next(batch_iter)) for _ in range(min(steps, 8))]
+    state = compiled_steps.from_global(run.init_state())
 
-    with runner.step_context():
+    with compiled_steps.context():
         start = time.perf_counter()
-        lowered = runner.train_step.lower(state, batches[0])
+        lowered = compiled_steps.train_step.lower(state, batches[0])
         compiled = lowered.compile()
         compile_s = time.perf_counter() - start
 
@@ -257,7 +237,9 @@ def benchmark_training(config: ml_collections.ConfigDict, steps: int = 50, warmu
         # The real loop structure: prefetching input pipeline, at most two calls in flight,
         # metrics read once at the end (train.py reads them per log window). Its first calls
         # are not timed: they hold tf.data's start-up, which a run pays once, not per step.
-        loop_iter = train.prefetch_to_device(datasets.train_batches(0, k), runner.put_train_batch)
+        loop_iter = train.prefetch_to_device(
+            datasets.train_batches(0, k), compiled_steps.put_train_batch
+        )
         for _ in range(warmup):
             state, metrics = step_fn(state, next(loop_iter))
         _block((state, metrics))
@@ -340,27 +322,26 @@ def benchmark_decoding(config: ml_collections.ConfigDict, batch_sizes=(1, 16),
     """Cached sampling throughput (new tokens per second) of the config's GPT, random weights."""
     import sampling
 
-    config = ml_collections.ConfigDict(config.to_dict())
     if config.task != "lm":
-        raise ValueError("--decode needs a language-model config (config.task='lm').")
-    datasets = input_pipeline.get_datasets(config)
-    config.model.vocab_size = datasets.tokenizer.vocab_size
-    model = models.build_model(config)
-    example = jnp.asarray(datasets.example_input)
-    params = jax.jit(lambda: nn.unbox(model.init(jax.random.key(0), example)["params"]))()
+        raise cli.UserError(
+            "--decode needs a language-model config (config.task='lm'); for a classifier, "
+            "drop --decode."
+        )
+    run = experiment.build_run(config, training=False)
+    model, params = run.model, run.init_state().params  # random weights from config.seed
     new_tokens = int(model.block_size) - 1
     out: dict[str, Any] = {"decode_new_tokens": new_tokens}
     for b in batch_sizes:
         prompt = jnp.zeros((b, 1), jnp.int32)
-        run = functools.partial(sampling.generate, model, params, prompt,
-                                max_new_tokens=new_tokens, temperature=1.0)  # fmt: skip
+        generate = functools.partial(sampling.generate, model, params, prompt,
+                                     max_new_tokens=new_tokens, temperature=1.0)  # fmt: skip
         start = time.perf_counter()
-        run(rng=jax.random.key(0)).block_until_ready()
+        generate(rng=jax.random.key(0)).block_until_ready()
         out[f"decode_b{b}_compile_s"] = time.perf_counter() - start
         times = []
         for r in range(repeats):
             start = time.perf_counter()
-            run(rng=jax.random.key(r + 1)).block_until_ready()
+            generate(rng=jax.random.key(r + 1)).block_until_ready()
             times.append(time.perf_counter() - start)
         seconds = statistics.median(times)
         out[f"decode_b{b}_tokens_per_sec"] = b * new_tokens / seconds
@@ -386,10 +367,8 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    """The CLI's flags (defined only when run as a script, so importing bench adds none)."""
-    if "config" not in FLAGS:  # train.py (imported above) already defines --config
-        config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                        lock_config=True)  # fmt: skip
+    """The command's flags (defined only when run as a script: importing bench defines none)."""
+    config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
     flags.DEFINE_integer("steps", 50, "Timed steps (after warm-up).", lower_bound=1)
     flags.DEFINE_integer("warmup", 5, "Untimed steps after compilation.", lower_bound=1)
     flags.DEFINE_integer(
@@ -398,29 +377,23 @@ def define_flags() -> None:
     flags.DEFINE_bool("decode", False, "Also time cached sampling (language models).")
     flags.DEFINE_multi_integer("decode_batch", [1, 16], "Batch sizes for --decode.")
     flags.DEFINE_bool("train", True, "Time training (--notrain --decode: sampling only).")
+    flags.mark_flag_as_required("config")
 
 
 def main(argv: list[str]) -> None:
     """absl entry point: prints the table, then the JSON line."""
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if FLAGS.config is None:
-        raise app.UsageError("--config=configs/<name>.py is required.")
-    if FLAGS.steps < 1 or FLAGS.warmup < 0:
-        raise app.UsageError("--steps must be >= 1 and --warmup >= 0.")
-    logging.set_verbosity(logging.WARNING)
+    del argv
     result: dict[str, Any] = {}
-    try:
-        if FLAGS.train:
-            result.update(benchmark_training(FLAGS.config, FLAGS.steps, FLAGS.warmup, FLAGS.rounds))
-        if FLAGS.decode:
-            result.update(benchmark_decoding(FLAGS.config, tuple(FLAGS.decode_batch)))
-    except config_validation.ConfigError as e:
-        raise SystemExit(f"ERROR: {e}") from e
+    if FLAGS.train:
+        result.update(benchmark_training(FLAGS.config, FLAGS.steps, FLAGS.warmup, FLAGS.rounds))
+    if FLAGS.decode:
+        result.update(benchmark_decoding(FLAGS.config, tuple(FLAGS.decode_batch)))
+    if not result:
+        raise cli.UserError("--notrain without --decode measures nothing; add --decode.")
     print(format_table(result), flush=True)
     print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -1,6 +1,6 @@
 """Export a trained model for serving without the training code: serialized StableHLO.
 
-    python export.py --workdir=runs/shakespeare_cpu --output=exported/ [--step=N]
+    python -m tools.export --workdir=runs/shakespeare_cpu --output=exported/ [--step=N]
 
 Writes `model.stablehlo` (jax.export's serialized form: the forward pass with the trained
 weights baked in, a symbolic batch dimension, CPU and, where available, CUDA lowerings) and
@@ -17,13 +17,15 @@ import os
 import shutil
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from jax import export as jax_export
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from jax import export as jax_export  # noqa: E402
+import cli
+import distributed
+import experiment
 
 MODEL_FILE = "model.stablehlo"
 META_FILE = "export.json"
@@ -31,8 +33,8 @@ META_FILE = "export.json"
 
 def export_forward(model: Any, variables: Any, example: np.ndarray,
                    platforms: tuple[str, ...] = ("cpu",)) -> jax_export.Exported:  # fmt: skip
-    """jax.export of inputs -> float32 outputs (logits), weights as constants, batch symbolic."""
-    variables = jax.device_get(variables)
+    """jax.export of inputs -> float32 outputs (logits), weights as constants, batch symbolic.
+    `variables` are baked in as they are: pass host arrays (distributed.to_host)."""
 
     def forward(inputs):
         return model.apply(variables, inputs, train=False)
@@ -44,14 +46,10 @@ def export_forward(model: Any, variables: Any, example: np.ndarray,
 
 def export_run(workdir: str, output: str, step: int | None = None) -> dict[str, Any]:
     """Exports a run's checkpoint into `output`; returns the metadata written to export.json."""
-    import checkpointing
-    import input_pipeline
-    import models
-
-    config, state, step = checkpointing.load_state_for_inference(workdir, step)
-    model = models.build_model(config)
-    example = input_pipeline.example_input(config)
-    variables = {"params": state.params, **state.model_state}
+    restored = experiment.restore_run(workdir, step)
+    config, model, step = restored.config, restored.model, restored.step
+    example = restored.run.input_spec.example_input
+    variables = distributed.to_host(restored.variables)
     platforms = ("cpu", "cuda") if _cuda_lowering_available() else ("cpu",)
     exported = export_forward(model, variables, example, platforms)
     os.makedirs(output, exist_ok=True)
@@ -101,22 +99,19 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    """The CLI's flags (defined only when run as a script: train.py also has --workdir)."""
+    """The command's flags (defined only when run as a script: train.py also has --workdir)."""
     flags.DEFINE_string("workdir", None, "Run directory holding checkpoints and config.json.")
     flags.DEFINE_string("output", None, "Directory to write model.stablehlo and export.json to.")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+    flags.mark_flags_as_required(["workdir", "output"])
 
 
 def main(argv: list[str]) -> None:
     """absl entry point: exports and prints the metadata as one JSON line."""
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if not FLAGS.workdir or not FLAGS.output:
-        raise app.UsageError("--workdir and --output are required.")
-    logging.set_verbosity(logging.WARNING)
+    del argv
     print(json.dumps(export_run(FLAGS.workdir, FLAGS.output, FLAGS.step)))
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -1,6 +1,6 @@
 """Weight-only int8 quantization of a trained GPT for sampling and evaluation.
 
-    python quantize.py --workdir=runs/shakespeare_cpu [--step=N] [--output=q.npz]
+    python -m tools.quantize --workdir=runs/shakespeare_cpu [--step=N] [--output=q.npz]
 
 Every matrix of the transformer blocks (attention query/key/value/out, MLP fc/proj) is stored as
 int8 with one float32 scale per output channel (symmetric: w ~= int8 * scale, scale = max|w| /
@@ -14,19 +14,19 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from flax import traverse_util
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from flax import traverse_util  # noqa: E402
-
-import sampling  # noqa: E402
-import steps  # noqa: E402
+import cli
+import distributed
+import experiment
+import steps
+import workdir_files
 
 # Matrices that are quantized (by the last path element of the kernel's parent module) and the
 # axes each one contracts with its input: scales are per output channel, over these axes.
@@ -72,24 +72,6 @@ def num_bytes(tree: Any) -> int:
     return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree)))
 
 
-@functools.partial(
-    jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p")
-)
-def generate(
-    model: Any,
-    qparams: Any,
-    prompt: jax.Array,
-    rng: jax.Array,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-) -> jax.Array:
-    """sampling.generate with int8 weights, dequantized inside the compiled program."""
-    return sampling.generate(model, dequantize(qparams), prompt, rng, max_new_tokens,
-                             temperature, top_k, top_p)  # fmt: skip
-
-
 @functools.partial(jax.jit, static_argnames=("model",))
 def _loss_sums(model: Any, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, ...]:
     """(loss sum, token count) of a masked eval batch; quantized params are dequantized here."""
@@ -110,16 +92,16 @@ def eval_loss(model: Any, params: Any, batches) -> float:
 def report(workdir: str, step: int | None = None, split: str = "val") -> tuple[dict[str, Any], Any]:
     """Quantizes a run's checkpoint; returns (losses, their change and the parameter bytes;
     the quantized params)."""
-    import checkpointing
-    import input_pipeline
-    import models
-
-    config, params = checkpointing.load_for_inference(workdir, step)
+    config = workdir_files.load_config(workdir)  # checked before any data or checkpoint is read
     if config.task != "lm" or config.model.name != "gpt":
-        raise ValueError("quantize.py handles GPT language-model runs (config.model.name='gpt').")
-    params = jax.device_get(params)
-    model = models.build_model(config)
-    datasets = input_pipeline.get_datasets(config)
+        raise cli.UserError(
+            f"{workdir} is a {config.model.name!r} run; tools.quantize handles GPT language-model "
+            "runs (config.model.name='gpt'): give the workdir of one."
+        )
+    restored = experiment.restore_run(workdir, step, load_data=True)
+    params = distributed.to_host(restored.params)
+    model = restored.model
+    datasets = restored.run.datasets
     qparams = quantize_params(params)
     float_loss = eval_loss(model, params, datasets.eval_batches(split))
     int8_loss = eval_loss(model, qparams, datasets.eval_batches(split))
@@ -142,20 +124,17 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    """The CLI's flags (defined only when run as a script: train.py also has --workdir)."""
+    """The command's flags (defined only when run as a script: train.py also has --workdir)."""
     flags.DEFINE_string("workdir", None, "Run directory holding checkpoints and config.json.")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
     flags.DEFINE_string("split", "val", "Split for the loss comparison.")
     flags.DEFINE_string("output", None, "Optional .npz to write the quantized parameters to.")
+    flags.mark_flag_as_required("workdir")
 
 
 def main(argv: list[str]) -> None:
     """absl entry point: prints one JSON line."""
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if not FLAGS.workdir:
-        raise app.UsageError("--workdir is required.")
-    logging.set_verbosity(logging.WARNING)
+    del argv
     result, qparams = report(FLAGS.workdir, FLAGS.step, FLAGS.split)
     if FLAGS.output:
         flat = traverse_util.flatten_dict(jax.device_get(qparams), sep="/")
@@ -166,4 +145,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)
