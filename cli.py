@@ -22,8 +22,10 @@ class UserError(Exception):
 
 
 def quiet_tensorflow() -> None:
-    """Silences TensorFlow's C++ start-up logging; call before the first `import tensorflow`."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """Silences TensorFlow's C++ start-up logging; call before the first `import tensorflow`.
+
+    Set, not defaulted: importing jax already sets the variable to 1."""
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
 
 
 def parse_flags(argv: list[str]) -> list[str]:

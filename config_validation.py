@@ -30,6 +30,7 @@ _CHOICES = {
 _POSITIVE = ("batch_size", "eval_batch_size", "grad_accum_steps", "steps_per_dispatch",
              "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
              "keep_checkpoints")  # fmt: skip
+_POSITIVE_IF_SET = ("num_train_steps", "decay_steps", "eval_steps", "tokenizer_vocab_size")
 _NON_NEGATIVE = ("learning_rate", "min_learning_rate", "warmup_steps", "weight_decay",
                  "grad_clip_norm", "label_smoothing")  # fmt: skip
 
@@ -117,8 +118,16 @@ def validate(
     for key in _NON_NEGATIVE:
         if config[key] < 0:
             raise ConfigError(f"config.{key}={config[key]} must not be negative.")
-    if config.num_train_steps <= 0 and config.num_epochs <= 0:
+    if config.num_train_steps is None and config.num_epochs <= 0:
         raise ConfigError("Set config.num_train_steps or config.num_epochs to a positive number.")
+    for key in _POSITIVE_IF_SET:
+        if config[key] is not None and config[key] <= 0:
+            raise ConfigError(f"config.{key}={config[key]} must be positive (or unset: None).")
+    if config.init_from.step is not None and config.init_from.step < 0:
+        raise ConfigError(
+            f"config.init_from.step={config.init_from.step} must be a step >= 0, or unset "
+            "(None) for the newest checkpoint."
+        )
     if not 0 <= config.label_smoothing < 1:
         raise ConfigError(f"config.label_smoothing={config.label_smoothing} must be in [0, 1).")
     if config.task == "lm" and not 0 < config.val_fraction < 1:

@@ -69,7 +69,7 @@ class Run:
 
 def total_train_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
     """config.num_train_steps if set, else num_epochs over `num_train_examples`."""
-    if config.num_train_steps > 0:
+    if config.num_train_steps is not None:
         return int(config.num_train_steps)
     return int(math.ceil(config.num_epochs * num_train_examples / config.batch_size))
 
@@ -205,7 +205,7 @@ def restore_run(
         )
     checkpointer = checkpointing.Checkpointer(workdir, async_save=False)
     try:
-        if step is None or step < 0:
+        if step is None:
             restored = checkpointer.restore_latest(run.abstract_state, set_aside_damaged=False)
             if restored is None:
                 raise FileNotFoundError(f"No checkpoints in {checkpointer.directory}.")

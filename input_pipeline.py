@@ -282,9 +282,7 @@ def _window_stack_fn(tokens: np.ndarray, global_batch: int, block_size: int, see
 
 def _text_datasets(config: ml_collections.ConfigDict) -> Datasets:
     text = data_setup.load_text_corpus(config.dataset, _data_dir(config))
-    tokenizer = tokenizers_lib.build_tokenizer(
-        config.tokenizer, text, config.tokenizer_vocab_size or None
-    )
+    tokenizer = tokenizers_lib.build_tokenizer(config.tokenizer, text, config.tokenizer_vocab_size)
     tokens = tokenizer.encode(text).astype(np.int32)
     # nanoGPT: the first 90% of the corpus trains, the last 10% validates.
     n_train = int(len(tokens) * (1.0 - config.val_fraction))
@@ -293,7 +291,7 @@ def _text_datasets(config: ml_collections.ConfigDict) -> Datasets:
     train_fn = _window_stack_fn(splits["train"], config.batch_size, block, config.seed)
 
     # Evaluation: the same fixed, seeded windows at every evaluation (lower-variance curves).
-    eval_steps = config.eval_steps if config.eval_steps > 0 else 20
+    eval_steps = 20 if config.eval_steps is None else int(config.eval_steps)
     eval_fns = {
         name: _window_stack_fn(split, config.eval_batch_size, block, config.seed + 7919)
         for name, split in splits.items()

@@ -20,7 +20,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) 
         return optax.linear_schedule(
             config.learning_rate / (warmup + 1), config.learning_rate, warmup
         )
-    decay_steps = int(config.decay_steps) if config.decay_steps > 0 else total_steps
+    decay_steps = total_steps if config.decay_steps is None else int(config.decay_steps)
     # Warmup from lr/(warmup+1), so step t gets lr*(t+1)/(warmup+1) exactly as nanoGPT's get_lr
     # (starting at 0 would waste the first update).
     return optax.warmup_cosine_decay_schedule(

@@ -177,9 +177,7 @@ def eval_step(
     return sums
 
 
-def predict_step(
-    state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module
-) -> jax.Array:
+def predict_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module) -> jax.Array:
     """float32 log-probabilities [batch, ..., classes] of the model on batch['inputs']."""
     variables = {"params": state.params, **state.model_state}
     logits = model.apply(variables, batch["inputs"], train=False)
@@ -223,9 +221,7 @@ class CompiledSteps:
         self.pmap = config.parallelism == "pmap"
         self.mesh, self.rules = mesh, rules
         self.steps_per_dispatch = effective_steps_per_dispatch(config)
-        train = functools.partial(
-            train_step, model=model, tx=tx, schedule=schedule, config=config
-        )
+        train = functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config)
         if self.steps_per_dispatch > 1:
             train = scan_steps(train)
         evaluate = functools.partial(eval_step, model=model, num_classes=num_classes)

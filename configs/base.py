@@ -1,9 +1,11 @@
 """Every field a run understands, with its default; experiment configs override a few of them.
 
-This is also the schema: `config_validation.py` rejects keys that are not here.
+This is also the schema: `config_validation.py` rejects keys that are not here. A field that
+is unset by default is a typed `placeholder` holding None (never -1, 0 or '' standing for unset).
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -13,9 +15,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Task and data.
     c.task = "classification"  # 'classification' (images -> class) or 'lm' (next token)
     c.dataset = "fashion_mnist"  # a TFDS name, 'tiny_shakespeare', 'kjv', or a path to a .txt file
-    c.data_dir = ""  # TFDS data dir; '' means data_setup.default_data_dir()
+    c.data_dir = placeholder(str)  # TFDS data dir; None: data_setup.default_data_dir()
     c.tokenizer = "char"  # lm only: 'char', 'byte' or 'sentencepiece'
-    c.tokenizer_vocab_size = 0  # sentencepiece only
+    c.tokenizer_vocab_size = placeholder(int)  # sentencepiece only; None: its default size
     c.val_fraction = 0.1  # lm only: the last 10% of the corpus is validation (as nanoGPT)
     c.augment = ml_collections.ConfigDict({"random_crop_pad": 0, "random_flip": False})
 
@@ -32,13 +34,13 @@ def get_config() -> ml_collections.ConfigDict:
     # log, eval and checkpoint intervals (train.steps_per_dispatch); 1 under pmap.
     c.steps_per_dispatch = 1
     c.num_epochs = 10.0
-    c.num_train_steps = -1  # > 0 overrides num_epochs
+    c.num_train_steps = placeholder(int)  # when set, overrides num_epochs
     c.optimizer = "adamw"  # 'adamw', 'adam', 'sgd' (with momentum b1)
     c.learning_rate = 1e-3
     c.lr_schedule = "cosine"  # 'cosine' (warmup then cosine to min) or 'constant' (after warmup)
     c.warmup_steps = 0
     c.min_learning_rate = 0.0
-    c.decay_steps = -1  # cosine length incl. warmup; -1 means the whole run
+    c.decay_steps = placeholder(int)  # cosine length incl. warmup; None: the whole run
     c.b1 = 0.9
     c.b2 = 0.999
     c.eps = 1e-8
@@ -49,9 +51,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Evaluation, logging, checkpoints.
     c.eval_every_steps = 500
-    c.eval_steps = (
-        -1
-    )  # classification: -1 = whole test set; lm: batches per split (nanoGPT eval_iters)
+    # Language models: batches of fixed windows per split at each evaluation (nanoGPT's
+    # eval_iters); None: 20. Classifiers always evaluate every example of the split.
+    c.eval_steps = placeholder(int)
     c.eval_batch_size = 1000
     c.log_every_steps = 100
     c.sample_every_eval = True  # lm only: log one short generated sample to TensorBoard per eval
@@ -67,6 +69,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Fine-tuning: start from another run's checkpoint.
     c.init_from = ml_collections.ConfigDict(
-        {"workdir": "", "step": -1, "mode": "params", "freeze": ()}
+        {
+            "workdir": placeholder(str),  # the run to start from; None: train from scratch
+            "step": placeholder(int),  # its checkpoint; None: the newest readable one
+            "mode": "params",
+            "freeze": (),
+        }
     )
     return c

@@ -149,7 +149,7 @@ def test_init_from_refuses_a_damaged_checkpoint_as_resume_does(trained_mlp_run, 
         finetune.init_from(experiment.build_run(config), run.init_state())
 
     _flip_bytes_in_an_array(source, 10)
-    config.init_from.step = -1
+    config.init_from.step = None
     with pytest.raises(checkpointing.CheckpointMismatchError, match="could be read"):
         finetune.init_from(experiment.build_run(config), run.init_state())
     with pytest.raises(checkpointing.CheckpointMismatchError, match="could be read"):
