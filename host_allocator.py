@@ -2,11 +2,11 @@
 
 XLA:CPU allocates each execution's temporary buffer (64 MB for the CPU GPT config's training
 step) with malloc. glibc serves allocations above its mmap threshold (at most 32 MB) with a
-fresh mmap and unmaps them on free, so every step page-faults its whole scratch area in again:
-measured here, that made the GPT step 47-50 ms instead of 32-33 ms. Raising the mmap and trim
+fresh mmap and unmaps them on free, so every step page-faults its whole scratch area in again
+(docs/performance.md has what that cost the CPU GPT step). Raising the mmap and trim
 thresholds keeps the memory in the heap for reuse, as tcmalloc or jemalloc would. It changes
 speed only, never results. Call it first thing, before jax and TensorFlow start threads (as
-train.py and bench.py do).
+train.py and tools/bench.py do).
 """
 
 from __future__ import annotations

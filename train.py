@@ -14,7 +14,7 @@ from __future__ import annotations
 import host_allocator
 
 # First, before jax and TensorFlow start their threads: reuse freed host memory instead of
-# unmapping it after every step (XLA:CPU steps up to ~1.5x faster; see host_allocator.py).
+# unmapping it after every step (faster XLA:CPU steps; see host_allocator.py).
 host_allocator.keep_freed_memory_mapped()
 
 import contextlib
