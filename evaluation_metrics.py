@@ -71,8 +71,10 @@ def roc_auc_ovr(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, Any]
 
 def lm_metrics(loss: float, tokenizer: Any) -> dict[str, float]:
     """Perplexity and bits per unit; the unit is the tokenizer's (character, byte or token)."""
-    unit = {"CharTokenizer": "char", "ByteTokenizer": "byte"}.get(type(tokenizer).__name__, "token")
-    return {"perplexity": float(math.exp(min(loss, 50.0))), f"bits_per_{unit}": loss / _LN2}
+    return {
+        "perplexity": float(math.exp(min(loss, 50.0))),
+        f"bits_per_{tokenizer.unit}": loss / _LN2,
+    }
 
 
 def from_sums(sums: dict[str, Any], num_classes: int, tokenizer: Any = None) -> dict[str, Any]:

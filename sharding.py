@@ -89,11 +89,6 @@ def logical_axis_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, An
     return tuple(rules) + tuple(overrides.items())
 
 
-def data_parallel_size(mesh: Mesh) -> int:
-    """Number of ways the batch is split (data x fsdp)."""
-    return mesh.shape["data"] * mesh.shape["fsdp"]
-
-
 def batch_sharding(
     mesh: Mesh, rules: Sequence[tuple[str, Any]], stacked: bool = False
 ) -> NamedSharding:

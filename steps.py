@@ -146,7 +146,8 @@ def scan_steps(step_fn: Callable[..., tuple[TrainState, Metrics]]) -> Callable:
     def run(state: TrainState, batches: dict[str, jax.Array]) -> tuple[TrainState, Metrics]:
         if batches["inputs"].dtype == jnp.uint8:
             # Raw pixels scaled for the whole stack at once (the model then finds them scaled):
-            # inside the scan's loop XLA:CPU converts them several times slower (docs/performance.md).
+            # inside the scan's loop XLA:CPU converts them several times slower
+            # (docs/performance.md).
             inputs = preprocessing.pixels_to_unit_range(batches["inputs"], jnp.float32)
             batches = {**batches, "inputs": inputs}
         return jax.lax.scan(step_fn, state, batches)

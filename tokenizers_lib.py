@@ -48,6 +48,8 @@ class Tokenizer(abc.ABC):
     """Common interface: vocab_size, encode(text) -> int32 ids, decode(ids) -> text, save(dir)."""
 
     kind: ClassVar[str]
+    # What one token is, for bits-per-unit metrics: 'char', 'byte' or (subwords) 'token'.
+    unit: ClassVar[str] = "token"
 
     @property
     @abc.abstractmethod
@@ -83,6 +85,7 @@ class CharTokenizer(Tokenizer):
     """Character-level tokenizer with a fixed vocabulary (nanoGPT's shakespeare_char scheme)."""
 
     kind = "char"
+    unit = "char"
 
     def __init__(self, chars: Sequence[str]) -> None:
         """Builds the tokenizer whose id i is chars[i]; chars must be distinct single characters."""
@@ -153,6 +156,7 @@ class ByteTokenizer(Tokenizer):
     """UTF-8 byte tokenizer: 256 ids, encodes any text; decoding replaces invalid UTF-8."""
 
     kind = "byte"
+    unit = "byte"
 
     @property
     def vocab_size(self) -> int:
@@ -273,16 +277,6 @@ class SentencePieceTokenizer(Tokenizer):
             proto.trainer_spec.model_type
         ).lower()
 
-    @property
-    def processor(self) -> Any:
-        """Returns the underlying sentencepiece.SentencePieceProcessor."""
-        return self._sp
-
-    @property
-    def model_proto(self) -> bytes:
-        """Returns the serialised model."""
-        return self._model_proto
-
     def encode(self, text: str) -> np.ndarray:
         """Returns the piece ids of text (no BOS/EOS added)."""
         return np.asarray(self._sp.encode(text, out_type=int), dtype=np.int32)
@@ -335,9 +329,8 @@ def build_tokenizer(
     text: str,
     vocab_size: int | None = None,
     model_type: str = "bpe",
-    workdir: str | None = None,
 ) -> Tokenizer:
-    """Builds a 'char', 'byte' or 'sentencepiece' tokenizer (saved to workdir if given).
+    """Builds a 'char', 'byte' or 'sentencepiece' tokenizer of `text`.
 
     vocab_size and model_type apply to sentencepiece only (char and byte vocabularies are fixed by
     the text and by UTF-8).
@@ -357,6 +350,4 @@ def build_tokenizer(
         raise ValueError(
             f"Unknown tokenizer kind {kind!r}; choose one of {', '.join(TOKENIZER_KINDS)}."
         )
-    if workdir is not None:
-        tokenizer.save(workdir)
     return tokenizer

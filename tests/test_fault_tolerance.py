@@ -398,6 +398,11 @@ def test_skip_nonfinite_steps_continues_and_counts_them(tmp_path, capsys):
         ({"mesh_shape": {"data": 3}}, "mesh_shape"),
         ({"grad_accum_steps": 3}, "grad_accum_steps=3"),
         ({"optimizer": "adamm"}, "config.optimizer='adamm': choose one of"),
+        ({"num_train_steps": 0}, "config.num_train_steps=0 must be positive (or unset: None)"),
+        ({"init_from": {"step": -1}}, "config.init_from.step=-1 must be a step >= 0"),
+        ({"model": {"name": "mpl"}}, "is not a model file in models/; choose one of"),
+        ({"model": {"name": "preprocessing"}}, "is not a model file in models/"),
+        ({"task": "lm"}, "is a model for task 'classification' (models/mlp.py), but"),
     ],
 )
 def test_bad_configs_fail_clearly_before_anything_runs(overrides, message, tmp_path):

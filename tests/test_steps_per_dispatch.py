@@ -32,7 +32,9 @@ def _run(config, workdir: str, k: int, **overrides) -> dict:
     return train.train_and_evaluate(config, workdir)
 
 
-def test_dispatch_sizes_align_to_multiples(tiny_mlp_config) -> None:
+def test_effective_steps_per_dispatch_divides_every_interval(tiny_mlp_config) -> None:
+    """The requested steps per call is lowered to divide the log, eval and checkpoint
+    intervals; pmap always steps one batch per call."""
     config = tiny_mlp_config.copy_and_resolve_references()
     config.update({"steps_per_dispatch": 8, "log_every_steps": 4, "eval_every_steps": 8,
                    "checkpoint_every_steps": 12})  # fmt: skip

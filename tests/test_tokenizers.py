@@ -155,14 +155,14 @@ def test_load_tokenizer_missing(tmp_path: pathlib.Path) -> None:
 
 
 def test_build_tokenizer(tmp_path: pathlib.Path, shakespeare: str) -> None:
-    """build_tokenizer dispatches on kind, saves to workdir, and lists choices for unknown kinds."""
+    """build_tokenizer dispatches on kind, and lists choices for unknown kinds; what it builds
+    saves and loads back."""
     text = shakespeare[:100_000]
     assert isinstance(tokenizers_lib.build_tokenizer("char", text), tokenizers_lib.CharTokenizer)
     assert tokenizers_lib.build_tokenizer("byte", text).vocab_size == 256
-    sp = tokenizers_lib.build_tokenizer(
-        "sentencepiece", text, vocab_size=400, workdir=str(tmp_path)
-    )
-    assert sp.vocab_size == 400
+    sp = tokenizers_lib.build_tokenizer("sentencepiece", text, vocab_size=400)
+    assert sp.vocab_size == 400 and sp.unit == "token"
+    sp.save(str(tmp_path))
     assert tokenizers_lib.load_tokenizer(str(tmp_path)).vocab_size == 400
     with pytest.raises(ValueError, match="char, byte, sentencepiece"):
         tokenizers_lib.build_tokenizer("wordpiece", text)

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 import checkpointing
-import config_validation
 import data_setup
 import input_pipeline
 import metrics_writer
@@ -95,20 +94,6 @@ def _leaves(tree):
     import jax
 
     return jax.tree.leaves(tree)
-
-
-def test_misspelt_config_key_fails_with_a_suggestion(tiny_mlp_config, tmp_path):
-    tiny_mlp_config.unlock()
-    tiny_mlp_config.lerning_rate = 0.1
-    with pytest.raises(config_validation.ConfigError, match="Did you mean 'learning_rate'"):
-        train.train_and_evaluate(tiny_mlp_config, str(tmp_path))
-
-
-def test_batch_size_zero_fails_clearly(tiny_mlp_config, tmp_path):
-    tiny_mlp_config.batch_size = 0
-    with pytest.raises(config_validation.ConfigError, match="batch_size=0 must be positive"):
-        train.train_and_evaluate(tiny_mlp_config, str(tmp_path))
-    assert not os.path.exists(tmp_path / "checkpoints")
 
 
 def test_missing_dataset_says_how_to_get_it(tiny_mlp_config, tmp_path):
