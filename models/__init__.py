@@ -37,13 +37,15 @@ class UnknownModelError(ValueError):
     """config.model.name names no model file, or the file does not define a model."""
 
 
+def _files() -> list[str]:
+    return sorted(n[:-3] for n in os.listdir(_HERE) if n.endswith(".py") and n[0] != "_")
+
+
+@functools.cache
 def available_models() -> list[str]:
-    """Names of the model files in this folder (every .py except the registry and helpers)."""
-    return sorted(
-        name[:-3]
-        for name in os.listdir(_HERE)
-        if name.endswith(".py") and not name.startswith("_") and name != "preprocessing.py"
-    )
+    """Names of the model files in this folder: those that define `Model` (helper files such
+    as preprocessing.py and layers.py define none)."""
+    return [n for n in _files() if hasattr(importlib.import_module(f"models.{n}"), "Model")]
 
 
 @functools.cache
@@ -51,7 +53,7 @@ def model_module(name: str) -> types.ModuleType:
     """The module `models/<name>.py`, checked to define `Model` (a Linen module) and `TASK`.
 
     Raises UnknownModelError naming the available models, or what the file lacks."""
-    if not isinstance(name, str) or name not in available_models():
+    if not isinstance(name, str) or name not in _files():
         raise UnknownModelError(
             f"config.model.name={name!r} is not a model file in models/; choose one of "
             f"{available_models()} or add models/{name}.py."

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from models import layers
 from models.preprocessing import pixels_to_unit_range
 
 
@@ -123,26 +124,10 @@ class CNN(nn.Module):
             x = nn.Dropout(self.dropout_rate / 2, deterministic=not train)(x)
         x = x.reshape((x.shape[0], -1))
         for i, width in enumerate(self.dense_features):
-            x = nn.Dense(
-                width,
-                dtype=self.dtype,
-                kernel_init=nn.with_logical_partitioning(
-                    nn.linear.default_kernel_init, ("embed", "mlp")
-                ),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
-                name=f"dense_{i}",
-            )(x)
+            x = layers.dense(width, ("embed", "mlp"), self.dtype, f"dense_{i}")(x)
             x = nn.relu(x)
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        logits = nn.Dense(
-            self.num_classes,
-            dtype=self.dtype,
-            kernel_init=nn.with_logical_partitioning(
-                nn.linear.default_kernel_init, ("mlp", "classes")
-            ),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("classes",)),
-            name="head",
-        )(x)
+        logits = layers.dense(self.num_classes, ("mlp", "classes"), self.dtype, "head")(x)
         return logits.astype(jnp.float32)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -89,55 +90,64 @@ def plain_attention(
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """The hyperparameters that a block and its layers share; GPT builds it from its fields."""
+
+    num_heads: int
+    block_size: int  # the context length: the KV cache's size
+    mlp_ratio: int
+    residual_init_std: float  # std of the projections into the residual stream (GPT-2)
+    use_bias: bool
+    rope: bool  # rotary position embeddings on queries and keys
+    attention_impl: str  # one of ATTENTION_IMPLS
+    dropout_rate: float
+    decode: bool  # append to the KV cache (sampling)
+    dtype: jnp.dtype  # compute dtype
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention; in decode mode keys/values accumulate in the 'cache'."""
 
-    num_heads: int
-    block_size: int
-    residual_init_std: float
-    use_bias: bool = True
-    rope: bool = False
-    attention_impl: str = "auto"
-    dropout_rate: float = 0.0
-    decode: bool = False
-    dtype: jnp.dtype = jnp.float32
+    config: BlockConfig
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, positions: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         """Attends each position of x[batch, length, embed] to itself and earlier positions."""
+        c = self.config
         batch, length, embed_dim = x.shape
-        head_dim = embed_dim // self.num_heads
+        head_dim = embed_dim // c.num_heads
         qkv_axes = ("batch", "length", "heads", "kv")
         q, k, v = (
             nn.with_logical_constraint(
                 HeadsDense(
                     "ble,ehd->blhd",
-                    (embed_dim, self.num_heads, head_dim),
+                    (embed_dim, c.num_heads, head_dim),
                     ("embed", "heads", "kv"),
                     ("heads", "kv"),
                     std=0.02,
-                    use_bias=self.use_bias,
-                    dtype=self.dtype,
+                    use_bias=c.use_bias,
+                    dtype=c.dtype,
                     name=name,
                 )(x),
                 qkv_axes,
             )
             for name in ("query", "key", "value")
         )
-        if self.rope:
+        if c.rope:
             q, k = apply_rope(q, positions), apply_rope(k, positions)
 
-        impl = self.attention_impl
+        impl = c.attention_impl
         if impl == "auto" and jax.default_backend() == "cpu":
             # XLA:CPU has no fused kernel; the explicit einsum form is faster there
             # (docs/performance.md).
             impl = "plain"
         mask = jnp.tril(jnp.ones((length, length), bool))
         is_causal = True
-        if self.decode:
+        if c.decode:
             # Keys/values of every position so far; `init` only creates the (empty) cache.
             initialized = self.has_variable("cache", "cached_key")
-            cache_shape = (batch, self.block_size, self.num_heads, head_dim)
+            cache_shape = (batch, c.block_size, c.num_heads, head_dim)
             cached_k = self.variable("cache", "cached_key", jnp.zeros, cache_shape, k.dtype)
             cached_v = self.variable("cache", "cached_value", jnp.zeros, cache_shape, v.dtype)
             if initialized:
@@ -145,7 +155,7 @@ class CausalSelfAttention(nn.Module):
                 cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, start)
                 cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, start)
                 k, v = cached_k.value, cached_v.value
-                mask = jnp.arange(self.block_size)[None, :] <= positions[:, None]
+                mask = jnp.arange(c.block_size)[None, :] <= positions[:, None]
                 is_causal = False
                 if impl == "cudnn":  # an explicit mask over the cache: let XLA handle decoding
                     impl = "xla"
@@ -164,35 +174,32 @@ class CausalSelfAttention(nn.Module):
         y = nn.with_logical_constraint(y, qkv_axes)
         y = HeadsDense(
             "blhd,hde->ble",
-            (self.num_heads, head_dim, embed_dim),
+            (c.num_heads, head_dim, embed_dim),
             ("heads", "kv", "embed"),
             ("embed",),
-            std=self.residual_init_std,
-            use_bias=self.use_bias,
-            dtype=self.dtype,
+            std=c.residual_init_std,
+            use_bias=c.use_bias,
+            dtype=c.dtype,
             name="out",
         )(y)
-        return nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+        return nn.Dropout(c.dropout_rate, deterministic=not train)(y)
 
 
 class FeedForward(nn.Module):
     """Dense(mlp_ratio * embed) -> exact GELU (nanoGPT's nn.GELU()) -> Dense(embed) -> dropout."""
 
-    mlp_ratio: int
-    residual_init_std: float
-    use_bias: bool = True
-    dropout_rate: float = 0.0
-    dtype: jnp.dtype = jnp.float32
+    config: BlockConfig
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         """Applies the position-wise feed-forward network to x[batch, length, embed]."""
+        c = self.config
         batch, length, embed_dim = x.shape
         x = x.reshape(batch * length, embed_dim)  # 2-D matmuls: see HeadsDense
         h = nn.Dense(
-            self.mlp_ratio * embed_dim,
-            use_bias=self.use_bias,
-            dtype=self.dtype,
+            c.mlp_ratio * embed_dim,
+            use_bias=c.use_bias,
+            dtype=c.dtype,
             kernel_init=_normal(0.02, ("embed", "mlp")),
             bias_init=_zeros(("mlp",)),
             name="fc",
@@ -200,52 +207,28 @@ class FeedForward(nn.Module):
         h = nn.with_logical_constraint(nn.gelu(h, approximate=False), ("batch", "mlp"))
         h = nn.Dense(
             embed_dim,
-            use_bias=self.use_bias,
-            dtype=self.dtype,
-            kernel_init=_normal(self.residual_init_std, ("mlp", "embed")),
+            use_bias=c.use_bias,
+            dtype=c.dtype,
+            kernel_init=_normal(c.residual_init_std, ("mlp", "embed")),
             bias_init=_zeros(("embed",)),
             name="proj",
         )(h).reshape(batch, length, embed_dim)
-        return nn.Dropout(self.dropout_rate, deterministic=not train)(h)
+        return nn.Dropout(c.dropout_rate, deterministic=not train)(h)
 
 
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    num_heads: int
-    block_size: int
-    mlp_ratio: int
-    residual_init_std: float
-    use_bias: bool = True
-    rope: bool = False
-    attention_impl: str = "auto"
-    dropout_rate: float = 0.0
-    decode: bool = False
-    dtype: jnp.dtype = jnp.float32
+    config: BlockConfig
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, positions: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         """Applies one block to x[batch, length, embed]; positions[length] are absolute."""
-        x = x + CausalSelfAttention(
-            num_heads=self.num_heads,
-            block_size=self.block_size,
-            residual_init_std=self.residual_init_std,
-            use_bias=self.use_bias,
-            rope=self.rope,
-            attention_impl=self.attention_impl,
-            dropout_rate=self.dropout_rate,
-            decode=self.decode,
-            dtype=self.dtype,
-            name="attn",
-        )(_layer_norm(self.use_bias, self.dtype, "ln_1")(x), positions, train)
-        x = x + FeedForward(
-            mlp_ratio=self.mlp_ratio,
-            residual_init_std=self.residual_init_std,
-            use_bias=self.use_bias,
-            dropout_rate=self.dropout_rate,
-            dtype=self.dtype,
-            name="mlp",
-        )(_layer_norm(self.use_bias, self.dtype, "ln_2")(x), train)
+        c = self.config
+        attn = CausalSelfAttention(c, name="attn")
+        x = x + attn(_layer_norm(c.use_bias, c.dtype, "ln_1")(x), positions, train)
+        mlp = FeedForward(c, name="mlp")
+        x = x + mlp(_layer_norm(c.use_bias, c.dtype, "ln_2")(x), train)
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
@@ -308,20 +291,20 @@ class GPT(nn.Module):
         if self.remat_policy != "none" and not self.decode:
             # static_argnums counts `self`: (self, x, positions, train) -> train is 3.
             block = nn.remat(Block, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(3,))
+        config = BlockConfig(
+            num_heads=self.num_heads,
+            block_size=self.block_size,
+            mlp_ratio=self.mlp_ratio,
+            residual_init_std=0.02 / math.sqrt(2 * self.num_layers),
+            use_bias=self.use_bias,
+            rope=self.position_embedding == "rope",
+            attention_impl=self.attention_impl,
+            dropout_rate=self.dropout_rate,
+            decode=self.decode,
+            dtype=self.dtype,
+        )
         for i in range(self.num_layers):
-            x = block(
-                num_heads=self.num_heads,
-                block_size=self.block_size,
-                mlp_ratio=self.mlp_ratio,
-                residual_init_std=0.02 / math.sqrt(2 * self.num_layers),
-                use_bias=self.use_bias,
-                rope=self.position_embedding == "rope",
-                attention_impl=self.attention_impl,
-                dropout_rate=self.dropout_rate,
-                decode=self.decode,
-                dtype=self.dtype,
-                name=f"h_{i}",
-            )(x, positions, train)
+            x = block(config, name=f"h_{i}")(x, positions, train)
 
         x = _layer_norm(self.use_bias, self.dtype, "ln_f")(x)
         # Output projection tied to the token embedding, as a 2-D matmul (see HeadsDense).

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 from flax import linen as nn
 
+from models import layers
 from models.preprocessing import pixels_to_unit_range
 
 # Alternate column- and row-parallel layers (Megatron style): odd layers shard their outputs over
@@ -28,25 +29,11 @@ class MLP(nn.Module):
         x = nn.with_logical_constraint(x, ("batch", "embed"))
         for i, width in enumerate(self.features):
             axes = _KERNEL_AXES[i % 2]
-            x = nn.Dense(
-                width,
-                dtype=self.dtype,
-                kernel_init=nn.with_logical_partitioning(nn.linear.default_kernel_init, axes),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
-                name=f"dense_{i}",
-            )(x)
+            x = layers.dense(width, axes, self.dtype, f"dense_{i}")(x)
             x = nn.relu(x)
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         last_axis = _KERNEL_AXES[(len(self.features) - 1) % 2][1] if self.features else "embed"
-        logits = nn.Dense(
-            self.num_classes,
-            dtype=self.dtype,
-            kernel_init=nn.with_logical_partitioning(
-                nn.linear.default_kernel_init, (last_axis, "classes")
-            ),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("classes",)),
-            name="head",
-        )(x)
+        logits = layers.dense(self.num_classes, (last_axis, "classes"), self.dtype, "head")(x)
         return logits.astype(jnp.float32)
 
 

@@ -401,7 +401,7 @@ def test_skip_nonfinite_steps_continues_and_counts_them(tmp_path, capsys):
         ({"num_train_steps": 0}, "config.num_train_steps=0 must be positive (or unset: None)"),
         ({"init_from": {"step": -1}}, "config.init_from.step=-1 must be a step >= 0"),
         ({"model": {"name": "mpl"}}, "is not a model file in models/; choose one of"),
-        ({"model": {"name": "preprocessing"}}, "is not a model file in models/"),
+        ({"model": {"name": "layers"}}, "models/layers.py defines no `Model = "),
         ({"task": "lm"}, "is a model for task 'classification' (models/mlp.py), but"),
     ],
 )

@@ -1,0 +1,19 @@
+"""Building blocks shared by the model files (not a model: it defines no `Model`)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+
+def dense(features: int, axes: tuple[str, str], dtype: jnp.dtype, name: str) -> nn.Dense:
+    """nn.Dense(features) computing in `dtype`, with Flax's default (LeCun normal) kernel and
+    zero bias initialisers, its kernel [in, out] named by the logical `axes` (in, out) and its
+    bias [out] by `axes[1]`, for sharding.py's rules."""
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        kernel_init=nn.with_logical_partitioning(nn.linear.default_kernel_init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
+        name=name,
+    )
