@@ -334,39 +334,24 @@ class GPT(nn.Module):
             raise ValueError("rope needs an even head_dim (embed_dim // num_heads).")
 
 
-def num_params(
-    vocab_size: int,
-    block_size: int,
-    num_layers: int,
-    embed_dim: int,
-    mlp_ratio: int = 4,
-    use_bias: bool = True,
-    position_embedding: str = "learned",
-) -> int:
-    """Exact parameter count of a GPT with these settings (the embedding is tied to the output)."""
-    e, hidden, b = embed_dim, mlp_ratio * embed_dim, int(use_bias)
+def num_params(model: GPT) -> int:
+    """Exact parameter count of `model` (the token embedding is tied to the output)."""
+    e, hidden, b = model.embed_dim, model.mlp_ratio * model.embed_dim, int(model.use_bias)
     layer_norm = e + b * e
     attention = 4 * (e * e + b * e)  # query, key, value, out
     mlp = (e * hidden + b * hidden) + (hidden * e + b * e)
     block = 2 * layer_norm + attention + mlp
-    wpe = block_size * e if position_embedding == "learned" else 0
-    return vocab_size * e + wpe + num_layers * block + layer_norm
+    return model.vocab_size * e + _position_params(model) + model.num_layers * block + layer_norm
 
 
-def non_embedding_params(
-    vocab_size: int,
-    block_size: int,
-    num_layers: int,
-    embed_dim: int,
-    mlp_ratio: int = 4,
-    use_bias: bool = True,
-    position_embedding: str = "learned",
-) -> int:
+def _position_params(model: GPT) -> int:
+    """Size of the learned position table (none with rotary positions)."""
+    return model.block_size * model.embed_dim if model.position_embedding == "learned" else 0
+
+
+def non_embedding_params(model: GPT) -> int:
     """nanoGPT's convention: num_params minus the position table (wte counts, being the head)."""
-    total = num_params(
-        vocab_size, block_size, num_layers, embed_dim, mlp_ratio, use_bias, position_embedding
-    )
-    return total - (block_size * embed_dim if position_embedding == "learned" else 0)
+    return num_params(model) - _position_params(model)
 
 
 def flops_per_token(
@@ -379,9 +364,7 @@ def flops_per_token(
 def training_flops_per_token(model: GPT, seq_len: int) -> float:
     """Training FLOPs per token of `model` on sequences of `seq_len` tokens: `flops_per_token`
     with nanoGPT's non-embedding parameter count (what MFU figures are computed from)."""
-    n = non_embedding_params(model.vocab_size, model.block_size, model.num_layers,
-                             model.embed_dim, model.mlp_ratio, model.use_bias,
-                             model.position_embedding)  # fmt: skip
+    n = non_embedding_params(model)
     head_dim = model.embed_dim // model.num_heads
     return flops_per_token(n, model.num_layers, model.num_heads, head_dim, seq_len)
 

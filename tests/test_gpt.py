@@ -83,28 +83,12 @@ def test_cached_decoding_matches_full_forward(position_embedding: str, attention
 )
 def test_num_params_matches_model(kwargs: dict) -> None:
     """The analytic parameter count equals the initialised model's."""
-    config = {**TINY, **kwargs}
-    params, _ = _init(GPT(**config))
-    expected = num_params(
-        config["vocab_size"],
-        config["block_size"],
-        config["num_layers"],
-        config["embed_dim"],
-        config.get("mlp_ratio", 4),
-        config.get("use_bias", True),
-        config.get("position_embedding", "learned"),
-    )
+    model = GPT(**{**TINY, **kwargs})
+    params, _ = _init(model)
+    expected = num_params(model)
     assert _count(params) == expected
     wpe = params["wpe"].size if "wpe" in params else 0
-    assert non_embedding_params(
-        config["vocab_size"],
-        config["block_size"],
-        config["num_layers"],
-        config["embed_dim"],
-        config.get("mlp_ratio", 4),
-        config.get("use_bias", True),
-        config.get("position_embedding", "learned"),
-    ) == (expected - wpe)
+    assert non_embedding_params(model) == expected - wpe
 
 
 def test_flops_per_token() -> None:
