@@ -281,6 +281,32 @@ class CompiledSteps:
             lambda x: jax.make_array_from_process_local_data(data_sharding, x), batch
         )
 
+    def abstract_batch(
+        self, example_input: np.ndarray, batch_size: int, task: str, *, train: bool = True
+    ) -> dict[str, jax.ShapeDtypeStruct]:
+        """ShapeDtypeStructs (with shardings) of a global batch of `batch_size` inputs shaped
+        like `example_input` [1, ...]: what train_step (train=True: stacked [k, batch, ...] when
+        steps_per_dispatch k > 1) or eval_step (train=False: with 'mask') takes. Targets are
+        int32 [batch] for task 'classification', [batch, length] for 'lm'. For lowering and
+        compiling without data: `train_step.lower(abstract_state, abstract_batch(...))`."""
+        if self.pmap:
+            raise ValueError("abstract batches describe 'jit' parallelism; pmap lowers per device.")
+        inputs = (batch_size,) + tuple(example_input.shape[1:])
+        targets = inputs if task == "lm" else inputs[:1]
+        arrays = {"inputs": (inputs, example_input.dtype), "targets": (targets, np.int32)}
+        if not train:
+            arrays["mask"] = ((batch_size,), np.float32)
+        sharding_ = self._batch_sharding
+        if train:
+            sharding_ = self._train_batch_sharding
+            if self.steps_per_dispatch > 1:
+                k = self.steps_per_dispatch
+                arrays = {name: ((k,) + shape, dtype) for name, (shape, dtype) in arrays.items()}
+        return {
+            name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding_)
+            for name, (shape, dtype) in arrays.items()
+        }
+
     def steps_in(self, batch: dict[str, jax.Array]) -> int:
         """How many steps a batch from put_train_batch covers: the length of its stack (the
         input pipeline aligns stacks to multiples of steps_per_dispatch), or 1."""
