@@ -50,6 +50,10 @@ def _model_shapes(tree: Any) -> dict[str, tuple]:
     }
 
 
+class CheckpointPathError(cli.UserError, ValueError):
+    """The workdir's path cannot be round-tripped by the checkpoint library."""
+
+
 class NonFiniteStateError(cli.UserError, FloatingPointError):
     """The state to be checkpointed holds NaN/Inf: it is not saved (older checkpoints stay)."""
 
@@ -101,6 +105,7 @@ class Checkpointer:
     """A thin wrapper over `ocp.CheckpointManager` with the policies above."""
 
     def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
+        check_path(workdir)
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self._manager = ocp.CheckpointManager(
             self.directory,
@@ -284,15 +289,16 @@ class Checkpointer:
         self._manager.close()
 
 
-def move_aside(workdir: str) -> str | None:
-    """Renames an existing checkpoints directory (config.restart=True); nothing is deleted."""
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory) or not os.listdir(directory):
-        return None
-    target = f"{directory}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-    if jax.process_index() == 0:
-        shutil.move(directory, target)
-    return target
+def check_path(workdir: str) -> None:
+    """Refuses (CheckpointPathError) a workdir path that the checkpoint library cannot read
+    back: Orbax matches checkpoint folders with glob patterns, so `[`, `]`, `*` and `?` in the
+    path save checkpoints that a rerun then cannot find."""
+    bad = sorted(set(os.path.abspath(workdir)) & set("[]*?"))
+    if bad:
+        raise CheckpointPathError(
+            f"--workdir={workdir} contains {' '.join(bad)}, which the checkpoint library reads "
+            "as a pattern (its checkpoints could not be restored); choose a path without them."
+        )
 
 
 def read_state_as_numpy(workdir: str, step: int | None = None) -> tuple[dict[str, Any], int]:

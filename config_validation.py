@@ -101,6 +101,30 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
         )
 
 
+def _check_axis_rules(config: ml_collections.ConfigDict) -> None:
+    """Every override in config.logical_axis_rules names a logical axis the models use and maps
+    it to mesh axes (or None); an override that matches nothing would silently do nothing."""
+    known = [name for name, _ in sharding.DEFAULT_RULES]
+    for rule in config.logical_axis_rules or ():
+        if not isinstance(rule, tuple | list) or len(rule) != 2:
+            raise ConfigError(
+                f"config.logical_axis_rules entry {rule!r} must be a pair (logical axis, mesh "
+                "axes), e.g. --config.logical_axis_rules=\"(('embed', None),)\"."
+            )
+        name, axes = rule
+        if name not in known:
+            raise ConfigError(
+                f"config.logical_axis_rules names the logical axis {name!r}, which no model "
+                f"uses.{_suggest(str(name), known)} Known axes: {known}."
+            )
+        for axis in (axes,) if axes is None or isinstance(axes, str) else tuple(axes):
+            if axis is not None and axis not in sharding.MESH_AXES:
+                raise ConfigError(
+                    f"config.logical_axis_rules maps {name!r} to {axis!r}, not a mesh axis; use "
+                    f"one of {sharding.MESH_AXES} or None."
+                )
+
+
 def validate(
     config: ml_collections.ConfigDict, num_devices: int | None = None, training: bool = True
 ) -> None:
@@ -135,6 +159,7 @@ def validate(
     if config.init_from.mode not in ("params", "state"):
         raise ConfigError(f"config.init_from.mode={config.init_from.mode!r}: 'params' or 'state'.")
     _check_model(config)
+    _check_axis_rules(config)
     check_parallelism(config, num_devices, training)
 
 

@@ -112,6 +112,7 @@ def build_run(
     abstract_state = train_state.abstract_state(
         model, tx, input_spec.example_input, mesh, rules, config.seed
     )
+    optim.check_freeze(config, abstract_state.params)
     compiled = steps.CompiledSteps(
         config, model, tx, schedule, abstract_state, mesh, rules, input_spec.num_classes
     )

@@ -21,8 +21,11 @@ import experiment
 import train_state
 
 
-def merge_params(fresh: Any, source: Any) -> tuple[Any, list[str], list[str]]:
-    """Copies source params into `fresh` where paths and shapes agree.
+def merge_params(
+    fresh: Any, source: Any, exclude: frozenset[str] = frozenset()
+) -> tuple[Any, list[str], list[str]]:
+    """Copies source params into `fresh` where paths and shapes agree (and the path is not in
+    `exclude`).
 
     Returns (merged, copied paths, re-initialised paths).
     """
@@ -31,7 +34,11 @@ def merge_params(fresh: Any, source: Any) -> tuple[Any, list[str], list[str]]:
     merged, copied, reinit = {}, [], []
     for path, value in flat_fresh.items():
         other = flat_source.get(path)
-        if other is not None and tuple(np.shape(other)) == tuple(value.shape):
+        if (
+            other is not None
+            and path not in exclude
+            and tuple(np.shape(other)) == tuple(value.shape)
+        ):
             merged[path] = np.asarray(other, dtype=value.dtype)
             copied.append(path)
         else:
@@ -53,11 +60,19 @@ def init_from(run: experiment.Run, state: train_state.TrainState) -> train_state
     source = experiment.restore_run(spec.workdir, spec.step, devices=devices)
     source_state = distributed.to_host(source.state)
     fresh = distributed.to_host(state)
-    params, copied, reinit = merge_params(fresh.params, source_state.params)
+    # Rows of vocabulary-indexed parameters (embeddings, output layers) mean tokens: with
+    # another tokenizer they would mean other tokens, so they start afresh instead.
+    vocab_params, why = frozenset(), ""
+    if None not in (run.tokenizer, source.tokenizer) and run.tokenizer != source.tokenizer:
+        axes = train_state.param_logical_axes(run.model, run.input_spec.example_input)
+        vocab_params = frozenset(path for path, names in axes.items() if "vocab" in names)
+        why = (f" (the source's {source.tokenizer.describe()} differs from this run's "
+               f"{run.tokenizer.describe()}: its vocabulary rows are not copied)")  # fmt: skip
+    params, copied, reinit = merge_params(fresh.params, source_state.params, vocab_params)
     if jax.process_index() == 0:
         print(
             f"init_from {spec.workdir} (step {source.step}): copied {len(copied)} parameter "
-            f"arrays; re-initialised {len(reinit)}: {reinit}",
+            f"arrays; re-initialised {len(reinit)}: {reinit}{why}",
             flush=True,
         )
     logging.info("Re-initialised parameters: %s", reinit)

@@ -256,20 +256,22 @@ def _image_datasets(config: ml_collections.ConfigDict) -> Datasets:
 
 
 def _window_stack_fn(tokens: np.ndarray, global_batch: int, block_size: int, seed: int):
-    """(steps[n]) -> [n, batch] random windows of block_size + 1 tokens, as nanoGPT's get_batch."""
+    """(steps[n]) -> [n, batch] random windows of block_size + 1 tokens, as nanoGPT's get_batch:
+    each start drawn uniformly from the len(tokens) - block_size valid ones (0 to len - block_size
+    - 1: the window's last target is the split's last token)."""
     tokens_t = tf.constant(tokens)
     positions = _process_slice(global_batch)
-    max_start = len(tokens) - block_size - 1
-    if max_start <= 0:
-        raise ValueError(
-            f"the split has {len(tokens)} tokens, too few for windows of {block_size + 1}; "
-            "use a smaller model.block_size or a larger corpus."
+    num_starts = len(tokens) - block_size
+    if num_starts < 1:
+        raise data_setup.DatasetUnavailableError(
+            f"the split has {len(tokens)} tokens, too few for one window of {block_size + 1} "
+            "(model.block_size + 1); use a smaller model.block_size or a larger corpus."
         )
 
     def global_starts(step):  # the whole global batch's windows, seeded by (seed, step)
         seed_t = tf.stack([tf.cast(seed, tf.int64), step])
         return tf.random.stateless_uniform(
-            [global_batch], seed=seed_t, maxval=max_start, dtype=tf.int64
+            [global_batch], seed=seed_t, maxval=num_starts, dtype=tf.int64
         )
 
     def make_stack(steps):

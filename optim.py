@@ -10,6 +10,8 @@ import ml_collections
 import optax
 from flax import traverse_util
 
+import config_validation
+
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
     """Linear warmup, then cosine decay to `min_learning_rate` (nanoGPT's get_lr) or constant."""
@@ -33,18 +35,59 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) 
 
 
 def _decay_mask(params: Any) -> Any:
-    """Weight decay on matrices and kernels only, never biases, norm scales or 1-D vectors."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """Weight decay on weights (kernels, embeddings), never on biases or normalization scales,
+    whatever their rank (attention biases are [heads, head_dim]): decided by what a parameter
+    is, its name, as nanoGPT and Flax's examples do."""
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({path: path[-1] not in NO_DECAY for path in flat})
+
+
+# Parameter names (the last path element) that are never weight-decayed.
+NO_DECAY = ("bias", "scale")
+
+
+def freeze_prefixes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """config.init_from.freeze as parameter path prefixes, in any form typed on a command line:
+    ('dense_0', 'dense_1'), 'dense_0,dense_1', '(dense_0, dense_1)', "['h_0/', 'wte']"."""
+    items = config.init_from.freeze
+    items = (items,) if isinstance(items, str) else tuple(items)
+    prefixes = []
+    for item in items:
+        for part in str(item).strip("()[] ").split(","):
+            part = part.strip().strip("'\"").strip().rstrip("/")
+            if part:
+                prefixes.append(part)
+    return tuple(prefixes)
+
+
+def _is_under(path: str, prefix: str) -> bool:
+    """Whether parameter `path` ('h_0/attn/query/kernel') lies under `prefix` ('h_0', 'h_0/attn'),
+    whole path segments only ('h_1' is not under 'h_10')."""
+    return path == prefix or path.startswith(prefix + "/")
 
 
 def _frozen_labels(params: Any, freeze: Sequence[str]) -> Any:
-    """'frozen' for parameters whose path ('block_0/attn/...') starts with a prefix in `freeze`."""
+    """'frozen' for parameters under a prefix in `freeze`, else 'trained'."""
     flat = traverse_util.flatten_dict(params, sep="/")
     labels = {
-        path: "frozen" if any(path.startswith(prefix) for prefix in freeze) else "trained"
+        path: "frozen" if any(_is_under(path, prefix) for prefix in freeze) else "trained"
         for path in flat
     }
     return traverse_util.unflatten_dict(labels, sep="/")
+
+
+def check_freeze(config: ml_collections.ConfigDict, params: Any) -> None:
+    """Raises config_validation.ConfigError naming every freeze prefix that matches no
+    parameter, and the paths that exist (a typo would otherwise freeze nothing, silently)."""
+    paths = list(traverse_util.flatten_dict(params, sep="/"))
+    unmatched = [p for p in freeze_prefixes(config) if not any(_is_under(q, p) for q in paths)]
+    if unmatched:
+        tops = sorted({q.split("/")[0] for q in paths})
+        raise config_validation.ConfigError(
+            f"config.init_from.freeze: {unmatched} match no parameter. Prefixes are parameter "
+            f"paths or their leading segments; the model's top level: {tops}; e.g. "
+            f"{paths[:3]}."
+        )
 
 
 def build_optimizer(
@@ -69,7 +112,7 @@ def build_optimizer(
         raise ValueError(f"config.optimizer={config.optimizer!r}: use 'adamw', 'adam' or 'sgd'.")
     if config.grad_clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
-    freeze = tuple(config.init_from.freeze)
+    freeze = freeze_prefixes(config)
     if freeze:
         tx = optax.multi_transform(
             {"trained": tx, "frozen": optax.set_to_zero()},
@@ -79,6 +122,14 @@ def build_optimizer(
         # Skips (and counts) updates whose gradients hold NaN/Inf instead of applying them.
         tx = optax.apply_if_finite(tx, max_consecutive_errors=1_000_000)
     return tx
+
+
+def schedule_count(opt_state: Any, default: Any) -> Any:
+    """The step count at which the optimizer evaluates its learning-rate schedule in the next
+    update (optax's ScaleByScheduleState inside `opt_state`); `default` if it has none."""
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=is_schedule) if is_schedule(s)]
+    return found[0].count if found else default
 
 
 def nonfinite_count(opt_state: Any) -> Any:

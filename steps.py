@@ -102,21 +102,30 @@ def train_step(
         )
     else:
         # Mean of k equal-sized microbatch gradients == gradient of the mean loss on the batch.
+        # Model state (BatchNorm's running statistics) is updated once per optimizer step, as
+        # on the whole batch: every microbatch starts from the step's state, and the k updates
+        # are averaged (m * old + (1 - m) * mean of the microbatch statistics). A running mean
+        # is then exactly the whole batch's; BatchNorm still normalizes each microbatch by its
+        # own statistics ("ghost" batch norm), as it does each device's batch without a
+        # cross-device reduction.
         def accumulate(carry, xs):
-            grads_sum, loss_sum, acc_sum, model_state = carry
+            grads_sum, loss_sum, acc_sum, model_state_sum = carry
             microbatch, i = xs
             (loss, (model_state, acc)), grads = grad_fn(
-                state.params, model_state, microbatch, jax.random.fold_in(rng, i)
+                state.params, state.model_state, microbatch, jax.random.fold_in(rng, i)
             )
             grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-            return (grads_sum, loss_sum + loss, acc_sum + acc, model_state), None
+            model_state_sum = jax.tree.map(jnp.add, model_state_sum, model_state)
+            return (grads_sum, loss_sum + loss, acc_sum + acc, model_state_sum), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        init = (zeros, jnp.zeros(()), jnp.zeros(()), state.model_state)
+        zero_state = jax.tree.map(jnp.zeros_like, state.model_state)
+        init = (zeros, jnp.zeros(()), jnp.zeros(()), zero_state)
         (grads, loss, accuracy, model_state), _ = jax.lax.scan(
             accumulate, init, (_split_microbatches(batch, k), jnp.arange(k))
         )
         grads = jax.tree.map(lambda g: g / k, grads)
+        model_state = jax.tree.map(lambda s: s / k, model_state)
         loss, accuracy = loss / k, accuracy / k
 
     if axis_name is not None:  # pmap: average over the data-parallel replicas
@@ -132,7 +141,9 @@ def train_step(
         "loss": loss,
         "accuracy": accuracy,
         "grad_norm": optax.tree.norm(grads),
-        "learning_rate": schedule(state.step),
+        # The rate this update used: the schedule at the optimizer's own step count (which a
+        # skipped non-finite update does not advance), not at the train step.
+        "learning_rate": schedule(optim.schedule_count(state.opt_state, state.step)),
         "skipped_steps": optim.nonfinite_count(opt_state),
     }
     return new_state, metrics

@@ -76,6 +76,21 @@ class Tokenizer(abc.ABC):
             json.dump(config, f, ensure_ascii=False, indent=1)
             f.write("\n")
 
+    def __eq__(self, other: object) -> bool:
+        """Same kind and same mapping between text and ids (e.g. the same character list)."""
+        return type(self) is type(other) and self._identity() == other._identity()
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, repr(self._identity())))
+
+    def _identity(self) -> Any:
+        """What decides the mapping between text and ids."""
+        return self._config()
+
+    def describe(self) -> str:
+        """A short description for messages: kind, size and (for characters) the vocabulary."""
+        return f"{self.kind} tokenizer of {self.vocab_size} tokens"
+
     def __repr__(self) -> str:
         """Returns e.g. CharTokenizer(vocab_size=65)."""
         return f"{type(self).__name__}(vocab_size={self.vocab_size})"
@@ -150,6 +165,11 @@ class CharTokenizer(Tokenizer):
     def _config(self) -> dict[str, Any]:
         """Returns the vocabulary, in id order."""
         return {"chars": self._chars}
+
+    def describe(self) -> str:
+        """E.g. "char tokenizer of 3 tokens 'abc'" (long vocabularies shortened)."""
+        chars = self._chars if len(self._chars) <= 40 else self._chars[:37] + "..."
+        return f"char tokenizer of {self.vocab_size} tokens {chars!r}"
 
 
 class ByteTokenizer(Tokenizer):
@@ -286,6 +306,9 @@ class SentencePieceTokenizer(Tokenizer):
         ids = _as_id_array(ids)
         _check_id_range(ids, self.vocab_size)
         return self._sp.decode(ids.tolist())
+
+    def _identity(self) -> Any:
+        return self._model_proto
 
     def _config(self) -> dict[str, Any]:
         """Returns the model file name and summary fields."""

@@ -82,18 +82,36 @@ def _format_eval(split: str, metrics: dict[str, Any]) -> str:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains `config` in `workdir` (resuming if it holds checkpoints); returns final metrics."""
+    """Trains `config` in `workdir` (resuming if it holds checkpoints); returns final metrics.
+
+    The run holds the workdir while it trains (workdir_files.claim): a second run started on it
+    is refused. Raises cli.UserError subclasses for what the user can fix (the config, the
+    workdir, the data) before anything trains."""
     workdir = os.path.abspath(workdir)
+    checkpointing.check_path(workdir)
+    with workdir_files.claim(workdir):
+        return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     run = experiment.build_run(config)  # validates a copy of `config`, loads the data
     config, datasets, compiled = run.config, run.datasets, run.steps
     total_steps = run.total_steps
 
     # ------------------------------------------------------------------ state: resume or create
-    if config.restart and (moved := checkpointing.move_aside(workdir)):
-        logging.warning("config.restart=True: moved the old checkpoints to %s", moved)
+    # Everything in the workdir describes the run its newest checkpoint belongs to: a restart
+    # (or a fresh start over an attempt that saved nothing) moves the old records aside, and a
+    # resume must not change what the run is.
+    if config.restart and (moved := workdir_files.move_records_aside(workdir)):
+        _print(f"config.restart=True: moved the previous run's records to {moved}")
     ckpt = checkpointing.Checkpointer(
         workdir, max_to_keep=config.keep_checkpoints, async_save=config.async_checkpointing
     )
+    if ckpt.all_steps():
+        latest = ckpt.all_steps()[-1]
+        workdir_files.check_resume(workdir, config, run.tokenizer, latest, total_steps)
+    elif moved := workdir_files.move_records_aside(workdir, keep=("checkpoints",)):
+        _print(f"Moved the records of an earlier attempt that saved no checkpoint to {moved}")
     restored = ckpt.restore_latest(run.abstract_state)
     if restored is not None:
         state, meta = restored

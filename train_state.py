@@ -42,6 +42,17 @@ def _init_boxed(
     )
 
 
+def param_logical_axes(model: nn.Module, example_input: np.ndarray) -> dict[str, tuple]:
+    """{'path/to/param': its logical axis names, e.g. ('vocab', 'embed')}, without allocating."""
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    boxed = jax.eval_shape(lambda: model.init(rngs, jnp.asarray(example_input), train=False))
+    specs = nn.get_partition_spec(boxed["params"])
+    flat = jax.tree_util.tree_leaves_with_path(
+        specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    )
+    return {"/".join(str(k.key) for k in path): tuple(spec) for path, spec in flat}
+
+
 def state_shardings(
     model: nn.Module,
     tx: optax.GradientTransformation,

@@ -39,6 +39,7 @@ import input_pipeline  # noqa: E402
 import metrics_writer  # noqa: E402
 import preemption  # noqa: E402
 import train  # noqa: E402
+import workdir_files  # noqa: E402
 
 # The run the tests reproduce: 60 steps, each logged, checkpointed (asynchronously) every 10.
 RUN = {
@@ -447,17 +448,25 @@ def test_a_misspelt_flag_on_the_command_line_fails_readably(tmp_path):
 
 
 def test_resuming_with_other_model_shapes_is_refused_unless_restart(reference, tmp_path):
+    """Another model (and a run length short of the step reached) is refused, naming the
+    fields; restart=True moves every record of the old run aside (nothing lost) and what
+    remains in the workdir describes the new run only."""
     workdir = str(tmp_path / "run")
     shutil.copytree(reference, workdir)
     narrower = {"model": {"features": (32,)}, "num_train_steps": 10}
-    with pytest.raises(checkpointing.CheckpointMismatchError, match="restart=True"):
+    with pytest.raises(workdir_files.WorkdirError, match=r"model\.features: \(64, 32\) -> \(32,\)"):
         train.train_and_evaluate(make_config(**narrower), workdir)
     train.train_and_evaluate(make_config(**narrower, restart=True), workdir)
-    old = [d for d in os.listdir(workdir) if d.startswith("checkpoints.old-")]
-    assert len(old) == 1  # the old checkpoints, moved aside, nothing lost
-    assert sorted(os.listdir(os.path.join(workdir, old[0]))) == ["50", "60"]
+    (old,) = os.listdir(os.path.join(workdir, workdir_files.PREVIOUS_RUNS))
+    old = os.path.join(workdir, workdir_files.PREVIOUS_RUNS, old)
+    assert sorted(os.listdir(os.path.join(old, "checkpoints"))) == ["50", "60"]
+    assert {"config.json", "metrics.jsonl", "tensorboard", "final_metrics.json"} <= set(
+        os.listdir(old)
+    )
     state, step = checkpointing.read_state_as_numpy(workdir)
     assert step == 10 and state["params"]["dense_0"]["kernel"].shape == (784, 32)
+    assert max(row["step"] for row in metrics_writer.read_jsonl(f"{workdir}/metrics.jsonl")) == 10
+    assert final_metrics(workdir)["step"] == 10
 
 
 # ----------------------------------------------------------------------------- subprocess driver
