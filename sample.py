@@ -3,6 +3,8 @@
     python sample.py --workdir=runs/shakespeare_char --prompt="ROMEO:" --num_samples=3
 
 The run is restored with experiment.restore_run (verified, on the run's own mesh where it fits).
+Any number of tokens can be generated: past the model's block_size, each is conditioned on the
+last block_size tokens (sampling.generate).
 """
 
 from __future__ import annotations
@@ -89,6 +91,14 @@ def main(argv: Sequence[str]) -> None:
         f"generated {new_tokens} tokens in {elapsed:.3f} s: {new_tokens / elapsed:,.1f} tokens/s "
         f"({FLAGS.num_samples} samples x {FLAGS.max_new_tokens} tokens)"
     )
+    block_size = int(restored.model.block_size)
+    cached = sampling.num_cached_tokens(ids.size, FLAGS.max_new_tokens, block_size)
+    if cached < FLAGS.max_new_tokens:
+        print(
+            f"{cached} tokens per sample used the KV cache; the other "
+            f"{FLAGS.max_new_tokens - cached}, past the {block_size}-token window, each took a "
+            f"full forward pass over the last {block_size} tokens"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""Autoregressive generation from a GPT with a KV cache: prefill, then a jitted scan over tokens."""
+"""Autoregressive generation from a GPT, any length (nanoGPT's definition: each token conditioned
+on the last block_size tokens): a KV cache while the context fits the window, then full forward
+passes over a rolling window; one jitted program."""
 
 from __future__ import annotations
 
@@ -59,23 +61,26 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
 ) -> jax.Array:
-    """Continues prompt[batch, prompt_len] by max_new_tokens; returns int32[batch, total]."""
+    """Continues prompt[batch, prompt_len] by max_new_tokens; returns int32[batch, prompt_len +
+    max_new_tokens] (the whole prompt, then the new tokens).
+
+    Each new token is sampled from the model's last-position logits on the last
+    `model.block_size` tokens so far (nanoGPT's definition), so neither the prompt nor the
+    number of new tokens is bounded by the context window. While the sequence fits the window a
+    KV cache makes each token one position's work; past it, each token is a full forward pass
+    over the cropped window (positions restart at 0 there, so the cache cannot be reused).
+    Token i is sampled with `jax.random.split(rng, max_new_tokens)[i]`.
+    """
     prompt = jnp.asarray(prompt, jnp.int32)
     if prompt.ndim != 2 or prompt.shape[1] == 0:
         raise ValueError(f"prompt must be a non-empty [batch, length] array, got {prompt.shape}.")
-    prompt_len = prompt.shape[1]
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
-    if prompt_len + max_new_tokens > model.block_size:
-        raise ValueError(
-            f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = "
-            f"{prompt_len + max_new_tokens} exceeds the model's block_size {model.block_size}."
-        )
     _check_settings(temperature, top_k, top_p)
     if max_new_tokens == 0:
         return prompt
     return _generate(
-        model.clone(decode=True),
+        model.clone(decode=False),
         params,
         prompt,
         rng,
@@ -84,6 +89,16 @@ def generate(
         top_k=top_k,
         top_p=None if top_p is None else float(top_p),
     )
+
+
+def num_cached_tokens(prompt_len: int, max_new_tokens: int, block_size: int) -> int:
+    """How many of the new tokens are generated with the KV cache: those whose context (the
+    prompt and the tokens before them) still fits the window, prompt_len + i <= block_size.
+    A prompt that fills the window or more has none (a full pass on its cropped tail is the
+    same work as a prefill)."""
+    if prompt_len >= block_size:
+        return 0
+    return min(max_new_tokens, block_size - prompt_len + 1)
 
 
 @functools.partial(
@@ -99,24 +114,49 @@ def _generate(
     top_k: int | None,
     top_p: float | None,
 ) -> jax.Array:
-    """Prefills the cache with the prompt, then scans one token at a time (compiled once)."""
+    """One compiled program: while the context fits the window, a prefill and a scan over the
+    KV cache; then a scan of full forward passes over a rolling window of block_size tokens.
+    The split point is static (prompt length, max_new_tokens and block_size are)."""
     sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
     rngs = jax.random.split(rng, max_new_tokens)
+    block_size = model.block_size
+    num_cached = num_cached_tokens(prompt.shape[1], max_new_tokens, block_size)
+    pieces = [prompt]
 
-    cache = init_cache(model, prompt.shape[0])
-    logits, state = model.apply({"params": params, "cache": cache}, prompt, mutable=["cache"])
-    first = sample(logits[:, -1], rngs[0])
-
-    def step(carry, step_rng):
-        token, cache = carry
-        logits, state = model.apply(
-            {"params": params, "cache": cache}, token[:, None], mutable=["cache"]
+    if num_cached:
+        decode_model = model.clone(decode=True)
+        cache = init_cache(decode_model, prompt.shape[0])
+        logits, state = decode_model.apply(
+            {"params": params, "cache": cache}, prompt, mutable=["cache"]
         )
-        next_token = sample(logits[:, -1], step_rng)
-        return (next_token, state["cache"]), next_token
+        token = sample(logits[:, -1], rngs[0])
+        pieces.append(token[:, None])
 
-    _, rest = jax.lax.scan(step, (first, state["cache"]), rngs[1:])
-    return jnp.concatenate([prompt, first[:, None], rest.T], axis=1)
+        def cached_step(carry, step_rng):
+            token, cache = carry
+            logits, state = decode_model.apply(
+                {"params": params, "cache": cache}, token[:, None], mutable=["cache"]
+            )
+            next_token = sample(logits[:, -1], step_rng)
+            return (next_token, state["cache"]), next_token
+
+        if num_cached > 1:
+            _, tokens = jax.lax.scan(cached_step, (token, state["cache"]), rngs[1:num_cached])
+            pieces.append(tokens.T)
+
+    if num_cached < max_new_tokens:
+        # The window is full: each token is the last position's prediction of a full forward
+        # pass over the last block_size tokens, which then slide by one.
+        window = jnp.concatenate(pieces, axis=1)[:, -block_size:]
+
+        def window_step(window, step_rng):
+            logits = model.apply({"params": params}, window)
+            next_token = sample(logits[:, -1], step_rng)
+            return jnp.concatenate([window[:, 1:], next_token[:, None]], axis=1), next_token
+
+        _, tokens = jax.lax.scan(window_step, window, rngs[num_cached:])
+        pieces.append(tokens.T)
+    return jnp.concatenate(pieces, axis=1)
 
 
 def _check_settings(temperature: float, top_k: int | None, top_p: float | None) -> None:
