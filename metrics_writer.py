@@ -21,7 +21,9 @@ class MetricsWriter:
             return
         os.makedirs(workdir, exist_ok=True)
         _truncate_after(self.jsonl_path, resume_step)
-        self._tb = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
+        tb_dir = os.path.join(workdir, "tensorboard")
+        _truncate_events_after(tb_dir, resume_step)
+        self._tb = tensorboard.SummaryWriter(tb_dir)
 
     def write_scalars(self, step: int, scalars: dict[str, Any], prefix: str = "") -> None:
         """Logs `scalars` (names prefixed, e.g. 'train/loss') at `step`."""
@@ -72,6 +74,32 @@ def _truncate_after(path: str, step: int) -> None:
     with open(path + ".tmp", "w") as f:
         f.writelines(kept)
     os.replace(path + ".tmp", path)
+
+
+def _truncate_events_after(directory: str, step: int) -> None:
+    """On resume, drops the TensorBoard events logged after the restored step by a run that was
+    then killed (they would stand beside the resumed run's own events for the same steps).
+    Each event file is rewritten record by record, aside and renamed, only if it has any."""
+    if not os.path.isdir(directory):
+        return
+    from tensorboard.backend.event_processing import event_file_loader
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.summary.writer import record_writer
+
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if "tfevents" not in name or not os.path.isfile(path):
+            continue
+        records = list(event_file_loader.RawEventFileLoader(path).Load())
+        kept = [r for r in records if event_pb2.Event.FromString(r).step <= step]
+        if len(kept) == len(records):
+            continue
+        with open(path + ".tmp", "wb") as f:
+            writer = record_writer.RecordWriter(f)
+            for record in kept:
+                writer.write(record)
+            writer.flush()
+        os.replace(path + ".tmp", path)
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:

@@ -234,9 +234,7 @@ def _log_sample(writer, model, params, tokenizer, config, step: int) -> None:
         prompt = np.zeros((1, 0), np.int32)
     if prompt.shape[1] == 0:  # start from token 0 instead
         prompt = np.zeros((1, 1), np.int32)
-    max_new_tokens = min(200, int(config.model.block_size) - 1)
-    if max_new_tokens <= 0:
-        return
+    max_new_tokens = 200  # past block_size, each token conditions on the last block_size
     rng = jax.random.fold_in(jax.random.key(config.seed), step)
     # No logical rules: a batch of one cannot follow the data-parallel activation constraints.
     with nn.logical_axis_rules(()):

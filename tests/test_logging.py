@@ -76,7 +76,7 @@ def test_lm_logs_a_text_sample_at_each_evaluation(trained_lm_run, tiny_corpus):
     for value in samples.values():
         text = value.item().decode()
         body = text.removeprefix("```\n").removesuffix("\n```")
-        assert len(body) == 32  # the prompt (one newline) and block_size - 1 new characters
+        assert len(body) == 201  # the prompt (one newline) and 200 new characters
         assert set(body) <= alphabet
 
 

@@ -231,3 +231,32 @@ def test_logical_axis_rules_that_match_nothing_are_refused(rules, message, tiny_
     tiny_mlp_config.logical_axis_rules = rules
     with pytest.raises(config_validation.ConfigError, match=message):
         config_validation.validate(tiny_mlp_config)
+
+
+def _logged_steps(workdir: str, tag: str) -> list[int]:
+    """Every step at which any event file in workdir/tensorboard holds `tag` (raw records: no
+    reader-side purging)."""
+    from tensorboard.backend.event_processing import event_file_loader
+    from tensorboard.compat.proto import event_pb2
+
+    directory = os.path.join(workdir, "tensorboard")
+    steps = []
+    for name in sorted(os.listdir(directory)):
+        for record in event_file_loader.RawEventFileLoader(os.path.join(directory, name)).Load():
+            event = event_pb2.Event.FromString(record)
+            steps += [event.step for value in event.summary.value if value.tag == tag]
+    return sorted(steps)
+
+
+def test_a_resumed_run_keeps_one_record_per_step(trained_mlp_run, tmp_path):
+    """A run that logged steps 15 and 20 but was killed before its step-20 checkpoint resumes
+    at 10: metrics.jsonl and the TensorBoard events then hold each step once, the resumed
+    run's."""
+    workdir = _copy(trained_mlp_run, tmp_path)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "20"))
+    os.remove(os.path.join(workdir, "final_metrics.json"))
+    assert _logged_steps(workdir, "train/loss") == [5, 10, 15, 20]
+    train.train_and_evaluate(workdir_files.load_config(workdir), workdir)
+    assert _logged_steps(workdir, "train/loss") == [5, 10, 15, 20]
+    rows = metrics_writer.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    assert [r["step"] for r in rows if "train/loss" in r] == [5, 10, 15, 20]
