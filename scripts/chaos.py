@@ -14,7 +14,6 @@ are identical, 1 otherwise.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -27,6 +26,12 @@ import time
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from absl import flags  # noqa: E402
+
+import cli  # noqa: E402
+
 RUN_TIMEOUT = 600  # seconds any one run may take before the script gives up on it
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
@@ -114,24 +119,34 @@ def wait_for(predicate, process: subprocess.Popen) -> bool:
     return True
 
 
-def one_fault(i: int, args, rng: random.Random, last_step: int) -> dict[str, Any]:
-    """Starts the command and SIGKILLs it at a random moment; returns what happened."""
-    log = os.path.join(args.workdir, f"attempt_{i}.log")
-    expected = max(complete_steps(args.chaos_dir), default=0)
+def one_fault(
+    i: int,
+    rng: random.Random,
+    last_step: int,
+    *,
+    workdir: str,
+    chaos_dir: str,
+    steps: int,
+    faults: int,
+) -> dict[str, Any]:
+    """Starts the command in chaos_dir and SIGKILLs it at a random moment; returns what happened
+    (its log goes to workdir)."""
+    log = os.path.join(workdir, f"attempt_{i}.log")
+    expected = max(complete_steps(chaos_dir), default=0)
     # Spread the kills over the run: each aims somewhere in the next stretch of steps.
-    lo = min(last_step + 1, args.steps)
-    hi = min(args.steps, lo + max(1, 2 * args.steps // (args.faults + 1)))
+    lo = min(last_step + 1, steps)
+    hi = min(steps, lo + max(1, 2 * steps // (faults + 1)))
     target = rng.randint(lo, hi)
     mode = rng.choice(["step", "step", "saving", "after_restore"] if expected else ["step"])
     started = time.time()
-    process = launch(command(args.chaos_dir, args.steps), log)
+    process = launch(command(chaos_dir, steps), log)
     if mode == "after_restore":
         landed = wait_for(lambda: resumed_from(log) is not None, process)
     elif mode == "saving":  # during a save, or at the step if none is caught in flight
         landed = wait_for(
             lambda: (
-                saving_at_or_after(args.chaos_dir, max(expected + 1, target))
-                or progress(log) >= min(args.steps, target + 20)
+                saving_at_or_after(chaos_dir, max(expected + 1, target))
+                or progress(log) >= min(steps, target + 20)
             ),
             process,
         )
@@ -139,8 +154,8 @@ def one_fault(i: int, args, rng: random.Random, last_step: int) -> dict[str, Any
         landed = wait_for(lambda: progress(log) >= target, process)
     time.sleep(rng.uniform(0, 0.02))  # not always right at the poll
     # Saves this attempt began (Orbax recreates a leftover tmp directory when it saves that step).
-    directory = os.path.join(args.chaos_dir, "checkpoints")
-    in_flight = [n for n in checkpoint_names(args.chaos_dir)
+    directory = os.path.join(chaos_dir, "checkpoints")
+    in_flight = [n for n in checkpoint_names(chaos_dir)
                  if TMP_SUFFIX in n and _mtime(os.path.join(directory, n)) >= started]  # fmt: skip
     if process.poll() is None:
         process.send_signal(signal.SIGKILL)
@@ -155,7 +170,7 @@ def one_fault(i: int, args, rng: random.Random, last_step: int) -> dict[str, Any
         "killed": process.returncode == -signal.SIGKILL and landed,
         "exit_code": process.returncode,
         "saves_in_flight": in_flight,
-        "checkpoints_left": complete_steps(args.chaos_dir),
+        "checkpoints_left": complete_steps(chaos_dir),
     }
 
 
@@ -178,7 +193,6 @@ def final_metrics(workdir: str) -> dict[str, Any]:
 
 def compare(chaos_dir: str, reference_dir: str) -> list[str]:
     """What differs between the two runs' final states, final metrics and logged metrics."""
-    sys.path.insert(0, REPO)
     import jax
     import numpy as np
     from absl import logging
@@ -213,26 +227,35 @@ def compare(chaos_dir: str, reference_dir: str) -> list[str]:
     return differences
 
 
-def main() -> int:
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The script's flags (defined only when run as a script: importing it defines none)."""
+    flags.DEFINE_integer("faults", 5, "SIGKILLs to inflict")
+    flags.DEFINE_integer("seed", 0, "seeds the kill moments")
+    flags.DEFINE_string("workdir", "runs/chaos", "emptied first")
+    flags.DEFINE_integer("steps", 300, "training steps of the run")
+
+
+def main(argv: list[str]) -> int:
     """Runs the faults, the finishing run and the reference; prints the verdict."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--faults", type=int, default=5, help="SIGKILLs to inflict")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the kill moments")
-    parser.add_argument("--workdir", default="runs/chaos", help="emptied first")
-    parser.add_argument("--steps", type=int, default=300, help="training steps of the run")
-    args = parser.parse_args()
-    args.workdir = os.path.abspath(args.workdir)
-    args.chaos_dir = os.path.join(args.workdir, "chaos")
-    reference_dir = os.path.join(args.workdir, "reference")
-    shutil.rmtree(args.workdir, ignore_errors=True)
-    os.makedirs(args.workdir)
-    rng = random.Random(args.seed)
-    print("command: " + " ".join(command("<workdir>", args.steps)[1:]), flush=True)
+    del argv
+    faults, steps = FLAGS.faults, FLAGS.steps
+    workdir = os.path.abspath(FLAGS.workdir)
+    chaos_dir = os.path.join(workdir, "chaos")
+    reference_dir = os.path.join(workdir, "reference")
+    shutil.rmtree(workdir, ignore_errors=True)
+    os.makedirs(workdir)
+    rng = random.Random(FLAGS.seed)
+    print("command: " + " ".join(command("<workdir>", steps)[1:]), flush=True)
 
     t0 = time.monotonic()
     problems, last_step = [], 0
-    for i in range(1, args.faults + 1):
-        fault = one_fault(i, args, rng, last_step)
+    for i in range(1, faults + 1):
+        fault = one_fault(
+            i, rng, last_step, workdir=workdir, chaos_dir=chaos_dir, steps=steps, faults=faults
+        )
         last_step = max(last_step, fault["killed_after_step"])
         print(
             f"fault {i}: {fault['mode']:<13} resumed from step {fault['resumed_from']:>3}, "
@@ -255,29 +278,30 @@ def main() -> int:
         if max(fault["checkpoints_left"], default=0) < fault["expected_resume"]:
             problems.append(f"fault {i} left no checkpoint as new as the one it resumed from")
 
-    final_log = os.path.join(args.workdir, "final_attempt.log")
-    expected = max(complete_steps(args.chaos_dir), default=0)
-    process = launch(command(args.chaos_dir, args.steps), final_log)
+    final_log = os.path.join(workdir, "final_attempt.log")
+    expected = max(complete_steps(chaos_dir), default=0)
+    process = launch(command(chaos_dir, steps), final_log)
     code = process.wait(timeout=RUN_TIMEOUT)
     print(f"final attempt: resumed from step {resumed_from(final_log)}, exit code {code}")
     if code != 0:
         problems.append(f"the final attempt failed (exit {code}); see {final_log}")
     if resumed_from(final_log) != expected:
         problems.append(f"the final attempt resumed from {resumed_from(final_log)}, not {expected}")
-    reference_log = os.path.join(args.workdir, "reference.log")
-    code = launch(command(reference_dir, args.steps), reference_log).wait(timeout=RUN_TIMEOUT)
+    reference_log = os.path.join(workdir, "reference.log")
+    code = launch(command(reference_dir, steps), reference_log).wait(timeout=RUN_TIMEOUT)
     print(f"reference run (uninterrupted): exit code {code}")
     if code != 0:
         problems.append(f"the reference run failed (exit {code}); see {reference_log}")
-    if os.path.exists(os.path.join(args.chaos_dir, "final_metrics.json")) and not code:
-        problems += compare(args.chaos_dir, reference_dir)
+    if os.path.exists(os.path.join(chaos_dir, "final_metrics.json")) and not code:
+        problems += compare(chaos_dir, reference_dir)
     print(f"({time.monotonic() - t0:.0f} s)")
     if problems:
         print("FAILED:\n  " + "\n  ".join(problems))
         return 1
-    print(f"{args.faults} faults survived, parameters identical")
+    print(f"{faults} faults survived, parameters identical")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    define_flags()
+    cli.run(main)

@@ -14,7 +14,6 @@ after the first (which holds tracing).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -27,6 +26,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
+from absl import flags  # noqa: E402
+
+import cli  # noqa: E402
 import host_allocator  # noqa: E402
 
 host_allocator.keep_freed_memory_mapped()  # before TensorFlow and jax start threads
@@ -71,37 +73,43 @@ def run_keras(name: str, epochs: int, batch_size: int, timeout: int) -> dict[str
     return json.loads(lines[-1])
 
 
-def main(argv: list[str] | None = None) -> int:
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The script's flags (defined only when run as a script: importing it defines none)."""
+    flags.DEFINE_list("models", ["mlp", "cnn"], "comma-separated: mlp, cnn")
+    flags.DEFINE_integer("epochs", 10, "Training epochs of each side (at least 2).")
+    flags.DEFINE_integer("batch_size", 128, "Training batch size of each side.")
+    flags.DEFINE_integer("repeats", 1, "alternating jaxlab/Keras pairs")
+    flags.DEFINE_integer("keras_timeout", 3600, "seconds per Keras run")
+    flags.DEFINE_string("workdir", None, "parent of the jaxlab run dirs (tmp)")
+
+
+def main(argv: list[str]) -> int:
     """Runs both sides for each requested model and prints the comparison."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp, cnn")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=1, help="alternating jaxlab/Keras pairs")
-    parser.add_argument("--keras_timeout", type=int, default=3600, help="seconds per Keras run")
-    parser.add_argument("--workdir", default=None, help="parent of the jaxlab run dirs (tmp)")
-    args = parser.parse_args(argv)
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    del argv
+    names = [n for n in FLAGS.models if n]
     unknown = sorted(set(names) - set(CONFIGS))
-    if unknown or args.epochs < 2 or args.repeats < 1:
-        parser.error(
+    if unknown or FLAGS.epochs < 2 or FLAGS.repeats < 1:
+        raise cli.UserError(
             f"unknown models {unknown}" if unknown else "--epochs must be >= 2, --repeats >= 1."
         )
 
     results = []
-    parent = args.workdir or tempfile.mkdtemp(prefix="compare_keras_")
+    parent = FLAGS.workdir or tempfile.mkdtemp(prefix="compare_keras_")
     for name in names:
         # Alternating pairs: this machine's speed drifts, so each ratio compares neighbours.
-        for repeat in range(args.repeats):
+        for repeat in range(FLAGS.repeats):
             workdir = os.path.join(parent, f"{name}_{repeat}")
-            jaxlab = run_jaxlab(name, args.epochs, args.batch_size, workdir)
-            keras = run_keras(name, args.epochs, args.batch_size, args.keras_timeout)
+            jaxlab = run_jaxlab(name, FLAGS.epochs, FLAGS.batch_size, workdir)
+            keras = run_keras(name, FLAGS.epochs, FLAGS.batch_size, FLAGS.keras_timeout)
             ratio = jaxlab["steady_examples_per_sec"] / keras["steady_examples_per_sec"]
             results.append({
                 "model": name,
                 "repeat": repeat,
-                "epochs": args.epochs,
-                "batch_size": args.batch_size,
+                "epochs": FLAGS.epochs,
+                "batch_size": FLAGS.batch_size,
                 "jaxlab_examples_per_sec": jaxlab["steady_examples_per_sec"],
                 "keras_examples_per_sec": keras["steady_examples_per_sec"],
                 "speedup": round(ratio, 2),
@@ -127,4 +135,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    define_flags()
+    cli.run(main)

@@ -22,7 +22,6 @@ Prints a table, then one JSON line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -34,6 +33,9 @@ from typing import Any
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
+from absl import flags  # noqa: E402
+
+import cli  # noqa: E402
 import host_allocator  # noqa: E402
 
 host_allocator.keep_freed_memory_mapped()  # before TensorFlow and jax start threads
@@ -52,8 +54,8 @@ def _config(seed: int = 1337):
 def run_torch(python: str, *args: str, timeout: int = 3600) -> dict[str, Any]:
     """Runs the PyTorch baseline with `args`; returns its JSON line."""
     if not os.path.exists(python):
-        raise SystemExit(
-            f"ERROR: no PyTorch environment at {python}. Create one (see this script's docstring) "
+        raise cli.UserError(
+            f"no PyTorch environment at {python}. Create one (see this script's docstring) "
             "or pass --torch_python=/path/to/python."
         )
     proc = subprocess.run([python, TORCH_SCRIPT, *args], capture_output=True, text=True,
@@ -63,19 +65,19 @@ def run_torch(python: str, *args: str, timeout: int = 3600) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def speed(args: argparse.Namespace) -> dict[str, Any]:
+def speed(torch_python: str, iters: int) -> dict[str, Any]:
     """Steady-state time per iteration of each loop, measured one after the other."""
     import metrics_writer
     import train
     from tools import bench
 
-    torch_result = run_torch(args.torch_python, f"--max_iters={args.iters}",
+    torch_result = run_torch(torch_python, f"--max_iters={iters}",
                              "--eval_interval=1000000", "--final_eval_iters=0")  # fmt: skip
     config = _config()
     # bench times calls of config.steps_per_dispatch iterations each.
-    step = bench.benchmark_training(config, steps=max(3, args.iters // config.steps_per_dispatch))
+    step = bench.benchmark_training(config, steps=max(3, iters // config.steps_per_dispatch))
     # train.py's whole loop (input pipeline, NaN checks, logging), without evaluations.
-    config.num_train_steps = args.iters
+    config.num_train_steps = iters
     config.eval_every_steps = config.checkpoint_every_steps = 10**9
     config.log_every_steps = 50
     config.sample_every_eval = False
@@ -87,7 +89,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     tokens = config.batch_size * config.model.block_size
     return {
         "mode": "speed",
-        "iters": args.iters,
+        "iters": iters,
         "torch_version": torch_result["torch_version"],
         "torch_threads": torch_result["threads"],
         "torch_ms_per_iter": round(torch_result["median_ms_per_iter"], 2),
@@ -105,7 +107,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def lockstep(args: argparse.Namespace) -> dict[str, Any]:
+def lockstep(torch_python: str, iters: int) -> dict[str, Any]:
     """Same initial weights and batches in both loops; compares the per-step training losses."""
     import jax
     import numpy as np
@@ -125,7 +127,7 @@ def lockstep(args: argparse.Namespace) -> dict[str, Any]:
     batch_iter = run.datasets.train_batches(0)
     batches, losses = [], []
     with compiled.context():
-        for _ in range(args.iters):
+        for _ in range(iters):
             batch = next(batch_iter)
             batches.append(np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1))
             state, metrics = compiled.train_step(state, compiled.put_train_batch(batch))
@@ -133,14 +135,14 @@ def lockstep(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "init.npz")
         np.savez(path, batches=np.stack(batches), **weights)
-        torch_result = run_torch(args.torch_python, f"--init_npz={path}",
-                                 f"--max_iters={args.iters}")  # fmt: skip
+        torch_result = run_torch(torch_python, f"--init_npz={path}",
+                                 f"--max_iters={iters}")  # fmt: skip
     torch_losses = torch_result["train_losses"]
     gaps = [abs(a - b) for a, b in zip(losses, torch_losses, strict=True)]
-    marks = sorted({0, 1, 10, 50, 100, args.iters - 1} & set(range(args.iters)))
+    marks = sorted({0, 1, 10, 50, 100, iters - 1} & set(range(iters)))
     return {
         "mode": "lockstep",
-        "iters": args.iters,
+        "iters": iters,
         "losses": {i: [round(losses[i], 5), round(torch_losses[i], 5)] for i in marks},
         "max_abs_gap_first_10": max(gaps[:10]),
         "max_abs_gap": max(gaps),
@@ -149,14 +151,14 @@ def lockstep(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def loss(args: argparse.Namespace) -> dict[str, Any]:
+def loss(torch_python: str, seeds: list[int]) -> dict[str, Any]:
     """Full CPU-config runs of both loops for every seed; validation loss on 20 and 500 batches."""
     import evaluate as evaluate_lib
     import train
 
     rows = []
-    for seed in args.seeds:
-        t = run_torch(args.torch_python, f"--seed={seed}", "--final_eval_iters=500")
+    for seed in seeds:
+        t = run_torch(torch_python, f"--seed={seed}", "--final_eval_iters=500")
         with tempfile.TemporaryDirectory() as workdir:
             final = train.train_and_evaluate(_config(seed), workdir)
             big = evaluate_lib.evaluate_checkpoint(workdir, "val", eval_steps=500)
@@ -172,19 +174,39 @@ def loss(args: argparse.Namespace) -> dict[str, Any]:
             **{f"mean_{k}": mean(k) for k in rows[0] if k != "seed"}}  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mode", choices=("speed", "lockstep", "loss"), default="speed")
-    parser.add_argument("--iters", type=int, default=300)
-    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[1337])
-    parser.add_argument("--torch_python", default=os.environ.get(
-        "TORCH_PYTHON", os.path.join(REPO_ROOT, ".venv-torch", "bin", "python")))  # fmt: skip
-    args = parser.parse_args()
-    result = {"speed": speed, "lockstep": lockstep, "loss": loss}[args.mode](args)
+class _IntListParser(flags.ListParser):
+    """Comma-separated integers: --seeds=1337,1,2."""
+
+    def parse(self, argument: str | list[int]) -> list[int]:
+        return [int(x) for x in super().parse(argument)]
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The script's flags (defined only when run as a script: importing it defines none)."""
+    flags.DEFINE_enum("mode", "speed", ["speed", "lockstep", "loss"], "What to compare.")
+    flags.DEFINE_integer("iters", 300, "Training iterations (speed, lockstep).")
+    flags.DEFINE(_IntListParser(), "seeds", [1337], "comma-separated seeds (loss).",
+                 serializer=flags.CsvListSerializer(","))  # fmt: skip
+    flags.DEFINE_string("torch_python", os.environ.get(
+        "TORCH_PYTHON", os.path.join(REPO_ROOT, ".venv-torch", "bin", "python")),
+        "Python of an environment with torch ($TORCH_PYTHON).")  # fmt: skip
+
+
+def main(argv: list[str]) -> None:
+    """Runs the requested comparison; prints a table, then one JSON line."""
+    del argv
+    if FLAGS.mode == "loss":
+        result = loss(FLAGS.torch_python, FLAGS.seeds)
+    else:
+        result = {"speed": speed, "lockstep": lockstep}[FLAGS.mode](FLAGS.torch_python, FLAGS.iters)
     for key, value in result.items():
         print(f"{key:28s} {value}")
     print(json.dumps(result))
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    cli.run(main)

@@ -7,7 +7,6 @@ line per model: {"model": ..., "test_accuracy": ..., "steady_examples_per_sec": 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -22,7 +21,9 @@ sys.path.insert(0, REPO_ROOT)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
+from absl import flags  # noqa: E402
 
+import cli  # noqa: E402
 import data_setup  # noqa: E402
 
 MODELS = ("mlp", "cnn")
@@ -117,27 +118,33 @@ def run_baseline(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parses flags, runs the requested baselines and prints their results."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=(*MODELS, "both"), default="both")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data_dir", default=None, help="TFDS data dir (default: data_setup's)")
-    args = parser.parse_args(argv)
-    if args.epochs < 1 or args.batch_size < 1:
-        parser.error("--epochs and --batch_size must be positive.")
-    if args.epochs < 2:
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The script's flags (defined only when run as a script: importing it defines none)."""
+    flags.DEFINE_enum("model", "both", [*MODELS, "both"], "Which baseline to train.")
+    flags.DEFINE_integer("epochs", 10, "Training epochs (the first is not timed).")
+    flags.DEFINE_integer("batch_size", 128, "Training batch size.")
+    flags.DEFINE_integer("seed", 0, "Keras's random seed.")
+    flags.DEFINE_string("data_dir", None, "TFDS data dir (default: data_setup's)")
+
+
+def main(argv: list[str]) -> int:
+    """Runs the requested baselines and prints their results."""
+    del argv
+    if FLAGS.epochs < 1 or FLAGS.batch_size < 1:
+        raise cli.UserError("--epochs and --batch_size must be positive.")
+    if FLAGS.epochs < 2:
         print("Note: with --epochs=1 there is no steady-state epoch to time.", file=sys.stderr)
 
     try:
-        data = load_fashion_mnist(args.data_dir or data_setup.default_data_dir())
+        data = load_fashion_mnist(FLAGS.data_dir or data_setup.default_data_dir())
     except data_setup.DatasetUnavailableError as e:
         print(e, file=sys.stderr)
         return 1
-    names = MODELS if args.model == "both" else (args.model,)
-    results = [run_baseline(n, data, args.epochs, args.batch_size, args.seed) for n in names]
+    names = MODELS if FLAGS.model == "both" else (FLAGS.model,)
+    results = [run_baseline(n, data, FLAGS.epochs, FLAGS.batch_size, FLAGS.seed) for n in names]
     for r in results:
         rate = r["steady_examples_per_sec"]
         print(
@@ -151,4 +158,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    define_flags()
+    cli.run(main)

@@ -20,6 +20,7 @@ Prints one JSON line (--json_out also writes it to a file).
 
 from __future__ import annotations
 
+# argparse, not absl (the other commands' flags): this runs in .venv-torch, which has no absl.
 import argparse
 import json
 import math
