@@ -1,14 +1,32 @@
-"""Writes metrics to TensorBoard event files and `metrics.jsonl`, from process 0 only."""
+"""Writes metrics to TensorBoard event files and `metrics.jsonl`, from process 0 only.
+
+The event files are written with the `tensorboard` package alone (no TensorFlow, which the GPU
+machines and the language-model path do without): summary protos built by TensorBoard's own
+plugin helpers (`scalar_pb`, `text_pb`, `hparams_pb`; images as the image plugin's
+`[width, height, png]` string tensor), framed by its `RecordWriter`. TensorBoard reads them
+exactly as it read `tf.summary`'s: the same tags, plugins and values.
+"""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import socket
+import struct
+import time
+import zlib
 from typing import Any
 
 import jax
 import numpy as np
-from flax.metrics import tensorboard
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.plugins.hparams import summary_v2 as hparams_summary
+from tensorboard.plugins.image import metadata as image_metadata
+from tensorboard.plugins.scalar import summary_v2 as scalar_summary
+from tensorboard.plugins.text import summary_v2 as text_summary
+from tensorboard.summary.writer import record_writer
+from tensorboard.util import tensor_util
 
 
 class MetricsWriter:
@@ -23,7 +41,7 @@ class MetricsWriter:
         _truncate_after(self.jsonl_path, resume_step)
         tb_dir = os.path.join(workdir, "tensorboard")
         _truncate_events_after(tb_dir, resume_step)
-        self._tb = tensorboard.SummaryWriter(tb_dir)
+        self._tb = _EventWriter(tb_dir)
 
     def write_scalars(self, step: int, scalars: dict[str, Any], prefix: str = "") -> None:
         """Logs `scalars` (names prefixed, e.g. 'train/loss') at `step`."""
@@ -31,7 +49,7 @@ class MetricsWriter:
             return
         values = {f"{prefix}{k}": float(np.asarray(v)) for k, v in scalars.items()}
         for name, value in values.items():
-            self._tb.scalar(name, value, step)
+            self._tb.write(step, scalar_summary.scalar_pb(name, np.float32(value)))
         with open(self.jsonl_path, "a") as f:
             f.write(json.dumps({"step": int(step), **values}) + "\n")
         self._tb.flush()
@@ -39,22 +57,121 @@ class MetricsWriter:
     def write_text(self, step: int, name: str, text: str) -> None:
         """Logs a text summary (config, generated samples)."""
         if self.enabled:
-            self._tb.text(name, text, step)
+            self._tb.write(step, text_summary.text_pb(name, text))
+            self._tb.flush()
 
     def write_image(self, step: int, name: str, image: np.ndarray) -> None:
-        """Logs an image [H, W, C] (uint8 or float in [0, 1])."""
+        """Logs an image [H, W, C] (uint8 or float in [0, 1]); also [H, W], or [K, H, W(, C)]
+        for up to 3 images."""
         if self.enabled:
-            self._tb.image(name, image, step)
+            self._tb.write(step, image_summary_pb(name, image))
+            self._tb.flush()
 
     def write_hparams(self, hparams: dict[str, Any]) -> None:
         """Logs the run's hyperparameters for TensorBoard's HParams tab."""
         if self.enabled:
-            self._tb.hparams(hparams)
+            self._tb.write(0, hparams_summary.hparams_pb(_hparam_values(hparams)))
+            self._tb.flush()
 
     def close(self) -> None:
         """Flushes and closes the event file."""
         if self.enabled:
             self._tb.close()
+
+
+class _EventWriter:
+    """One event file, written synchronously: TensorBoard's RecordWriter over a plain file.
+    (tensorboard's EventFileWriter opens its file through `tensorboard.compat.tf`, which is
+    TensorFlow itself wherever TensorFlow is installed.) The file is named as TensorFlow's
+    writer names it."""
+
+    _ids = itertools.count()
+
+    def __init__(self, directory: str):
+        os.makedirs(directory, exist_ok=True)
+        stamp, host, pid = int(time.time()), socket.gethostname(), os.getpid()
+        name = f"events.out.tfevents.{stamp:010d}.{host}.{pid}.{next(self._ids)}.v2"
+        self._file = open(os.path.join(directory, name), "wb")  # noqa: SIM115 (closed by close)
+        self._records = record_writer.RecordWriter(self._file)
+        source = event_pb2.SourceMetadata(writer="jaxlab.metrics_writer")
+        self._add(
+            event_pb2.Event(
+                wall_time=time.time(), file_version="brain.Event:2", source_metadata=source
+            )
+        )
+        self.flush()
+
+    def write(self, step: int, summary: summary_pb2.Summary) -> None:
+        self._add(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+
+    def _add(self, event: event_pb2.Event) -> None:
+        self._records.write(event.SerializeToString())
+
+    def flush(self) -> None:
+        if not self._file.closed:
+            self._file.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+
+def _hparam_values(hparams: dict[str, Any]) -> dict[str, bool | int | float | str]:
+    """Values the HParams plugin takes (bool, number, string); anything else as its str()."""
+    out = {}
+    for name, value in hparams.items():
+        if isinstance(value, np.generic):
+            value = value.item()
+        out[name] = value if isinstance(value, bool | int | float | str) else str(value)
+    return out
+
+
+def image_summary_pb(tag: str, image: np.ndarray, max_outputs: int = 3) -> summary_pb2.Summary:
+    """The image plugin's summary, as tf.summary.image writes it: a string tensor
+    [width, height, png, ...] of up to `max_outputs` RGB images. Floats in [0, 1] become uint8
+    as tf.image.convert_image_dtype makes them (x * 255.5, saturated); one channel is repeated
+    to three, as flax's writer did."""
+    images = np.asarray(image)
+    if images.ndim == 2:
+        images = images[None, :, :, None]
+    elif images.ndim == 3:  # [H, W, C] or [K, H, W]
+        images = images[None] if images.shape[-1] in (1, 3) else images[..., None]
+    if images.ndim != 4:
+        raise ValueError(f"Expected an image [H, W(, C)] or [K, H, W(, C)], got {images.shape}.")
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    if images.dtype != np.uint8:
+        images = np.floor(np.clip(images.astype(np.float64) * 255.5, 0, 255)).astype(np.uint8)
+    height, width = images.shape[1:3]
+    encoded = [encode_png(x) for x in images[:max_outputs]]
+    tensor = tensor_util.make_tensor_proto(
+        np.array([str(width).encode(), str(height).encode(), *encoded], dtype=object)
+    )
+    meta = image_metadata.create_summary_metadata(display_name=None, description=None)
+    summary = summary_pb2.Summary()
+    summary.value.add(tag=tag, metadata=meta, tensor=tensor)
+    return summary
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """A uint8 image [H, W, C] (C = 1, 2, 3 or 4: grey, grey + alpha, RGB, RGBA) as PNG bytes
+    (8 bits per channel, no filtering, zlib-compressed)."""
+    image = np.ascontiguousarray(image, dtype=np.uint8)
+    height, width, channels = image.shape
+    color_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    rows = np.concatenate([np.zeros((height, 1), np.uint8), image.reshape(height, -1)], axis=1)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _truncate_after(path: str, step: int) -> None:

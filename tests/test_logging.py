@@ -5,11 +5,15 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _events(workdir: str) -> event_accumulator.EventAccumulator:
@@ -78,6 +82,67 @@ def test_lm_logs_a_text_sample_at_each_evaluation(trained_lm_run, tiny_corpus):
         body = text.removeprefix("```\n").removesuffix("\n```")
         assert len(body) == 201  # the prompt (one newline) and 200 new characters
         assert set(body) <= alphabet
+
+
+def test_metrics_writer_needs_no_tensorflow(tmp_path):
+    """The writer is built on the tensorboard package alone: importing it, and writing every
+    kind of summary, imports no TensorFlow (the GPU machines have none)."""
+    code = (
+        "import sys, numpy as np, metrics_writer\n"
+        "w = metrics_writer.MetricsWriter(sys.argv[1])\n"
+        "w.write_scalars(1, {'loss': 1.0}, prefix='train/')\n"
+        "w.write_text(1, 'samples', 'hi')\n"
+        "w.write_image(1, 'img', np.zeros((4, 5, 3), np.uint8))\n"
+        "w.write_hparams({'lr': 0.1})\n"
+        "w.close()\n"
+        "assert 'tensorflow' not in sys.modules, sorted(sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_writer_events_read_back_as_tensorboard_shows_them(tmp_path):
+    """Each kind of summary, read back by TensorBoard's EventAccumulator: its plugin and value
+    (an image as the image plugin's [width, height, png] with the pixels written; floats in
+    [0, 1] scaled as tf.image.convert_image_dtype scales them), and a resumed writer drops the
+    events after its step."""
+    import matplotlib.pyplot as plt
+
+    import metrics_writer
+
+    writer = metrics_writer.MetricsWriter(str(tmp_path))
+    writer.write_text(0, "config", "a `config`")
+    writer.write_hparams({"lr": np.float32(0.5), "name": "x", "flag": True, "none": None})
+    for step in (1, 2, 3):
+        writer.write_scalars(step, {"loss": 1.0 / step}, prefix="train/")
+    rgb = np.random.default_rng(0).integers(0, 256, (7, 5, 3)).astype(np.uint8)
+    writer.write_image(2, "rgb", rgb)
+    grey = np.array([[0.0, 0.5, 1.0], [0.25, 0.75, 2.0]], np.float32)[..., None]
+    writer.write_image(2, "grey", grey)
+    writer.close()
+
+    acc = _events(str(tmp_path))
+    assert _plugin(acc, "train/loss") == "scalars"
+    assert {k: float(v) for k, v in _series(acc, "train/loss").items()} == pytest.approx(
+        {1: 1.0, 2: 0.5, 3: 1 / 3}
+    )
+    assert _plugin(acc, "config") == "text"
+    assert _series(acc, "config")[0].item().decode() == "a `config`"
+    assert _plugin(acc, "_hparams_/session_start_info") == "hparams"
+    for tag, pixels in (("rgb", rgb), ("grey", np.repeat([[0, 127, 255], [63, 191, 255]], 3))):
+        assert _plugin(acc, tag) == "images"
+        width, height, png = _series(acc, tag)[2]
+        decoded = np.round(plt.imread(io.BytesIO(png), format="png") * 255).astype(np.uint8)
+        assert (int(width), int(height)) == (decoded.shape[1], decoded.shape[0])
+        np.testing.assert_array_equal(decoded.ravel(), np.asarray(pixels).ravel())
+
+    resumed = metrics_writer.MetricsWriter(str(tmp_path), resume_step=2)
+    resumed.write_scalars(3, {"loss": 0.25}, prefix="train/")
+    resumed.close()
+    losses = _series(_events(str(tmp_path)), "train/loss")
+    assert sorted(losses) == [1, 2, 3] and float(losses[3]) == 0.25
+    assert [r["step"] for r in metrics_writer.read_jsonl(writer.jsonl_path)] == [1, 2, 3]
 
 
 def _image_config(**augment):
