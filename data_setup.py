@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -389,6 +390,54 @@ def load_tiny_shakespeare(data_dir: str | None = None, shared_dir: str | None = 
     raise DatasetUnavailableError(_tiny_shakespeare_howto(source))
 
 
+def tiny_shakespeare_file(data_dir: str | None = None, shared_dir: str | None = None) -> str:
+    """The path of the original Tiny Shakespeare text (checked by sha256): the shared input.txt,
+    else a copy written once from the prepared TFDS dataset into <data_dir>/../text/."""
+    source = tiny_shakespeare_source_path(shared_dir)
+    if os.path.isfile(source):
+        _check_tiny_shakespeare_file(source)
+        return source
+    path = os.path.join(os.path.dirname(default_bible_path(data_dir)), "tiny_shakespeare.txt")
+    if not os.path.isfile(path):
+        text = load_tiny_shakespeare(data_dir, shared_dir)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def tfds_text_file(name: str, data_dir: str | None = None, field: str = "text") -> str:
+    """A TFDS text dataset's `field`, every split, as one UTF-8 file (one document a line of
+    JSONL) written once into <data_dir>/../text/<name>.jsonl; needs TensorFlow."""
+    path = os.path.join(os.path.dirname(default_bible_path(data_dir)), f"{name}.jsonl")
+    if os.path.isfile(path):
+        return path
+    tfds = _import_tfds()
+    try:
+        builder = tfds.builder(name, data_dir=data_dir or default_data_dir())
+        builder.download_and_prepare()
+    except Exception as e:
+        raise DatasetUnavailableError(
+            f"TFDS dataset {name!r} is not prepared and could not be downloaded ({e})."
+        ) from e
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for split in builder.info.splits:
+            for example in tfds.as_numpy(builder.as_dataset(split=split)):
+                text = example[field]
+                f.write(json.dumps({"text": text.decode("utf-8")}) + "\n")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def default_tokens_dir(data_dir: str | None = None) -> str:
+    """Where prepared token shards live: $JAXLAB_TOKENS_DIR, else <data_dir>/../tokens."""
+    if os.environ.get("JAXLAB_TOKENS_DIR"):
+        return os.environ["JAXLAB_TOKENS_DIR"]
+    return os.path.join(os.path.dirname(os.path.abspath(data_dir or default_data_dir())), "tokens")
+
+
 def load_text_corpus(name_or_path: str, data_dir: str | None = None) -> str:
     """Returns a text corpus: 'tiny_shakespeare', 'kjv'/'bible', or a path to a UTF-8 file."""
     key = name_or_path.strip().lower()
@@ -461,7 +510,31 @@ def prepare_all(data_dir: str | None = None) -> int:
             f"kjv: skipped (optional; `sudo apt-get install {BIBLE_PACKAGE}` provides it)",
             flush=True,
         )
+    for corpus in ("tiny_shakespeare", "kjv"):
+        if corpus == "kjv" and not os.path.isfile(bible_path):
+            continue
+        for tokenizer in ("char", "byte"):
+            exit_code |= _prepare_tokens(corpus, tokenizer, data_dir)
     return exit_code
+
+
+def _prepare_tokens(corpus: str, tokenizer: str, data_dir: str) -> int:
+    """Tokenizes a known corpus once into the tokens folder, as training on it would."""
+    import ml_collections
+
+    import input_pipeline
+
+    config = ml_collections.ConfigDict({"dataset": corpus, "tokenizer": tokenizer,
+                                        "tokenizer_vocab_size": None, "val_fraction": 0.1,
+                                        "data_dir": data_dir})  # fmt: skip
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            out = input_pipeline.prepared_dir(config)
+    except DatasetUnavailableError as e:
+        print(f"{corpus} ({tokenizer} tokens): UNAVAILABLE\n{e}", file=sys.stderr, flush=True)
+        return 1
+    print(f"{corpus} ({tokenizer} tokens): ready in {out}", flush=True)
+    return 0
 
 
 def main(argv: Sequence[str]) -> int:

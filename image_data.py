@@ -1,4 +1,4 @@
-"""tf.data input pipelines over TFDS datasets and text corpora; knows data, nothing about models.
+"""tf.data pipelines over TFDS image datasets (the only part of jaxlab that needs TensorFlow).
 
 Every training batch is a pure function of (seed, step, process): the pipeline for step s draws
 the global batch's example indices from a stateless generator keyed by (seed, s) and each process
@@ -8,10 +8,8 @@ save, no data repeated or skipped, and N processes together see exactly the batc
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Iterator
-from typing import Any
 
 import jax
 import ml_collections
@@ -23,34 +21,10 @@ cli.quiet_tensorflow()
 import tensorflow as tf  # noqa: E402
 
 import data_setup  # noqa: E402
-import tokenizers_lib  # noqa: E402
-import workdir_files  # noqa: E402
+from input_pipeline import Batch, Datasets  # noqa: E402
 
 # tf.data is only the host-side feeder here: keep TensorFlow off any accelerator.
 tf.config.set_visible_devices([], "GPU")
-
-Batch = dict[str, np.ndarray]
-
-
-@dataclasses.dataclass
-class Datasets:
-    """What train.py needs to know about the data."""
-
-    # (start_step, steps_per_dispatch=1, stop_step) -> iterator of process-local batches:
-    # see _step_batches
-    train_batches: Any
-    eval_batches: Any  # (split: str) -> finite iterable of process-local padded, masked batches
-    eval_splits: tuple[str, ...]
-    num_train_examples: int  # examples (or tokens, for lm) in the training split
-    example_input: np.ndarray  # one input, batch of 1, for model.init
-    num_classes: int = 0  # classification only
-    tokenizer: Any = None  # lm only
-
-    def input_spec(self) -> workdir_files.InputSpec:
-        """What a model needs to know about this data (recorded in each run's workdir)."""
-        return workdir_files.InputSpec(
-            self.example_input, self.num_classes, self.num_train_examples
-        )
 
 
 def local_batch_size(global_batch: int) -> int:
@@ -218,7 +192,8 @@ def _padded_eval_fn(config, num_examples: int, gather):
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def _image_datasets(config: ml_collections.ConfigDict) -> Datasets:
+def image_datasets(config: ml_collections.ConfigDict) -> Datasets:
+    """Train and test pipelines of the TFDS image dataset `config.dataset`."""
     data_dir = _data_dir(config)
     train_x, train_y = _load_image_split(config.dataset, "train", data_dir)
     test_x, test_y = _load_image_split(config.dataset, "test", data_dir)
@@ -250,79 +225,3 @@ def _image_datasets(config: ml_collections.ConfigDict) -> Datasets:
         example_input=np.zeros((1,) + train_x.shape[1:], train_x.dtype),
         num_classes=int(train_y.max()) + 1,
     )
-
-
-# ----------------------------------------------------------------------------- text
-
-
-def _window_stack_fn(tokens: np.ndarray, global_batch: int, block_size: int, seed: int):
-    """(steps[n]) -> [n, batch] random windows of block_size + 1 tokens, as nanoGPT's get_batch:
-    each start drawn uniformly from the len(tokens) - block_size valid ones (0 to len - block_size
-    - 1: the window's last target is the split's last token)."""
-    tokens_t = tf.constant(tokens)
-    positions = _process_slice(global_batch)
-    num_starts = len(tokens) - block_size
-    if num_starts < 1:
-        raise data_setup.DatasetUnavailableError(
-            f"the split has {len(tokens)} tokens, too few for one window of {block_size + 1} "
-            "(model.block_size + 1); use a smaller model.block_size or a larger corpus."
-        )
-
-    def global_starts(step):  # the whole global batch's windows, seeded by (seed, step)
-        seed_t = tf.stack([tf.cast(seed, tf.int64), step])
-        return tf.random.stateless_uniform(
-            [global_batch], seed=seed_t, maxval=num_starts, dtype=tf.int64
-        )
-
-    def make_stack(steps):
-        starts = tf.map_fn(global_starts, steps, fn_output_signature=tf.int64)
-        starts = tf.gather(starts, positions, axis=1)
-        windows = tf.gather(tokens_t, starts[..., None] + tf.range(block_size + 1, dtype=tf.int64))
-        return {"inputs": windows[..., :-1], "targets": windows[..., 1:]}
-
-    return make_stack
-
-
-def _text_datasets(config: ml_collections.ConfigDict) -> Datasets:
-    text = data_setup.load_text_corpus(config.dataset, _data_dir(config))
-    tokenizer = tokenizers_lib.build_tokenizer(config.tokenizer, text, config.tokenizer_vocab_size)
-    tokens = tokenizer.encode(text).astype(np.int32)
-    # nanoGPT: the first 90% of the corpus trains, the last 10% validates.
-    n_train = int(len(tokens) * (1.0 - config.val_fraction))
-    splits = {"train": tokens[:n_train], "val": tokens[n_train:]}
-    block = int(config.model.block_size)
-    train_fn = _window_stack_fn(splits["train"], config.batch_size, block, config.seed)
-
-    # Evaluation: the same fixed, seeded windows at every evaluation (lower-variance curves).
-    eval_steps = 20 if config.eval_steps is None else int(config.eval_steps)
-    eval_fns = {
-        name: _window_stack_fn(split, config.eval_batch_size, block, config.seed + 7919)
-        for name, split in splits.items()
-    }
-
-    def eval_batches(split: str = "val") -> Iterator[Batch]:
-        def eval_batch(b):  # a stack of one step, unstacked; every row counts
-            batch = {k: v[0] for k, v in eval_fns[split](b[None]).items()}
-            batch["mask"] = tf.ones(tf.shape(batch["targets"])[:1], tf.float32)
-            return batch
-
-        ds = tf.data.Dataset.range(eval_steps).map(eval_batch)
-        return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
-
-    return Datasets(
-        train_batches=functools.partial(_step_batches, train_fn),
-        eval_batches=eval_batches,
-        eval_splits=("train", "val"),
-        num_train_examples=len(splits["train"]),
-        example_input=np.zeros((1, block), np.int32),
-        tokenizer=tokenizer,
-    )
-
-
-def get_datasets(config: ml_collections.ConfigDict) -> Datasets:
-    """Builds the train and eval pipelines that `config.task` and `config.dataset` ask for."""
-    if config.task == "classification":
-        return _image_datasets(config)
-    if config.task == "lm":
-        return _text_datasets(config)
-    raise ValueError(f"config.task={config.task!r}: use 'classification' or 'lm'.")

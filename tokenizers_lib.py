@@ -1,4 +1,6 @@
-"""Text tokenizers (character, byte, SentencePiece) with one encode/decode/save/load interface."""
+"""Text tokenizers (character, byte, SentencePiece, byte-level BPE) with one encode/decode/save/load
+interface. Byte-level BPE is Hugging Face's `tokenizers` library: trained here on a corpus, or
+any `tokenizer.json` a user brings (GPT-2's, for example)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,10 @@ import numpy as np
 
 TOKENIZER_JSON = "tokenizer.json"
 SENTENCEPIECE_MODEL = "tokenizer.model"
-TOKENIZER_KINDS = ("char", "byte", "sentencepiece")
+BPE_MODEL = "tokenizer_bpe.json"  # Hugging Face's tokenizer.json, beside our own tokenizer.json
+TOKENIZER_KINDS = ("char", "byte", "sentencepiece", "bpe")
+END_OF_TEXT = "<|endoftext|>"  # GPT-2's document separator, added to the BPE vocabularies we train
+DEFAULT_BPE_VOCAB_SIZE = 4096
 SENTENCEPIECE_MODEL_TYPES = ("bpe", "unigram")
 DEFAULT_SENTENCEPIECE_VOCAB_SIZE = 1024
 _FORMAT_VERSION = 1
@@ -50,6 +55,11 @@ class Tokenizer(abc.ABC):
     kind: ClassVar[str]
     # What one token is, for bits-per-unit metrics: 'char', 'byte' or (subwords) 'token'.
     unit: ClassVar[str] = "token"
+
+    @property
+    def eot_id(self) -> int | None:
+        """The end-of-text token that separates documents, or None if the vocabulary has none."""
+        return None
 
     @property
     @abc.abstractmethod
@@ -310,6 +320,12 @@ class SentencePieceTokenizer(Tokenizer):
     def _identity(self) -> Any:
         return self._model_proto
 
+    @property
+    def eot_id(self) -> int | None:
+        """SentencePiece's end-of-sentence piece (</s>), if the model has one."""
+        eos = int(self._sp.eos_id())
+        return eos if eos >= 0 else None
+
     def _config(self) -> dict[str, Any]:
         """Returns the model file name and summary fields."""
         return {
@@ -323,6 +339,88 @@ class SentencePieceTokenizer(Tokenizer):
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, SENTENCEPIECE_MODEL), "wb") as f:
             f.write(self._model_proto)
+        super().save(directory)
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE through Hugging Face's `tokenizers` (GPT-2's scheme): any text encodes.
+
+    Build it with `train` (on a corpus, offline) or `from_file` (a `tokenizer.json` such as
+    GPT-2's). Its end-of-text token, where the vocabulary has one, separates documents."""
+
+    kind = "bpe"
+
+    def __init__(self, serialized: str) -> None:
+        """From the JSON text of a Hugging Face tokenizer (its tokenizer.json)."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self._json = serialized
+        self._tok = HFTokenizer.from_str(serialized)
+
+    @classmethod
+    def from_file(cls, path: str) -> BPETokenizer:
+        """Loads a Hugging Face tokenizer.json; ValueError naming the file if it is not one."""
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            return cls(text)
+        except Exception as e:
+            raise ValueError(f"{path} is not a Hugging Face tokenizer.json ({e}).") from e
+
+    @classmethod
+    def train(cls, texts: Iterator[str], vocab_size: int = DEFAULT_BPE_VOCAB_SIZE) -> BPETokenizer:
+        """Trains a byte-level BPE of `vocab_size` tokens (END_OF_TEXT included) on `texts`."""
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[END_OF_TEXT],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tok.to_str())
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids (added tokens included)."""
+        return int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    @property
+    def eot_id(self) -> int | None:
+        """The id of <|endoftext|>, if the vocabulary has it."""
+        return self._tok.token_to_id(END_OF_TEXT)
+
+    def encode(self, text: str) -> np.ndarray:
+        """Returns the token ids of text as a 1-D int32 array (no special tokens added)."""
+        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """`encode` of many texts at once (the library parallelises it)."""
+        out = self._tok.encode_batch(texts, add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int32) for e in out]
+
+    def decode(self, ids: Any) -> str:
+        """Returns the text of ids (special tokens kept, e.g. <|endoftext|>)."""
+        ids = _as_id_array(ids)
+        _check_id_range(ids, self.vocab_size)
+        return self._tok.decode(ids.tolist(), skip_special_tokens=False)
+
+    def _identity(self) -> Any:
+        return self._json
+
+    def _config(self) -> dict[str, Any]:
+        return {"model_file": BPE_MODEL, "vocab_size": self.vocab_size}
+
+    def save(self, directory: str) -> None:
+        """Writes tokenizer_bpe.json (Hugging Face's format) and tokenizer.json."""
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, BPE_MODEL), "w", encoding="utf-8") as f:
+            f.write(self._json)
         super().save(directory)
 
 
@@ -344,6 +442,8 @@ def load_tokenizer(directory: str) -> Tokenizer:
         model_path = os.path.join(directory, config.get("model_file", SENTENCEPIECE_MODEL))
         with open(model_path, "rb") as f:
             return SentencePieceTokenizer(f.read())
+    if kind == "bpe":
+        return BPETokenizer.from_file(os.path.join(directory, config.get("model_file", BPE_MODEL)))
     raise ValueError(f"{path} has unknown tokenizer kind {kind!r}; known: {TOKENIZER_KINDS}.")
 
 
@@ -353,10 +453,10 @@ def build_tokenizer(
     vocab_size: int | None = None,
     model_type: str = "bpe",
 ) -> Tokenizer:
-    """Builds a 'char', 'byte' or 'sentencepiece' tokenizer of `text`.
+    """Builds a 'char', 'byte', 'sentencepiece' or 'bpe' tokenizer of `text`.
 
-    vocab_size and model_type apply to sentencepiece only (char and byte vocabularies are fixed by
-    the text and by UTF-8).
+    vocab_size applies to sentencepiece and bpe, model_type to sentencepiece only (char and byte
+    vocabularies are fixed by the text and by UTF-8).
     """
     tokenizer: Tokenizer
     if kind == "char":
@@ -369,6 +469,8 @@ def build_tokenizer(
             vocab_size=vocab_size or DEFAULT_SENTENCEPIECE_VOCAB_SIZE,
             model_type=model_type,
         )
+    elif kind == "bpe":
+        tokenizer = BPETokenizer.train(iter([text]), vocab_size or DEFAULT_BPE_VOCAB_SIZE)
     else:
         raise ValueError(
             f"Unknown tokenizer kind {kind!r}; choose one of {', '.join(TOKENIZER_KINDS)}."

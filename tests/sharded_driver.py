@@ -98,13 +98,13 @@ _LOAD_IMAGE_SPLIT = None
 
 
 def cached_image_loader() -> Any:
-    """input_pipeline._load_image_split memoised: the test runs read Fashion-MNIST once per
+    """image_data._load_image_split memoised: the test runs read Fashion-MNIST once per
     process instead of once per run (the arrays are never modified)."""
     global _LOAD_IMAGE_SPLIT
     if _LOAD_IMAGE_SPLIT is None:
-        import input_pipeline
+        import image_data
 
-        _LOAD_IMAGE_SPLIT = functools.lru_cache(maxsize=4)(input_pipeline._load_image_split)
+        _LOAD_IMAGE_SPLIT = functools.lru_cache(maxsize=4)(image_data._load_image_split)
     return _LOAD_IMAGE_SPLIT
 
 
@@ -236,9 +236,9 @@ def main(argv: list[str]) -> int:
     """Runs every case of the JSON list argv[1], printing one RESULT line per case."""
     import jax
 
-    import input_pipeline
+    import image_data
 
-    input_pipeline._load_image_split = cached_image_loader()
+    image_data._load_image_split = cached_image_loader()
     cases = json.loads(argv[1])
     print("RESULT " + json.dumps({"devices": jax.device_count()}), flush=True)
     for case in cases:

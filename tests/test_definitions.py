@@ -3,16 +3,18 @@ BatchNorm, the random language-model windows, weight-decay groups, the logged le
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import tensorflow as tf
 
+import data_setup
 import experiment
-import input_pipeline
 import optim
+import text_data
 import workdir_files
 from configs import fashion_mnist_cnn_strong, shakespeare_char_cpu
 
@@ -54,29 +56,52 @@ def test_accumulation_updates_batchnorm_statistics_once_per_step():
             np.testing.assert_allclose(moved_four, moved_one, rtol=0.25, atol=1e-3)
 
 
-def _window_starts(num_tokens: int, block_size: int, steps: int = 400, batch: int = 16):
-    """The window starts the LM training pipeline draws from a split of `num_tokens` tokens."""
-    tokens = np.arange(num_tokens, dtype=np.int32)  # token i sits at position i
-    make_stack = input_pipeline._window_stack_fn(tokens, batch, block_size, seed=0)
-    windows = make_stack(tf.range(steps, dtype=tf.int64))["inputs"].numpy()
-    return windows[..., 0].ravel()
+def _prepared(directory, train_tokens: int, val_tokens: int = 20) -> str:
+    """A prepared dataset whose token i is i: train = the first `train_tokens`, then val."""
+    import hashlib
+    import json
+
+    import prepare_data
+    import tokenizers_lib
+
+    tokens = np.arange(train_tokens + val_tokens, dtype=np.uint16)
+    os.makedirs(os.path.join(directory, "shards"))
+    tokens.tofile(os.path.join(directory, "shards", "00000.bin"))
+    tokenizers_lib.ByteTokenizer().save(str(directory))
+    manifest = {
+        "format": prepare_data.FORMAT, "dtype": "uint16", "val_fraction": 0.1,
+        "tokenizer": {"kind": "byte", "argument": "byte", "vocab_size": 256, "files": []},
+        "splits": {"train": [0, train_tokens], "val": [train_tokens, len(tokens)]},
+        "shards": [{"file": "shards/00000.bin", "tokens": len(tokens),
+                    "sha256": hashlib.sha256(tokens.tobytes()).hexdigest()}],
+    }  # fmt: skip
+    with open(os.path.join(directory, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    return str(directory)
 
 
-def test_every_valid_window_start_is_drawn_with_equal_probability():
+def _window_starts(tmp_path, train_tokens: int, block_size: int, steps: int = 400):
+    """The first token (= the start) of every training window drawn over `steps` steps."""
+    splits = text_data.TextSplits(_prepared(tmp_path / "data", train_tokens), block_size)
+    batches = splits.train_batches(seed=0, global_batch=16, stop_step=steps)
+    return np.concatenate([b["inputs"][:, 0] for b in batches])
+
+
+def test_every_valid_window_start_is_drawn_with_equal_probability(tmp_path):
     """10 tokens, block 8: starts 0 and 1 are valid (the last window's last target is token 9)
     and each is drawn about half the time; exactly block_size + 1 tokens hold one window."""
-    starts = _window_starts(10, 8)
+    starts = _window_starts(tmp_path / "a", 10, 8)
     counts = np.bincount(starts, minlength=2)
     assert len(counts) == 2 and counts.sum() == 6400
     assert abs(counts[0] - 3200) < 4 * np.sqrt(6400 * 0.25)  # within 4 standard deviations
-    assert set(_window_starts(9, 8)) == {0}
-    many = np.bincount(_window_starts(40, 8), minlength=32)  # 32 valid starts, all drawn
+    assert set(_window_starts(tmp_path / "b", 9, 8)) == {0}
+    many = np.bincount(_window_starts(tmp_path / "c", 40, 8), minlength=32)  # 32 valid starts
     assert len(many) == 32 and many.min() > 0
 
 
-def test_a_split_shorter_than_one_window_is_refused():
-    with pytest.raises(Exception, match="too few for one window of 9"):
-        _window_starts(8, 8)
+def test_a_split_shorter_than_one_window_is_refused(tmp_path):
+    with pytest.raises(data_setup.DatasetUnavailableError, match="too few for one window of 9"):
+        _window_starts(tmp_path, 8, 8)
 
 
 def test_weight_decay_never_touches_biases_or_norms_whatever_their_rank():

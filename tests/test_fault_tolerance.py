@@ -35,7 +35,7 @@ import checkpointing  # noqa: E402
 import config_validation  # noqa: E402
 import data_setup  # noqa: E402
 import experiment  # noqa: E402
-import input_pipeline  # noqa: E402
+import image_data  # noqa: E402
 import metrics_writer  # noqa: E402
 import preemption  # noqa: E402
 import train  # noqa: E402
@@ -162,13 +162,10 @@ def stop_at(monkeypatch, step: int) -> None:
 @pytest.fixture(scope="module", autouse=True)
 def _load_each_image_split_once():
     """Speed only: this module trains a dozen times in-process; read the TFDS splits once."""
-    original = getattr(input_pipeline, "_load_image_split", None)
-    if original is None:  # renamed: the tests still pass, just slower
-        yield
-        return
-    input_pipeline._load_image_split = functools.lru_cache(maxsize=4)(original)
+    original = image_data._load_image_split
+    image_data._load_image_split = functools.lru_cache(maxsize=4)(original)
     yield
-    input_pipeline._load_image_split = original
+    image_data._load_image_split = original
 
 
 @pytest.fixture(scope="module")

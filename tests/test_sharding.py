@@ -126,9 +126,9 @@ def run_driver(cases: list[dict[str, Any]], devices: int = 8, timeout: float = 6
 @pytest.fixture
 def cached_images(monkeypatch: pytest.MonkeyPatch, fashion_mnist_ready: str) -> None:
     """Reads Fashion-MNIST from disk once per test process instead of once per run."""
-    import input_pipeline
+    import image_data
 
-    monkeypatch.setattr(input_pipeline, "_load_image_split", sharded_driver.cached_image_loader())
+    monkeypatch.setattr(image_data, "_load_image_split", sharded_driver.cached_image_loader())
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn", "gpt"])

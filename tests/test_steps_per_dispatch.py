@@ -57,9 +57,9 @@ def test_effective_steps_per_dispatch_divides_every_interval(tiny_mlp_config) ->
 def test_step_stacks_start_on_multiples_and_cover_each_step_once(start, k, stop, expected):
     """The iterator's stacks, from a make_stack that returns its steps: aligned to multiples of
     k, a shorter first and last stack, nothing at all for an empty range, unstacked for k=1."""
-    import input_pipeline
+    import image_data
 
-    stacks = input_pipeline._step_batches(lambda steps: {"steps": steps}, start, k, stop)
+    stacks = image_data._step_batches(lambda steps: {"steps": steps}, start, k, stop)
     assert [s["steps"].tolist() for s in stacks] == expected
 
 

@@ -1,0 +1,426 @@
+"""Tokenizes a text corpus once into shards of token ids on disk, for training at any scale.
+
+    python prepare_data.py --source=tiny_shakespeare --tokenizer=char --out=.data/tokens/shakespeare
+    python prepare_data.py --source='data/books/*.txt' --tokenizer=bpe --vocab_size=8192 --out=...
+    python prepare_data.py --source=corpus.jsonl --text_field=text --tokenizer=/path/tokenizer.json
+    python prepare_data.py ... --num_shards=64 --shard_index=$SLURM_ARRAY_TASK_ID   # one slice
+
+Sources: one text file, a glob or a directory of files (*.txt, *.jsonl), JSONL with a text field
+(one document a line), the known corpora 'tiny_shakespeare' and 'kjv', and TFDS text datasets
+('tfds:NAME', needs TensorFlow). Tokenizers: 'char' (the corpus's character set), 'byte',
+'sentencepiece' and 'bpe' (byte-level BPE, Hugging Face's `tokenizers`), the last two trained on a
+bounded sample of the corpus, or the path of any Hugging Face tokenizer.json (GPT-2's, say).
+
+The corpus is cut into units (a file, or a newline-aligned byte range of a large one), tokenized
+in parallel by a process pool, one shard `shards/NNNNN.bin` per unit (uint16 ids when the
+vocabulary fits, uint32 otherwise; documents separated by the tokenizer's end-of-text token
+where it has one). Each shard is written under a temporary name and renamed when complete, with
+a sidecar `NNNNN.json` (token count, sha256): a rerun skips finished shards and redoes a cut-off
+one. `--num_shards/--shard_index` do one slice of the units, so a batch scheduler can spread
+them over machines; whichever invocation finds every unit done writes `manifest.json` (the
+tokenizer and its files, vocabulary size, dtype, per-shard counts and checksums, the separator,
+and the validation range: the last `--val_fraction` of the token stream, as nanoGPT splits).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import fcntl
+import glob
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from absl import flags
+
+import cli
+import data_setup
+import tokenizers_lib
+
+MANIFEST = "manifest.json"
+SHARDS = "shards"
+FORMAT = "jaxlab-token-shards/1"
+UNIT_BYTES = 64 << 20  # a large file is cut into units of about this many bytes
+TOKENIZER_SAMPLE_BYTES = 64 << 20  # what SentencePiece and BPE are trained on, at most
+
+
+class PrepareError(cli.UserError):
+    """The corpus or the options cannot be prepared; the message names the file and the fix."""
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def source_files(source: str, data_dir: str | None = None) -> list[str]:
+    """The files of `source` (a known corpus name, a file, a glob or a directory), sorted."""
+    key = source.strip().lower()
+    if key.startswith("tfds:"):
+        return [data_setup.tfds_text_file(source.strip()[5:], data_dir)]
+    if key == "tiny_shakespeare":
+        return [data_setup.tiny_shakespeare_file(data_dir)]
+    if key in ("kjv", "bible"):
+        path = data_setup.default_bible_path(data_dir)
+        if not os.path.isfile(path):
+            data_setup.write_bible_text(path)
+        return [path]
+    path = os.path.expanduser(source)
+    if os.path.isdir(path):
+        files = [os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
+        files = [f for f in files if f.endswith((".txt", ".jsonl", ".json", ".md"))]
+    elif any(c in path for c in "*?["):
+        files = [f for f in glob.glob(path, recursive=True) if os.path.isfile(f)]
+    else:
+        files = [path] if os.path.isfile(path) else []
+    if not files:
+        raise PrepareError(
+            f"--source={source!r} names no text: not a known corpus "
+            f"({', '.join(data_setup.TEXT_CORPUS_NAMES)}), nor a file, glob or directory with "
+            "files (looked at " + os.path.abspath(path) + ")."
+        )
+    return sorted(os.path.abspath(f) for f in files)
+
+
+def _units(files: list[str], unit_bytes: int) -> list[tuple[str, int, int]]:
+    """(file, start, end) byte ranges: whole files, large ones cut after a newline."""
+    units = []
+    for path in files:
+        size = os.path.getsize(path)
+        start = 0
+        with open(path, "rb") as f:
+            while start < size:
+                end = min(start + unit_bytes, size)
+                if end < size:
+                    f.seek(end)
+                    rest = f.readline()  # to the end of the line: never inside a character
+                    end += len(rest)
+                units.append((path, start, end))
+                start = end
+        if size == 0:
+            units.append((path, 0, 0))
+    return units
+
+
+def _documents(unit: tuple[str, int, int], text_field: str) -> Iterator[str]:
+    """The documents of a unit: the whole range of a text file (one document per file), or
+    the text field of each JSONL line. PrepareError naming the file and byte offset if the
+    bytes are not UTF-8."""
+    path, start, end = unit
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PrepareError(
+            f"{path} is not UTF-8 text: byte {start + e.start} ({data[e.start : e.start + 1]!r}) "
+            "does not decode. Convert it (e.g. iconv -t UTF-8) or leave it out of --source."
+        ) from None
+    if path.endswith((".jsonl", ".json")):
+        for number, line in enumerate(text.splitlines()):
+            if line.strip():
+                try:
+                    yield json.loads(line)[text_field]
+                except (ValueError, KeyError, TypeError) as e:
+                    raise PrepareError(
+                        f"{path}: a line after byte {start} (line {number + 1} of the range) is "
+                        f"not a JSON object with a {text_field!r} field ({e}); set --text_field."
+                    ) from None
+    else:
+        yield text
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def _sample(units: list[tuple[str, int, int]], text_field: str, limit: int) -> Iterator[str]:
+    """Up to `limit` bytes of documents, spread over the units (round-robin), for training."""
+    per_unit = max(1, limit // max(1, len(units)))
+    for unit in units:
+        taken = 0
+        for doc in _documents(unit, text_field):
+            yield doc[: per_unit - taken]
+            taken += len(doc)
+            if taken >= per_unit:
+                break
+
+
+def _char_set(unit_and_field: tuple[tuple[str, int, int], str]) -> set[str]:
+    unit, text_field = unit_and_field
+    chars: set[str] = set()
+    for doc in _documents(unit, text_field):
+        chars.update(doc)
+    return chars
+
+
+def build_tokenizer(kind: str, units: list, text_field: str, vocab_size: int | None,
+                    workers: int) -> tokenizers_lib.Tokenizer:  # fmt: skip
+    """The tokenizer `kind` names, built from the corpus (or loaded from a tokenizer.json)."""
+    if kind.endswith(".json"):
+        return tokenizers_lib.BPETokenizer.from_file(kind)
+    if kind == "byte":
+        return tokenizers_lib.ByteTokenizer()
+    if kind == "char":  # the whole corpus's character set: one parallel pass
+        with _pool(workers, len(units)) as pool:
+            chars = set().union(*pool.map(_char_set, [(u, text_field) for u in units]))
+        if not chars:
+            raise PrepareError("The corpus is empty: no characters to build a vocabulary of.")
+        return tokenizers_lib.CharTokenizer(sorted(chars))
+    sample = _sample(units, text_field, TOKENIZER_SAMPLE_BYTES)
+    if kind == "sentencepiece":
+        text = "\n".join(sample)
+        return tokenizers_lib.build_tokenizer("sentencepiece", text, vocab_size)
+    if kind == "bpe":
+        return tokenizers_lib.BPETokenizer.train(
+            sample, vocab_size or tokenizers_lib.DEFAULT_BPE_VOCAB_SIZE
+        )
+    raise PrepareError(
+        f"--tokenizer={kind!r}: choose one of {tokenizers_lib.TOKENIZER_KINDS} or the path of a "
+        "Hugging Face tokenizer.json."
+    )
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits, else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+_WORKER_TOKENIZER: Any = None
+
+
+def _init_worker(out: str) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = tokenizers_lib.load_tokenizer(out)
+
+
+def _write_shard(args: tuple[int, tuple[str, int, int], str, str]) -> tuple[int, int, int]:
+    """Tokenizes one unit into shards/NNNNN.bin (+ .json); returns (index, tokens, text bytes)."""
+    index, unit, text_field, out = args
+    tokenizer = _WORKER_TOKENIZER
+    dtype = token_dtype(tokenizer.vocab_size)
+    eot = tokenizer.eot_id
+    pieces = []
+    for doc in _documents(unit, text_field):
+        pieces.append(tokenizer.encode(doc))
+        if eot is not None:
+            pieces.append(np.asarray([eot], np.int32))
+    ids = np.concatenate(pieces) if pieces else np.zeros((0,), np.int32)
+    base = os.path.join(out, SHARDS, f"{index:05d}")
+    data = ids.astype(dtype).tobytes()
+    tmp = f"{base}.bin.tmp{os.getpid()}"  # per process: two invocations may race on a unit
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, base + ".bin")
+    record = {"file": f"{SHARDS}/{index:05d}.bin", "tokens": int(ids.size),
+              "sha256": hashlib.sha256(data).hexdigest(), "unit": list(unit)}  # fmt: skip
+    with open(f"{base}.json.tmp{os.getpid()}", "w") as f:
+        json.dump(record, f)
+    # The shard is done once its sidecar exists.
+    os.replace(f"{base}.json.tmp{os.getpid()}", base + ".json")
+    return index, int(ids.size), unit[2] - unit[1]
+
+
+class _InProcess:
+    """The executor interface, in this process: one unit of work needs no pool."""
+
+    def __init__(self, out: str | None):
+        if out is not None:
+            _init_worker(out)
+
+    def __enter__(self) -> _InProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def map(self, fn: Any, items: list) -> Iterator[Any]:
+        return map(fn, items)
+
+
+def _pool(workers: int, jobs: int, out: str | None = None) -> Any:
+    """A process pool of at most `workers` for `jobs` units ("spawn": a forked copy of a
+    process that runs JAX threads can deadlock), or this process for a single unit."""
+    if min(workers, jobs) <= 1:
+        return _InProcess(out)
+    kwargs = {"initializer": _init_worker, "initargs": (out,)} if out else {}
+    return concurrent.futures.ProcessPoolExecutor(
+        min(workers, jobs), mp_context=multiprocessing.get_context("spawn"), **kwargs
+    )
+
+
+@contextlib.contextmanager
+def _lock(out: str) -> Iterator[None]:
+    """Serialises the steps that must happen once (tokenizer, manifest) across invocations."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def prepare(
+    source: str,
+    tokenizer: str,
+    out: str,
+    *,
+    vocab_size: int | None = None,
+    text_field: str = "text",
+    val_fraction: float = 0.1,
+    num_shards: int = 1,
+    shard_index: int = 0,
+    workers: int | None = None,
+    unit_bytes: int = UNIT_BYTES,
+    data_dir: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any] | None:
+    """Prepares `source` into `out` (see the module docstring); returns the manifest, or None
+    when units of other slices are still missing. Idempotent: finished shards are kept."""
+    if not 0 < val_fraction < 1:
+        raise PrepareError(f"--val_fraction={val_fraction} must be in (0, 1).")
+    if not 0 <= shard_index < num_shards:
+        raise PrepareError(f"--shard_index={shard_index} is not in [0, --num_shards).")
+    out = os.path.abspath(out)
+    if os.path.exists(os.path.join(out, MANIFEST)):
+        return read_manifest(out)
+    workers = workers or os.cpu_count() or 1
+    units = _units(source_files(source, data_dir), unit_bytes)
+    os.makedirs(os.path.join(out, SHARDS), exist_ok=True)
+    with _lock(out):  # one builds the tokenizer; the others (array tasks) then load it
+        if not os.path.exists(os.path.join(out, tokenizers_lib.TOKENIZER_JSON)):
+            build_tokenizer(tokenizer, units, text_field, vocab_size, workers).save(out)
+    mine = [i for i in range(len(units)) if i % num_shards == shard_index]
+    todo = [i for i in mine if not os.path.exists(_sidecar(out, i))]
+    total = sum(units[i][2] - units[i][1] for i in todo)
+    if todo:
+        bar = _progress(total, f"tokenizing {len(todo)} of {len(units)} units", progress)
+        with _pool(workers, len(todo), out) as pool:
+            jobs = [(i, units[i], text_field, out) for i in todo]
+            for _, _, nbytes in pool.map(_write_shard, jobs):
+                bar.update(nbytes)
+        bar.close()
+    with _lock(out):
+        if os.path.exists(os.path.join(out, MANIFEST)):
+            return read_manifest(out)
+        if not all(os.path.exists(_sidecar(out, i)) for i in range(len(units))):
+            return None  # another slice's units are still running: its invocation finishes
+        return _write_manifest(out, source, tokenizer, units, val_fraction)
+
+
+def _sidecar(out: str, index: int) -> str:
+    return os.path.join(out, SHARDS, f"{index:05d}.json")
+
+
+def _progress(total: int, what: str, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc=what, disable=not enabled,
+                file=sys.stderr, smoothing=0.1)  # fmt: skip
+
+
+def _write_manifest(out: str, source: str, tokenizer_arg: str, units: list,
+                    val_fraction: float) -> dict[str, Any]:  # fmt: skip
+    tokenizer = tokenizers_lib.load_tokenizer(out)
+    shards = []
+    for i in range(len(units)):
+        with open(_sidecar(out, i)) as f:
+            record = json.load(f)
+        shards.append({k: record[k] for k in ("file", "tokens", "sha256")})
+    num_tokens = sum(s["tokens"] for s in shards)
+    n_train = int(num_tokens * (1.0 - val_fraction))  # nanoGPT: the first 90% trains
+    files = sorted(n for n in os.listdir(out) if n.startswith("tokenizer"))
+    manifest = {
+        "format": FORMAT,
+        "source": source,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "tokenizer": {
+            "kind": tokenizer.kind,
+            "argument": tokenizer_arg,
+            "files": files,
+            "vocab_size": tokenizer.vocab_size,
+        },  # fmt: skip
+        "dtype": token_dtype(tokenizer.vocab_size).name,
+        "document_separator": tokenizer.eot_id,
+        "num_tokens": num_tokens,
+        "source_files": source_stamps(sorted({u[0] for u in units})),
+        "val_fraction": val_fraction,
+        "splits": {"train": [0, n_train], "val": [n_train, num_tokens]},
+        "shards": shards,
+    }
+    with open(os.path.join(out, MANIFEST + ".tmp"), "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(os.path.join(out, MANIFEST + ".tmp"), os.path.join(out, MANIFEST))
+    return manifest
+
+
+def source_stamps(files: list[str]) -> list[dict[str, Any]]:
+    """(path, size, modification time) of each source file: a changed source is detected."""
+    return [{"path": f, "size": os.path.getsize(f), "mtime_ns": os.stat(f).st_mtime_ns}
+            for f in files]  # fmt: skip
+
+
+def read_manifest(directory: str) -> dict[str, Any]:
+    """The manifest of a prepared directory; FileNotFoundError naming the fix if absent."""
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} not found: {directory} is not a prepared dataset (or its preparation has "
+            "not finished: rerun prepare_data.py with the same arguments)."
+        )
+    with open(path) as f:
+        manifest = json.load(f)
+    if manifest.get("format") != FORMAT:
+        raise PrepareError(f"{path} is not a {FORMAT} manifest.")
+    return manifest
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags (defined only when run as a script)."""
+    flags.DEFINE_string("source", None, "Corpus: a name, a file, a glob or a directory.")
+    flags.DEFINE_string("tokenizer", "char", "char, byte, sentencepiece, bpe or a tokenizer.json.")
+    flags.DEFINE_string("out", None, "Directory for the shards, tokenizer and manifest.")
+    flags.DEFINE_integer("vocab_size", None, "sentencepiece and bpe: the vocabulary size.")
+    flags.DEFINE_string("text_field", "text", "JSONL sources: the field holding the text.")
+    flags.DEFINE_float("val_fraction", 0.1, "The last fraction of tokens held out (nanoGPT).")
+    flags.DEFINE_integer("num_shards", 1, "Slices of the work (array jobs).", lower_bound=1)
+    flags.DEFINE_integer("shard_index", 0, "This invocation's slice.", lower_bound=0)
+    flags.DEFINE_integer("workers", None, "Processes (default: every core).", lower_bound=1)
+    flags.mark_flags_as_required(["source", "out"])
+
+
+def main(argv: list[str]) -> None:
+    """Prepares and prints the manifest's summary."""
+    del argv
+    start = time.perf_counter()
+    manifest = prepare(FLAGS.source, FLAGS.tokenizer, FLAGS.out, vocab_size=FLAGS.vocab_size,
+                       text_field=FLAGS.text_field, val_fraction=FLAGS.val_fraction,
+                       num_shards=FLAGS.num_shards, shard_index=FLAGS.shard_index,
+                       workers=FLAGS.workers)  # fmt: skip
+    seconds = time.perf_counter() - start
+    if manifest is None:
+        print(f"Slice {FLAGS.shard_index} of {FLAGS.num_shards} done in {seconds:.1f} s; the "
+              "manifest is written when the last slice finishes.")  # fmt: skip
+        return
+    t = manifest["tokenizer"]
+    print(f"{FLAGS.out}: {manifest['num_tokens']:,} tokens ({manifest['dtype']}) in "
+          f"{len(manifest['shards'])} shards, {t['kind']} tokenizer of {t['vocab_size']:,}; "
+          f"validation = tokens {manifest['splits']['val'][0]:,} to "
+          f"{manifest['splits']['val'][1]:,} ({seconds:.1f} s)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main)

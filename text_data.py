@@ -1,0 +1,146 @@
+"""Language-model batches from prepared token shards (prepare_data.py): np.memmap, no TensorFlow.
+
+Host memory does not grow with the corpus: the shards are memory-mapped and a batch copies only
+its windows. Every training batch is a pure function of (seed, step, process): the global
+batch's window starts are drawn by a Philox generator keyed by (seed, step), uniformly over the
+split's valid starts (nanoGPT's get_batch), and each process keeps its own slice, so a resumed
+run sees the same batches and N processes together see exactly one process's batch. Evaluation
+uses the same fixed, seeded windows every time (keyed by seed + 7919 and the batch's index).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+
+import data_setup
+import prepare_data
+import tokenizers_lib
+
+Batch = dict[str, np.ndarray]
+EVAL_SEED_OFFSET = 7919
+DEFAULT_EVAL_STEPS = 20
+
+
+class TokenStream:
+    """The shards of a prepared dataset as one read-only sequence of token ids."""
+
+    def __init__(self, directory: str, manifest: dict[str, Any], verify: bool = True):
+        """Maps every shard; DatasetUnavailableError naming a shard that is missing, truncated
+        or (with `verify`) does not match its checksum."""
+        dtype = np.dtype(manifest["dtype"])
+        self._maps, offsets = [], [0]
+        for shard in manifest["shards"]:
+            path = os.path.join(directory, shard["file"])
+            expected = shard["tokens"] * dtype.itemsize
+            size = os.path.getsize(path) if os.path.exists(path) else None
+            if size != expected:
+                raise data_setup.DatasetUnavailableError(
+                    f"Shard {path} is {'missing' if size is None else f'{size} bytes'}, expected "
+                    f"{expected}: rerun prepare_data.py (finished shards are kept)."
+                )
+            if verify and _sha256(path) != shard["sha256"]:
+                raise data_setup.DatasetUnavailableError(
+                    f"Shard {path} does not match its checksum in the manifest (damaged): "
+                    f"delete it and its .json sidecar and rerun prepare_data.py to redo it."
+                )
+            if shard["tokens"]:
+                self._maps.append(np.memmap(path, dtype=dtype, mode="r"))
+                offsets.append(offsets[-1] + shard["tokens"])
+        self._offsets = np.asarray(offsets, np.int64)
+        self.size = int(self._offsets[-1])
+
+    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """int32 [len(starts), length]: the tokens from each start (across shard boundaries)."""
+        out = np.empty((len(starts), length), np.int32)
+        shard = np.searchsorted(self._offsets, starts, side="right") - 1
+        local = starts - self._offsets[shard]
+        for i, (s, j) in enumerate(zip(shard, local, strict=True)):
+            piece = self._maps[s][j : j + length]
+            if len(piece) == length:
+                out[i] = piece
+            else:  # the window runs into the next shard(s)
+                out[i] = self._read_across(int(starts[i]), length)
+        return out
+
+    def _read_across(self, start: int, length: int) -> np.ndarray:
+        parts, position = [], start
+        while position < start + length:
+            s = int(np.searchsorted(self._offsets, position, side="right") - 1)
+            j = position - int(self._offsets[s])
+            part = self._maps[s][j : j + start + length - position]
+            parts.append(part)
+            position += len(part)
+        return np.concatenate(parts)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def window_starts(seed: int, index: int, count: int, num_starts: int) -> np.ndarray:
+    """`count` starts uniform over [0, num_starts), a pure function of (seed, index)."""
+    key = np.asarray([seed % 2**64, index % 2**64], np.uint64)
+    return np.random.Generator(np.random.Philox(key=key)).integers(0, num_starts, count)
+
+
+class TextSplits:
+    """A prepared dataset's train and validation windows for `block_size`-token models."""
+
+    def __init__(self, directory: str, block_size: int, verify: bool = True):
+        self.directory = directory
+        self.manifest = prepare_data.read_manifest(directory)
+        self.tokenizer = tokenizers_lib.load_tokenizer(directory)
+        self.stream = TokenStream(directory, self.manifest, verify)
+        self.block_size = int(block_size)
+        self.splits = {name: tuple(r) for name, r in self.manifest["splits"].items()}
+        for name, (lo, hi) in self.splits.items():
+            if hi - lo < self.block_size + 1:
+                raise data_setup.DatasetUnavailableError(
+                    f"The {name} split of {directory} has {hi - lo} tokens, too few for one "
+                    f"window of {self.block_size + 1} (model.block_size + 1); use a smaller "
+                    "model.block_size or a larger corpus."
+                )
+
+    def batch(self, split: str, seed: int, index: int, global_batch: int) -> Batch:
+        """This process's slice of the global batch `index` of `split`'s random windows."""
+        lo, hi = self.splits[split]
+        starts = lo + window_starts(seed, index, global_batch, hi - lo - self.block_size)
+        local = global_batch // jax.process_count()
+        mine = starts[jax.process_index() * local : (jax.process_index() + 1) * local]
+        windows = self.stream.windows(mine, self.block_size + 1)
+        return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
+
+    def train_batches(
+        self, seed: int, global_batch: int, start_step: int = 0, steps_per_dispatch: int = 1,
+        stop_step: int = 2**62,
+    ) -> Iterator[Batch]:  # fmt: skip
+        """Batches of steps start_step .. stop_step - 1; with k = steps_per_dispatch > 1, stacks
+        [k, batch, ...] of consecutive steps starting on multiples of k (the first one shorter
+        when start_step is not one, the last cut by stop_step), as input_pipeline's image
+        pipeline stacks them."""
+        k = int(steps_per_dispatch)
+        step = start_step
+        while step < stop_step:
+            end = min((step // k + 1) * k, stop_step)
+            batches = [self.batch("train", seed, s, global_batch) for s in range(step, end)]
+            yield (
+                batches[0] if k == 1 else {n: np.stack([b[n] for b in batches]) for n in batches[0]}
+            )
+            step = end
+
+    def eval_batches(self, split: str, seed: int, global_batch: int, steps: int) -> Iterator[Batch]:
+        """`steps` batches of fixed windows of `split` (the same ones at every evaluation)."""
+        for index in range(steps):
+            batch = self.batch(split, seed + EVAL_SEED_OFFSET, index, global_batch)
+            batch["mask"] = np.ones((batch["targets"].shape[0],), np.float32)
+            yield batch
