@@ -3,10 +3,14 @@
     python -m tools.export --workdir=runs/shakespeare_cpu --output=exported/ [--step=N]
 
 Writes `model.stablehlo` (jax.export's serialized form: the forward pass with the trained
-weights baked in, a symbolic batch dimension, CPU and, where available, CUDA lowerings) and
-`export.json` (input shape and dtype, the tokenizer files next to it for language models). Any
-JAX program can run it with `load(output).call(inputs)` — no model, config or Flax code needed;
-the same bytes also load in other StableHLO/PJRT runtimes. (jax2tf's SavedModel route is
+weights baked in, a symbolic batch dimension, lowered for CPU, CUDA GPUs and TPUs in one
+artifact) and `export.json` (the platforms, input shape and dtype, the tokenizer files next to
+it for language models). Any JAX program on any of those platforms can run it with
+`load(output).call(inputs)` — no model, config or Flax code needed; the same bytes also load in
+other StableHLO/PJRT runtimes. The lowering needs no accelerator: an artifact exported on a CPU
+machine serves on a GPU or TPU. A GPT trained with `attention_impl='cudnn'` is exported with
+XLA's attention (`'xla'`, the same function): cuDNN's fused kernel has no CPU or TPU lowering
+(and needs cuDNN on the exporting host). (jax2tf's SavedModel route is
 deprecated upstream in favour of jax.export, which is what it wraps today.)
 """
 
@@ -29,12 +33,15 @@ import experiment
 
 MODEL_FILE = "model.stablehlo"
 META_FILE = "export.json"
+# Every platform jax.export lowers for; one artifact holds a lowering for each.
+PLATFORMS = ("cpu", "cuda", "tpu")
 
 
 def export_forward(model: Any, variables: Any, example: np.ndarray,
-                   platforms: tuple[str, ...] = ("cpu",)) -> jax_export.Exported:  # fmt: skip
-    """jax.export of inputs -> float32 outputs (logits), weights as constants, batch symbolic.
-    `variables` are baked in as they are: pass host arrays (distributed.to_host)."""
+                   platforms: tuple[str, ...] = PLATFORMS) -> jax_export.Exported:  # fmt: skip
+    """jax.export of inputs -> float32 outputs (logits), weights as constants, batch symbolic,
+    lowered for each of `platforms` (jax.export's multi-platform lowering). `variables` are
+    baked in as they are: pass host arrays (distributed.to_host)."""
 
     def forward(inputs):
         return model.apply(variables, inputs, train=False)
@@ -50,8 +57,8 @@ def export_run(workdir: str, output: str, step: int | None = None) -> dict[str, 
     config, model, step = restored.config, restored.model, restored.step
     example = restored.run.input_spec.example_input
     variables = distributed.to_host(restored.variables)
-    platforms = ("cpu", "cuda") if _cuda_lowering_available() else ("cpu",)
-    exported = export_forward(model, variables, example, platforms)
+    model = portable_model(model)
+    exported = export_forward(model, variables, example, PLATFORMS)
     os.makedirs(output, exist_ok=True)
     with open(os.path.join(output, MODEL_FILE), "wb") as f:
         f.write(exported.serialize())
@@ -63,6 +70,7 @@ def export_run(workdir: str, output: str, step: int | None = None) -> dict[str, 
         "input_shape": ["batch", *example.shape[1:]],
         "input_dtype": str(example.dtype),
         "platforms": list(exported.platforms),
+        **({"attention_impl": model.attention_impl} if hasattr(model, "attention_impl") else {}),
         "format": "jax.export serialized StableHLO",
     }
     if config.task == "lm":
@@ -74,12 +82,12 @@ def export_run(workdir: str, output: str, step: int | None = None) -> dict[str, 
     return meta
 
 
-def _cuda_lowering_available() -> bool:
-    """Whether this jaxlib can lower for CUDA too (multi-platform export), e.g. on a GPU host."""
-    try:
-        return any(d.platform == "gpu" for d in jax.devices())
-    except RuntimeError:
-        return False
+def portable_model(model: Any) -> Any:
+    """`model` as it can be lowered for every platform: a GPT's cuDNN attention becomes XLA's
+    (the same function; the cuDNN kernel lowers for CUDA alone, and only where cuDNN is)."""
+    if getattr(model, "attention_impl", None) == "cudnn":
+        return model.clone(attention_impl="xla")
+    return model
 
 
 def load(output: str) -> jax_export.Exported:
