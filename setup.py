@@ -29,10 +29,20 @@ setup(
         "tensorboard>=2.20",
         "importlib_resources>=6",
         "sentencepiece>=0.2",
+        "tokenizers>=0.20,<1",  # byte-level BPE (Hugging Face)
+        "tqdm>=4.60",  # prepare_data.py's progress bar
         "matplotlib>=3.8",
         "numpy>=1.26",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "scikit-learn>=1.4"],
+        "dev": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "ruff>=0.6",
+            "scikit-learn>=1.4",
+            # libtpu at the matching version: tools/aot.py compiles for TPU topologies on any
+            # machine (tests/test_aot.py); the range is install_requires' jax range.
+            "jax[tpu]>=0.10.2,<0.11",
+        ],
     },
 )

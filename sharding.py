@@ -30,6 +30,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "tensor"),
     ("kv", None),
     ("length", None),
+    ("layers", None),  # the stacked layers of a scanned model (GPT scan_layers): never split
     ("classes", None),
     ("conv_h", None),
     ("conv_w", None),
@@ -71,11 +72,29 @@ def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[Any] | None =
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(dict(config.mesh_shape), len(devices))
     # Auto axis types: shardings are propagated by XLA (the classic pjit behaviour).
-    return jax.make_mesh(
-        shape,
-        MESH_AXES,
-        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-        devices=devices,
+    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    num_slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if num_slices > 1:  # jax.make_mesh refuses several TPU slices
+        return Mesh(_multi_slice_devices(shape, devices, num_slices), MESH_AXES, axis_types)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+
+
+def _multi_slice_devices(shape: tuple[int, ...], devices: list[Any], num_slices: int) -> Any:
+    """The device array of a mesh over several TPU slices (fast ICI links inside a slice, slow
+    DCN between them): the slices split the data axis (else fsdp), so that only the gradients'
+    reduction crosses DCN, as MaxText's dcn_data_parallelism does."""
+    from jax.experimental import mesh_utils
+
+    for i in range(2):  # data, then fsdp
+        if shape[i] % num_slices == 0:
+            dcn = tuple(num_slices if j == i else 1 for j in range(len(shape)))
+            ici = tuple(s // d for s, d in zip(shape, dcn, strict=True))
+            return mesh_utils.create_hybrid_device_mesh(
+                ici, dcn, devices, allow_split_physical_axes=True
+            )
+    raise MeshError(
+        f"The devices form {num_slices} slices; config.mesh_shape.data (or fsdp) must be a "
+        f"multiple of {num_slices} (mesh {dict(zip(MESH_AXES, shape, strict=True))})."
     )
 
 

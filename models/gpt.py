@@ -217,19 +217,48 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x)).
+
+    With `scan_step=True` it returns (x, None), the (carry, output) pair of an `nn.scan` step.
+    """
 
     config: BlockConfig
+    scan_step: bool = False
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, positions: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    def __call__(
+        self, x: jnp.ndarray, positions: jnp.ndarray, train: bool = False
+    ) -> jnp.ndarray | tuple[jnp.ndarray, None]:
         """Applies one block to x[batch, length, embed]; positions[length] are absolute."""
         c = self.config
         attn = CausalSelfAttention(c, name="attn")
         x = x + attn(_layer_norm(c.use_bias, c.dtype, "ln_1")(x), positions, train)
         mlp = FeedForward(c, name="mlp")
         x = x + mlp(_layer_norm(c.use_bias, c.dtype, "ln_2")(x), train)
-        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return (x, None) if self.scan_step else x
+
+
+def scanned_blocks(config: BlockConfig, num_layers: int, remat_policy: str | None, name: str):
+    """`num_layers` blocks as one `nn.scan` over a stack of their parameters (and KV caches):
+    each parameter gets a leading logical 'layers' axis (left unsharded by sharding.py's
+    rules), so the compiled program holds one block whatever the depth. Each layer draws its
+    own parameter and dropout randomness. `remat_policy` (a REMAT_POLICIES value, None for no
+    rematerialisation) applies to each step. Call the result with (x, positions, train)."""
+    block = Block
+    if remat_policy is not None:
+        # static_argnums counts `self`: (self, x, positions, train) -> train is 3. Under scan,
+        # common subexpression elimination cannot undo the rematerialisation: no prevent_cse.
+        block = nn.remat(block, policy=remat_policy, static_argnums=(3,), prevent_cse=False)
+    scan = nn.scan(
+        block,
+        variable_axes={"params": 0, "cache": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, nn.broadcast),  # positions and train: the same for every layer
+        length=num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    return scan(config, scan_step=True, name=name)
 
 
 class GPT(nn.Module):
@@ -238,6 +267,12 @@ class GPT(nn.Module):
     With `decode=True` each call appends its tokens to a KV cache in the 'cache' collection
     (create it with `init`, e.g. via `sampling.init_cache`) and positions continue from the
     cache index; call with `mutable=['cache']`.
+
+    The blocks are parameters `h_0` ... `h_{L-1}`, unrolled in the compiled program; with
+    `scan_layers=True` they are one `nn.scan` (`scanned_blocks`) whose parameters and KV cache
+    are stacked in `h` with a leading [num_layers] axis: the same function (`stack_layers`
+    converts unrolled parameters), compiled in a time that does not grow with depth. The two
+    layouts' checkpoints do not restore into each other.
     """
 
     vocab_size: int = 65
@@ -251,6 +286,7 @@ class GPT(nn.Module):
     position_embedding: str = "learned"
     attention_impl: str = "auto"
     remat_policy: str = "none"
+    scan_layers: bool = False  # the blocks as one nn.scan over stacked parameters
     dtype: jnp.dtype = jnp.float32
     decode: bool = False
 
@@ -287,10 +323,7 @@ class GPT(nn.Module):
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
-        block = Block
-        if self.remat_policy != "none" and not self.decode:
-            # static_argnums counts `self`: (self, x, positions, train) -> train is 3.
-            block = nn.remat(Block, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(3,))
+        remat = self.remat_policy != "none" and not self.decode
         config = BlockConfig(
             num_heads=self.num_heads,
             block_size=self.block_size,
@@ -303,8 +336,18 @@ class GPT(nn.Module):
             decode=self.decode,
             dtype=self.dtype,
         )
-        for i in range(self.num_layers):
-            x = block(config, name=f"h_{i}")(x, positions, train)
+        if self.scan_layers:
+            policy = REMAT_POLICIES[self.remat_policy] if remat else None
+            x, _ = scanned_blocks(config, self.num_layers, policy, name="h")(x, positions, train)
+        else:
+            block = Block
+            if remat:
+                # static_argnums counts `self`: (self, x, positions, train) -> train is 3.
+                block = nn.remat(
+                    Block, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(3,)
+                )
+            for i in range(self.num_layers):
+                x = block(config, name=f"h_{i}")(x, positions, train)
 
         x = _layer_norm(self.use_bias, self.dtype, "ln_f")(x)
         # Output projection tied to the token embedding, as a 2-D matmul (see HeadsDense).
@@ -342,6 +385,23 @@ def num_params(model: GPT) -> int:
     mlp = (e * hidden + b * hidden) + (hidden * e + b * e)
     block = 2 * layer_norm + attention + mlp
     return model.vocab_size * e + _position_params(model) + model.num_layers * block + layer_norm
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+    """Unrolled GPT parameters (h_0 ... h_{L-1}) in the scan_layers layout (one `h` whose
+    arrays have a leading [num_layers] axis); the other parameters are kept as they are."""
+    layers = [params[f"h_{i}"] for i in range(num_layers)]
+    rest = {k: v for k, v in params.items() if k not in {f"h_{i}" for i in range(num_layers)}}
+    return {**rest, "h": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+
+
+def unstack_layers(params: dict) -> dict:
+    """The inverse of `stack_layers`: scan_layers parameters in the unrolled layout."""
+    stacked = params["h"]
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    rest = {k: v for k, v in params.items() if k != "h"}
+    layers = {f"h_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(num_layers)}
+    return {**rest, **layers}
 
 
 def _position_params(model: GPT) -> int:

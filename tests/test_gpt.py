@@ -9,7 +9,15 @@ import optax
 import pytest
 from flax import linen as nn
 
-from models.gpt import GPT, flops_per_token, non_embedding_params, num_params
+import sharding
+from models.gpt import (
+    GPT,
+    flops_per_token,
+    non_embedding_params,
+    num_params,
+    stack_layers,
+    unstack_layers,
+)
 
 TINY = dict(vocab_size=13, block_size=16, num_layers=2, num_heads=2, embed_dim=16)
 
@@ -242,3 +250,162 @@ def test_loss_falls() -> None:
         first = float(loss) if first is None else first
     final = float(_loss(model, params, ids))
     assert first > 2.0 and final < 0.5 * first, (first, final)
+
+
+# scan_layers: the blocks as one nn.scan over stacked parameters.
+
+
+def _stacked(model: GPT, params: dict) -> dict:
+    """Unrolled parameters of `model` in the scan_layers layout."""
+    return stack_layers(params, model.num_layers)
+
+
+@pytest.mark.parametrize("position_embedding", ["learned", "rope"])
+def test_scan_layers_matches_unrolled(position_embedding: str) -> None:
+    """The scanned model computes the unrolled one's logits and gradients from the same
+    (stacked) parameters; stacking and unstacking round-trip."""
+    model = GPT(**TINY, position_embedding=position_embedding)
+    scanned = model.clone(scan_layers=True)
+    params, tokens = _init(model, length=9)
+    stacked = _stacked(model, params)
+    np.testing.assert_allclose(
+        _forward(scanned)(stacked, tokens), _forward(model)(params, tokens), atol=1e-5
+    )
+    loss, grads = jax.jit(jax.value_and_grad(lambda p: _loss(model, p, tokens)))(params)
+    loss_s, grads_s = jax.jit(jax.value_and_grad(lambda p: _loss(scanned, p, tokens)))(stacked)
+    np.testing.assert_allclose(loss_s, loss, rtol=1e-6)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), unstack_layers(grads_s), grads
+    )
+    jax.tree.map(np.testing.assert_array_equal, unstack_layers(stacked), params)
+
+
+def test_scan_layers_parameters() -> None:
+    """Parameters stacked in `h` with a leading logical 'layers' axis (left unsharded by the
+    rules), as many as num_params counts, initialised like the unrolled model's."""
+    model = GPT(vocab_size=64, block_size=64, num_layers=8, num_heads=4, embed_dim=128)
+    scanned = model.clone(scan_layers=True)
+    tokens = jnp.zeros((2, 8), jnp.int32)
+    boxed = jax.eval_shape(scanned.init, jax.random.key(0), tokens)["params"]
+    assert set(boxed) == {"wte", "wpe", "ln_f", "h"}
+    specs = nn.get_partition_spec(boxed)
+    assert tuple(specs["h"]["attn"]["query"]["kernel"]) == ("layers", "embed", "heads", "kv")
+    assert tuple(specs["h"]["mlp"]["proj"]["kernel"]) == ("layers", "mlp", "embed")
+    assert tuple(specs["h"]["ln_1"]["scale"]) == ("layers", "embed")
+    assert dict(sharding.DEFAULT_RULES)["layers"] is None
+    params = nn.unbox(jax.jit(scanned.init)(jax.random.key(0), tokens)["params"])
+    assert params["h"]["attn"]["query"]["kernel"].shape == (8, 128, 4, 32)
+    assert _count(params) == num_params(scanned) == num_params(model)
+    layers = params["h"]
+    residual_std = 0.02 / np.sqrt(2 * 8)
+    for w, std in [
+        (layers["attn"]["query"]["kernel"], 0.02),
+        (layers["mlp"]["proj"]["kernel"], residual_std),
+    ]:
+        assert abs(float(jnp.std(w)) / std - 1) < 0.1, (float(jnp.std(w)), std)
+    # Each layer draws its own weights.
+    assert not np.allclose(layers["mlp"]["fc"]["kernel"][0], layers["mlp"]["fc"]["kernel"][1])
+    np.testing.assert_array_equal(layers["ln_2"]["scale"], 1.0)
+
+
+def test_scan_layers_training_equals_unrolled() -> None:
+    """A few AdamW steps from equal initial parameters give equal losses in both layouts."""
+    model = GPT(**TINY)
+    scanned = model.clone(scan_layers=True)
+    params, tokens = _init(model, length=12, batch=4)
+    optimizer = optax.adamw(3e-3, weight_decay=0.1)
+
+    def train(m: GPT, params: dict) -> list[float]:
+        @jax.jit
+        def step(params, opt_state):
+            loss, grads = jax.value_and_grad(lambda p: _loss(m, p, tokens))(params)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss
+
+        opt_state, losses = optimizer.init(params), []
+        for _ in range(5):
+            params, opt_state, loss = step(params, opt_state)
+            losses.append(float(loss))
+        return losses
+
+    np.testing.assert_allclose(train(scanned, _stacked(model, params)), train(model, params),
+                               rtol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("policy", ["full", "dots_saveable"])
+def test_scan_layers_remat_matches_no_remat(policy: str) -> None:
+    """Rematerialisation inside the scan changes neither the loss nor the gradients (dropout,
+    drawn per layer, included)."""
+    model = GPT(**TINY, dropout_rate=0.1, scan_layers=True)
+    params, tokens = _init(model, length=9)
+    rng = jax.random.key(7)
+    loss, grads = jax.jit(jax.value_and_grad(lambda p: _loss(model, p, tokens, rng)))(params)
+    remat = model.clone(remat_policy=policy)
+    loss_r, grads_r = jax.jit(jax.value_and_grad(lambda p: _loss(remat, p, tokens, rng)))(params)
+    np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads_r, grads)
+    no_dropout = model.apply({"params": params}, tokens[:, :-1])
+    dropped = model.apply({"params": params}, tokens[:, :-1], train=True, rngs={"dropout": rng})
+    assert not np.allclose(dropped, no_dropout)
+
+
+@pytest.mark.parametrize("position_embedding", ["learned", "rope"])
+def test_scan_layers_cached_decoding_matches_full_forward(position_embedding: str) -> None:
+    """With scan_layers the KV cache is stacked per layer, and prefill + one-token decoding
+    reproduces the full forward pass; sampling.generate runs on it."""
+    import sampling
+
+    model = GPT(**TINY, position_embedding=position_embedding, scan_layers=True)
+    params, tokens = _init(model, length=11)
+    full = _forward(model)(params, tokens)
+    decoder = model.clone(decode=True)
+    decode_step = jax.jit(
+        lambda cache, chunk: decoder.apply(
+            {"params": params, "cache": cache}, chunk, mutable=["cache"]
+        )
+    )
+    cache = jax.jit(decoder.init)(jax.random.key(0), jnp.ones((2, model.block_size), jnp.int32))
+    cache = cache["cache"]
+    head_dim = TINY["embed_dim"] // TINY["num_heads"]
+    stacked_shape = (TINY["num_layers"], 2, TINY["block_size"], TINY["num_heads"], head_dim)
+    assert cache["h"]["attn"]["cached_key"].shape == stacked_shape
+    outputs = []
+    for chunk in [tokens[:, :4]] + [tokens[:, t : t + 1] for t in range(4, 11)]:
+        logits, state = decode_step(cache, chunk)
+        cache = state["cache"]
+        outputs.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(outputs, axis=1), full, atol=1e-5)
+    out = sampling.generate(model, params, tokens[:, :3], jax.random.key(0), max_new_tokens=5,
+                            temperature=0.0)  # fmt: skip
+    assert out.shape == (2, 8)
+
+
+def test_scan_layers_checkpoint_refused_by_other_layout(tmp_path) -> None:
+    """A checkpoint of the unrolled layout does not restore into a scan_layers config (nor the
+    reverse): one clear CheckpointMismatchError naming the arrays that differ."""
+    import checkpointing
+    import experiment
+    import workdir_files
+    from configs import shakespeare_char_cpu
+
+    config = shakespeare_char_cpu.get_config()
+    config.model.update(num_layers=2, num_heads=2, embed_dim=16, block_size=16, vocab_size=13)
+    config.batch_size = config.eval_batch_size = 4
+    spec = workdir_files.InputSpec(np.zeros((1, 16), np.int32), 0, 1000)
+    runs = {}
+    for scan in (False, True):
+        config.model.scan_layers = scan
+        runs[scan] = experiment.build_run(config, input_spec=spec, devices=jax.devices()[:1])
+    for saved, wanted in ((False, True), (True, False)):
+        workdir = str(tmp_path / f"scan_{saved}")
+        checkpointer = checkpointing.Checkpointer(workdir, async_save=False)
+        checkpointer.save(0, runs[saved].init_state(), {"step": 0})
+        checkpointer.close()
+        checkpointer = checkpointing.Checkpointer(workdir, async_save=False)
+        with pytest.raises(checkpointing.CheckpointMismatchError) as error:
+            checkpointer.restore_latest(runs[wanted].abstract_state)
+        checkpointer.close()
+        message = str(error.value)
+        assert "does not fit this config's model" in message
+        # e.g. "params/h/attn/key/kernel: checkpoint None vs config (2, 16, 2, 8)"
+        assert "arrays differ" in message and "params/h/" in message, message

@@ -1,0 +1,574 @@
+"""Compile a config's train and eval steps for a TPU topology, on any machine, and say whether
+they fit: memory and FLOPs per chip before launching (MaxText's train_compile.py does the same).
+
+    python -m tools.aot --config=configs/gpt2_small.py --topology=v5p:2x2x1 [--num_slices=2]
+        [--config.mesh_shape.fsdp=4 --config.mesh_shape.data=-1 ...] [--find_max_batch]
+
+With `jax[tpu]` installed (setup.py's dev extra brings the matching libtpu), libtpu describes a
+TPU topology without a TPU (`jax.experimental.topologies.get_topology_desc`) and the real
+XLA:TPU compiler compiles for it. The run is built exactly as train.py builds it
+(`experiment.build_run` on the topology's devices, from a description of the input instead of
+data), and its train step (`run.steps.train_step`: the same shardings, donation,
+steps_per_dispatch, gradient accumulation, dtype and remat) and eval step are lowered from
+abstract arguments and compiled. Reported per chip: parameter and optimizer-state bytes (from
+the state's shardings), XLA's argument, output, alias, temporary and peak bytes and their total
+against the chip's HBM (`CHIPS`), FLOPs per step (XLA's cost analysis and the model file's
+analytic formula) with the step time they imply at 50% MFU, and the compile times. Prints a
+table, then one JSON line; exits with status 1 if a step does not fit.
+
+`--find_max_batch` searches, for each remat policy of the model (none, full, dots_saveable for
+the GPT), the largest global batch (a multiple of the data-parallel size) whose train step fits.
+
+No TPU is needed, and none is contacted: on a host without one, libtpu is told not to query a
+metadata server (TPU_SKIP_MDS_QUERY) nor look for other hosts, before JAX is imported
+(`offline_libtpu_environment`; docs/tpu.md shows the strace check).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+
+def tpu_attached() -> bool:
+    """Whether this host has TPU chips (the device files a TPU VM exposes)."""
+    return bool(glob.glob("/dev/accel*")) or os.path.exists("/dev/vfio")
+
+
+def offline_libtpu_environment() -> None:
+    """On a host without a TPU: the environment under which libtpu only compiles, set before
+    JAX is imported. JAX on the CPU (no search for a TPU at start-up); no metadata-server query;
+    this host alone as the TPU "workers"; and no exclusive /tmp/libtpu_lockfile, which another
+    process that loaded libtpu may hold (nothing is shared: no chip is used). Never forced on a
+    TPU VM, where libtpu must find its chips and hosts."""
+    if tpu_attached():
+        return
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ["TPU_SKIP_MDS_QUERY"] = "1"
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
+
+
+offline_libtpu_environment()  # before JAX (and libtpu) are loaded
+
+import dataclasses  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+import cli  # noqa: E402
+import experiment  # noqa: E402
+import models  # noqa: E402
+import sharding  # noqa: E402
+import workdir_files  # noqa: E402
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One TPU generation: what a chip holds and computes (Google Cloud's TPU pages: the v4,
+    v5e, v5p and v6e system architecture documents)."""
+
+    name: str  # the topology names' prefix, e.g. 'v5e' in 'v5e:2x2'
+    device_kinds: tuple[str, ...]  # jax's device_kind of its devices
+    hbm_bytes: int  # high-bandwidth memory per chip
+    peak_flops: float  # dense bf16 FLOP/s per chip
+    accelerator_type: str  # TPU_ACCELERATOR_TYPE's form: '{}' is filled with the core count
+    cores_per_chip: int  # TensorCores per chip (the accelerator type counts cores)
+
+
+CHIPS = (
+    Chip("v4", ("TPU v4",), 32 * GIB, 275e12, "v4-{}", 2),
+    Chip("v5e", ("TPU v5 lite", "TPU v5e"), 16 * GIB, 197e12, "v5litepod-{}", 1),
+    Chip("v5p", ("TPU v5", "TPU v5p"), 95 * GIB, 459e12, "v5p-{}", 2),
+    Chip("v6e", ("TPU v6 lite", "TPU v6e"), 32 * GIB, 918e12, "v6e-{}", 1),
+)
+CHIPS_SOURCE = "Google Cloud's TPU pages (HBM and dense bf16 peak per chip)"
+TOPOLOGY_EXAMPLES = "v5e:2x2, v5e:4x4, v5p:2x2x1, v5p:4x4x4, v6e:2x2, v4:2x2x1"
+MFU = 0.5  # the utilisation the implied step time assumes
+
+_TOPOLOGY_RE = re.compile(r"^(?P<gen>[a-z0-9]+):(?P<dims>\d+(?:x\d+)*)$")
+
+
+def chip_for_kind(device_kind: str) -> Chip | None:
+    """The CHIPS entry of a device kind (e.g. 'TPU v5 lite'), or None."""
+    for chip in CHIPS:
+        if device_kind in chip.device_kinds:
+            return chip
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """A TPU topology's compile-only devices and what a chip of it holds."""
+
+    name: str
+    num_slices: int
+    devices: list[Any]
+    chip: Chip
+    devices_per_chip: int  # 2 for v4 (its two TensorCores appear as two devices), else 1
+
+    @property
+    def num_chips(self) -> int:
+        return len(self.devices) // self.devices_per_chip
+
+    @property
+    def hbm_per_device(self) -> int:
+        return self.chip.hbm_bytes // self.devices_per_chip
+
+    @property
+    def peak_flops_per_device(self) -> float:
+        return self.chip.peak_flops / self.devices_per_chip
+
+
+def get_topology(name: str, num_slices: int = 1) -> Topology:
+    """The compile-only TPU devices of topology `name` (e.g. 'v5e:2x2') x `num_slices`.
+
+    Raises cli.UserError for a malformed or unknown name, a missing libtpu, or a chip without
+    HBM and peak figures in CHIPS."""
+    if importlib.util.find_spec("libtpu") is None:
+        raise cli.UserError(
+            "libtpu is not installed, so no TPU program can be compiled here: `make setup` "
+            f"installs it (jax[tpu], setup.py's dev extra), or pip install "
+            f"'jax[tpu]=={jax.__version__}'."
+        )
+    match = _TOPOLOGY_RE.match(name)
+    if match is None:
+        raise cli.UserError(
+            f"--topology={name!r} is not a topology name: use generation:chips per dimension, "
+            f"e.g. {TOPOLOGY_EXAMPLES}."
+        )
+    if num_slices < 1:
+        raise cli.UserError(f"--num_slices={num_slices} must be at least 1.")
+    known = {c.name: c for c in CHIPS}
+    chip = known.get(match["gen"])
+    if chip is None:
+        raise cli.UserError(
+            f"--topology={name!r}: unknown TPU generation {match['gen']!r}; tools/aot.py knows "
+            f"{list(known)} (CHIPS holds their HBM and peak), e.g. {TOPOLOGY_EXAMPLES}."
+        )
+    if not tpu_attached():
+        # Only silences libtpu's start-up warning; the topology comes from `name`.
+        chips = math.prod(int(d) for d in match["dims"].split("x"))
+        os.environ.setdefault(
+            "TPU_ACCELERATOR_TYPE", chip.accelerator_type.format(chips * chip.cores_per_chip)
+        )
+    from jax.experimental import topologies
+
+    kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+    try:
+        desc = topologies.get_topology_desc(topology_name=name, platform="tpu", **kwargs)
+    except Exception as e:  # libtpu's JaxRuntimeError: INVALID_ARGUMENT ...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise cli.UserError(
+            f"--topology={name!r}: libtpu cannot make this topology ({reason}); e.g. "
+            f"{TOPOLOGY_EXAMPLES}."
+        ) from e
+    devices = list(desc.devices)
+    if chip_for_kind(devices[0].device_kind) is not chip:
+        raise cli.UserError(
+            f"--topology={name!r} has devices of kind {devices[0].device_kind!r}, not those of "
+            f"{chip.name} {chip.device_kinds}: add the kind to CHIPS in tools/aot.py."
+        )
+    per_chip = {}
+    for d in devices:
+        key = (getattr(d, "slice_index", 0), tuple(getattr(d, "coords", (d.id,))))
+        per_chip[key] = per_chip.get(key, 0) + 1
+    return Topology(name, num_slices, devices, chip, max(per_chip.values()))
+
+
+def input_spec_for(config: ml_collections.ConfigDict, input_shape: tuple[int, ...],
+                   input_dtype: str) -> workdir_files.InputSpec:  # fmt: skip
+    """What the model is built from, without data: int32 tokens [1, block_size] for a language
+    model (its vocabulary is config.model.vocab_size: no tokenizer sets it), else one input of
+    `input_shape` and `input_dtype` with config.model.num_classes (or the model's default)."""
+    # One epoch is one step: the schedule's length does not change the compiled program.
+    examples = int(config.batch_size)
+    if config.task == "lm":
+        example = np.zeros((1, int(config.model.block_size)), np.int32)
+        return workdir_files.InputSpec(example, 0, examples)
+    num_classes = config.model.get("num_classes")
+    if num_classes is None:
+        num_classes = getattr(models.model_class(config.model.name), "num_classes", 0)
+    example = np.zeros((1,) + tuple(input_shape), np.dtype(input_dtype))
+    return workdir_files.InputSpec(example, int(num_classes), examples)
+
+
+def build(config: ml_collections.ConfigDict, topology: Topology,
+          input_spec: workdir_files.InputSpec) -> experiment.Run:  # fmt: skip
+    """experiment.build_run on the topology's devices; cli.UserError if the config cannot run."""
+    if config.parallelism != "jit":
+        raise cli.UserError(
+            f"config.parallelism={config.parallelism!r}: ahead-of-time compilation describes "
+            "'jit' parallelism (a sharded mesh); drop --config.parallelism."
+        )
+    try:
+        return experiment.build_run(config, input_spec=input_spec, devices=topology.devices)
+    except sharding.MeshError as e:
+        devices = f"--topology={topology.name}: {len(topology.devices)} devices"
+        raise cli.UserError(f"{e} ({devices})") from e
+
+
+def bytes_per_device(tree: Any) -> int:
+    """Bytes one device holds of an abstract tree whose leaves carry shardings."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+class OutOfHbmError(Exception):
+    """XLA refused to compile: the program needs more HBM than the chip has."""
+
+
+_OOM_NUMBERS = re.compile(r"\(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)")
+
+
+def _gib(number: str, unit: str) -> float:
+    return float(number) * {"K": 2**-20, "M": 2**-10, "G": 1.0, "T": 2**10}[unit]
+
+
+def compile_step(run: experiment.Run, batch_size: int, train: bool = True) -> tuple[Any, float]:
+    """(compiled step, seconds to lower and compile) of the train step (or the eval step) on
+    an abstract global batch of `batch_size`; OutOfHbmError when XLA finds it cannot fit."""
+    steps = run.steps
+    with steps.context():
+        start = time.perf_counter()
+        batch = steps.abstract_batch(
+            run.input_spec.example_input, batch_size, run.config.task, train=train
+        )
+        step = steps.train_step if train else steps.eval_step
+        try:
+            compiled = step.lower(run.abstract_state, batch).compile()
+        except Exception as e:  # JaxRuntimeError: RESOURCE_EXHAUSTED: Ran out of memory ...
+            if "RESOURCE_EXHAUSTED" in str(e):
+                raise OutOfHbmError(str(e).strip().splitlines()[0]) from e
+            raise
+    return compiled, time.perf_counter() - start
+
+
+def memory_report(compiled: Any, topology: Topology) -> dict[str, Any]:
+    """XLA's memory analysis of one device's program, its total and whether it fits.
+
+    The total is the larger of XLA's two accounts, plus the program's code: its peak (the
+    buffers live at the worst moment, donated ones once) and arguments + outputs - aliased
+    (donated) + temporaries (MaxText's sum). Neither bounds the other on XLA:TPU (a small
+    program's temporaries can live outside HBM, in the core's own memory; buffer assignment
+    can reserve more than the simulated peak), so the verdict takes the larger."""
+    m = compiled.memory_analysis()
+    report = {
+        "argument_bytes": int(m.argument_size_in_bytes),
+        "output_bytes": int(m.output_size_in_bytes),
+        "alias_bytes": int(m.alias_size_in_bytes),
+        "temp_bytes": int(m.temp_size_in_bytes),
+        "code_bytes": int(m.generated_code_size_in_bytes),
+    }
+    report["peak_bytes"] = int(getattr(m, "peak_memory_in_bytes", 0) or 0)
+    summed = (report["argument_bytes"] + report["output_bytes"] - report["alias_bytes"]
+              + report["temp_bytes"])  # fmt: skip
+    report["total_bytes"] = max(report["peak_bytes"], summed) + report["code_bytes"]
+    report["fits"] = report["total_bytes"] <= topology.hbm_per_device
+    return report
+
+
+def _xla_flops(compiled: Any) -> float | None:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):  # older JAX: one dict per computation
+        cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def analytic_flops_per_step(run: experiment.Run) -> float | None:
+    """The model file's `training_flops_per_token` x tokens of a global batch (None if the
+    model file defines no formula)."""
+    formula = getattr(models.model_module(run.config.model.name), "training_flops_per_token", None)
+    if formula is None or run.config.task != "lm":
+        return None
+    seq = int(run.input_spec.example_input.shape[1])
+    return formula(run.model, seq) * seq * int(run.config.batch_size)
+
+
+def _loops(run: experiment.Run) -> list[str]:
+    """The loops of the compiled train step, whose bodies XLA's cost analysis counts once."""
+    config, model, steps_per_dispatch = run.config, run.model, run.steps.steps_per_dispatch
+    loops = []
+    if steps_per_dispatch > 1:
+        loops.append(f"steps_per_dispatch={steps_per_dispatch}")
+    if int(config.grad_accum_steps) > 1:
+        loops.append(f"grad_accum_steps={config.grad_accum_steps}")
+    if getattr(model, "scan_layers", False):
+        loops.append("scan_layers")
+    return loops
+
+
+def analyze(config: ml_collections.ConfigDict, topology: Topology, input_spec:
+            workdir_files.InputSpec, evaluate: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Builds and compiles the run's steps for `topology`; every figure as a flat dict."""
+    run = build(config, topology, input_spec)
+    config = run.config
+    data, fsdp, tensor = (run.mesh.shape[a] for a in sharding.MESH_AXES)
+    n = len(topology.devices)
+    params_bytes = bytes_per_device(run.abstract_state.params)
+    opt_bytes = bytes_per_device(run.abstract_state.opt_state)
+    state_bytes = bytes_per_device(run.abstract_state)
+    result: dict[str, Any] = {
+        "config_model": config.model.name,
+        "topology": topology.name,
+        "num_slices": topology.num_slices,
+        "device_kind": topology.devices[0].device_kind,
+        "num_devices": n,
+        "num_chips": topology.num_chips,
+        "devices_per_chip": topology.devices_per_chip,
+        "mesh": f"data={data} fsdp={fsdp} tensor={tensor}",
+        "global_batch": int(config.batch_size),
+        "batch_per_data_parallel_device": int(config.batch_size) // (data * fsdp),
+        "grad_accum_steps": int(config.grad_accum_steps),
+        "steps_per_dispatch": run.steps.steps_per_dispatch,
+        "dtype": config.dtype,
+        "remat_policy": getattr(run.model, "remat_policy", "n/a"),
+        "scan_layers": getattr(run.model, "scan_layers", "n/a"),
+        "num_params": run.num_params,
+        "params_bytes_per_device": params_bytes,
+        "opt_state_bytes_per_device": opt_bytes,
+        "state_bytes_per_device": state_bytes,
+        "hbm_bytes_per_device": topology.hbm_per_device,
+        "hbm_source": f"{topology.chip.name}: {topology.chip.hbm_bytes / GIB:g} GiB per chip, "
+        f"{CHIPS_SOURCE}",
+    }
+    fits = True
+    try:
+        compiled, seconds = compile_step(run, int(config.batch_size), train=True)
+    except OutOfHbmError as e:
+        result.update(train_compile_s=None, train_out_of_memory=str(e), train_fits=False)
+        numbers = _OOM_NUMBERS.search(str(e))
+        if numbers:
+            result["train_needed_gib_per_device"] = _gib(numbers[1], numbers[2])
+            result["usable_hbm_gib_per_device"] = _gib(numbers[3], numbers[4])
+        compiled, fits = None, False
+    if compiled is not None:
+        memory = memory_report(compiled, topology)
+        fits = memory["fits"]
+        result.update({f"train_{k}": v for k, v in memory.items()}, train_compile_s=seconds)
+        xla = _xla_flops(compiled)
+        result["xla_flops_per_device"] = xla
+        loops = _loops(run)
+        result["xla_flops_note"] = (
+            "per compiled call; each loop body counted once (" + ", ".join(loops) + ")"
+            if loops
+            else "per step"
+        )
+    analytic = analytic_flops_per_step(run)
+    per_device = None if analytic is None else analytic / n
+    result["analytic_flops_per_step_per_device"] = per_device
+    if per_device is None and compiled is not None and not _loops(run):
+        per_device = result["xla_flops_per_device"]  # no formula: XLA's count (no loops)
+    peak = topology.peak_flops_per_device
+    result["peak_flops_per_device"] = peak
+    result["step_time_at_50pct_mfu_s"] = None if per_device is None else per_device / (MFU * peak)
+    if config.task == "lm" and per_device is not None:
+        tokens = int(config.batch_size) * int(input_spec.example_input.shape[1])
+        result["tokens_per_s_at_50pct_mfu"] = tokens / result["step_time_at_50pct_mfu_s"]
+    if evaluate:
+        try:
+            compiled, seconds = compile_step(run, int(config.eval_batch_size), train=False)
+            memory = memory_report(compiled, topology)
+            result.update({f"eval_{k}": v for k, v in memory.items()}, eval_compile_s=seconds)
+            fits = fits and memory["fits"]
+        except OutOfHbmError as e:
+            result.update(eval_out_of_memory=str(e), eval_fits=False)
+            numbers = _OOM_NUMBERS.search(str(e))
+            if numbers:
+                result["eval_needed_gib_per_device"] = _gib(numbers[1], numbers[2])
+                result["usable_hbm_gib_per_device"] = _gib(numbers[3], numbers[4])
+            fits = False
+    result["fits"] = fits
+    return result
+
+
+def verdict(result: dict[str, Any], topology: Topology) -> str:
+    """One line: which steps do not fit, with their bytes per device against the HBM."""
+    needs = []
+    for step in ("train", "eval"):
+        if f"{step}_out_of_memory" in result:
+            needed = result.get(f"{step}_needed_gib_per_device")
+            usable = result.get("usable_hbm_gib_per_device")
+            needs.append(
+                f"the {step} step needs {needed:.2f} GiB (XLA: {usable:g} GiB usable)"
+                if needed is not None and usable is not None
+                else f"the {step} step: {result[f'{step}_out_of_memory']}"
+            )
+        elif result.get(f"{step}_fits") is False:
+            needs.append(f"the {step} step needs {result[f'{step}_total_bytes'] / GIB:.2f} GiB")
+    hbm = topology.hbm_per_device / GIB
+    return (
+        f"per device, {' and '.join(needs)} of {hbm:g} GiB HBM ({topology.chip.name}, "
+        f"{topology.name}); lower the batch, shard the state (mesh_shape.fsdp), or "
+        "rematerialise (model.remat_policy)."
+    )
+
+
+def _with(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
+    """A copy of `config` with top-level fields or `model.<field>` (as 'model__field') set."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    for key, value in fields.items():
+        if key.startswith("model__"):
+            config.model[key[len("model__") :]] = value
+        else:
+            config[key] = value
+    return config
+
+
+def largest_fitting(fits: Callable[[int], bool], start: int, limit: int) -> int:
+    """The largest m in [1, limit] with fits(m), for a `fits` that holds up to some m and
+    fails above it (0 if fits(1) fails): doubling from `start`, then bisection."""
+    good, bad = 0, limit + 1
+    m = min(max(1, start), limit)
+    while m <= limit:
+        if fits(m):
+            good, m = m, m * 2
+        else:
+            bad = m
+            break
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if fits(mid):
+            good = mid
+        else:
+            bad = mid
+    return good
+
+
+def find_max_batch(config: ml_collections.ConfigDict, topology: Topology,
+                   input_spec: workdir_files.InputSpec, policy: str | None = None,
+                   limit: int = 1 << 20) -> dict[str, Any]:  # fmt: skip
+    """The largest global batch whose train step fits (with `model.remat_policy=policy` if
+    given): doubling, then bisection, over multiples of the data-parallel size (times
+    grad_accum_steps), each probe a compilation. `limit`: the largest batch tried."""
+    if policy is not None:
+        config = _with(config, model__remat_policy=policy)
+    run = build(config, topology, input_spec)
+    data, fsdp = run.mesh.shape["data"], run.mesh.shape["fsdp"]
+    unit = data * fsdp * int(config.grad_accum_steps)
+    probes: list[dict[str, Any]] = []
+
+    def fits(multiple: int) -> bool:
+        batch = multiple * unit
+        run = build(_with(config, batch_size=batch), topology, input_spec)
+        try:
+            compiled, seconds = compile_step(run, batch, train=True)
+        except OutOfHbmError:
+            probes.append({"batch": batch, "fits": False, "compile_s": None})
+            return False
+        memory = memory_report(compiled, topology)
+        probes.append({"batch": batch, "fits": memory["fits"], "compile_s": seconds,
+                       "total_bytes": memory["total_bytes"]})  # fmt: skip
+        return memory["fits"]
+
+    start = time.perf_counter()
+    good = largest_fitting(fits, max(1, int(config.batch_size) // unit), limit // unit)
+    best = next((p for p in probes if p["batch"] == good * unit and p["fits"]), None)
+    return {
+        "remat_policy": getattr(run.model, "remat_policy", "n/a"),
+        "max_global_batch": good * unit,
+        "batch_multiple": unit,
+        "total_bytes_at_max": None if best is None else best["total_bytes"],
+        "compiles": len(probes),
+        "search_s": time.perf_counter() - start,
+        "probes": probes,
+    }
+
+
+def remat_policies(config: ml_collections.ConfigDict) -> list[str | None]:
+    """The model's remat policies (its module's REMAT_POLICIES), or [None] if it has none."""
+    module = models.model_module(config.model.name)
+    if "remat_policy" not in models.constructor_fields(config.model.name):
+        return [None]
+    return list(getattr(module, "REMAT_POLICIES", {"none": None}))
+
+
+def _fmt(value: Any, key: str = "") -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int) and (key.endswith("_bytes") or key.endswith("bytes_per_device")):
+        return f"{value / GIB:,.3f} GiB"
+    if isinstance(value, float):
+        if key.endswith("_s"):
+            return f"{value:,.3g} s" if value < 1e3 else f"{value:,.0f} s"
+        return f"{value:.4g}" if 1e-3 <= abs(value) < 1e6 or value == 0 else f"{value:.3e}"
+    return str(value)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Two aligned columns: figure and value (bytes in GiB)."""
+    rows = {k: v for k, v in result.items() if k != "max_batch"}
+    width = max(len(k) for k in rows)
+    lines = [f"{k.ljust(width)}  {_fmt(v, k)}" for k, v in rows.items()]
+    for entry in result.get("max_batch", []):
+        total = entry["total_bytes_at_max"]
+        lines.append(
+            f"max batch (remat {entry['remat_policy']}): {entry['max_global_batch']} "
+            f"(multiples of {entry['batch_multiple']}; "
+            f"{'-' if total is None else f'{total / GIB:.2f} GiB'} per device; "
+            f"{entry['compiles']} compiles in {entry['search_s']:.0f} s)"
+        )
+    return "\n".join(lines)
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags (defined only when run as a script: importing aot defines none)."""
+    config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+    flags.DEFINE_string("topology", None, f"TPU topology, e.g. {TOPOLOGY_EXAMPLES}.")
+    flags.DEFINE_integer("num_slices", 1, "Slices of the topology (joined by DCN).")
+    flags.DEFINE_list("input_shape", ["28", "28", "1"],
+                      "Classifiers: the shape of one input (the batch axis excluded).")  # fmt: skip
+    flags.DEFINE_string("input_dtype", "uint8", "Classifiers: the input dtype.")
+    flags.DEFINE_bool("eval", True, "Also compile the eval step (at config.eval_batch_size).")
+    flags.DEFINE_bool(
+        "find_max_batch", False, "Also search the largest global batch that fits, per remat policy."
+    )
+    flags.mark_flags_as_required(["config", "topology"])
+
+
+def main(argv: list[str]) -> int:
+    """absl entry point: the table, then the JSON line; 1 if a step does not fit."""
+    del argv
+    config = FLAGS.config
+    try:
+        shape = tuple(int(d) for d in FLAGS.input_shape)
+    except ValueError as e:
+        raise cli.UserError(
+            f"--input_shape={','.join(FLAGS.input_shape)}: integers, e.g. 28,28,1"
+        ) from e
+    topology = get_topology(FLAGS.topology, FLAGS.num_slices)
+    spec = input_spec_for(config, shape, FLAGS.input_dtype)
+    result = analyze(config, topology, spec, evaluate=FLAGS.eval)
+    if FLAGS.find_max_batch:
+        result["max_batch"] = [
+            find_max_batch(config, topology, spec, policy) for policy in remat_policies(config)
+        ]
+    print(format_table(result), flush=True)
+    print(json.dumps(result), flush=True)
+    if not result["fits"]:
+        print(f"DOES NOT FIT: {verdict(result, topology)}", flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main)
