@@ -28,6 +28,23 @@ def quiet_tensorflow() -> None:
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
 
 
+def quiet_libtpu_without_tpu() -> None:
+    """On a machine with libtpu installed (the dev extra brings it, for tools/aot.py) but no TPU
+    attached, JAX's TPU plugin warns at start-up that it cannot find one and may look for a
+    metadata server; these defaults make it fall back to the other backends silently and never
+    query the network. On a TPU VM (chips under /dev/accel* or /dev/vfio) nothing is set."""
+    import glob
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is None:
+        return
+    if glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"):
+        return
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v4-8")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a misspelt --config.<field> reported in one readable line
     (ml_collections raises a bare AttributeError from deep inside the parser)."""
@@ -64,4 +81,5 @@ def run(main: Callable[[Sequence[str]], object]) -> None:
         if isinstance(status, int) and status:
             raise SystemExit(status)
 
+    quiet_libtpu_without_tpu()
     app.run(wrapped, flags_parser=parse_flags)

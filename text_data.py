@@ -44,7 +44,7 @@ class TokenStream:
                     f"Shard {path} is {'missing' if size is None else f'{size} bytes'}, expected "
                     f"{expected}: rerun prepare_data.py (finished shards are kept)."
                 )
-            if verify and _sha256(path) != shard["sha256"]:
+            if verify and _checked_sha256(path) != shard["sha256"]:
                 raise data_setup.DatasetUnavailableError(
                     f"Shard {path} does not match its checksum in the manifest (damaged): "
                     f"delete it and its .json sidecar and rerun prepare_data.py to redo it."
@@ -85,6 +85,30 @@ def _sha256(path: str) -> str:
         while chunk := f.read(8 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _checked_sha256(path: str) -> str:
+    """sha256 of a shard, hashed once per (size, modification time): the result is kept in a
+    `.sha256` file beside it, so a run's start-up does not re-read a large corpus (a shard that
+    is rewritten, or whose bytes are flipped in place, gets a new time and is hashed again)."""
+    stat = os.stat(path)
+    stamp = f"{stat.st_size} {stat.st_mtime_ns}"
+    cache = path + ".sha256"
+    try:
+        with open(cache) as f:
+            cached_stamp, digest = f.read().rsplit(" ", 1)
+        if cached_stamp == stamp:
+            return digest
+    except (OSError, ValueError):
+        pass
+    digest = _sha256(path)
+    try:
+        with open(cache + f".tmp{os.getpid()}", "w") as f:
+            f.write(f"{stamp} {digest}")
+        os.replace(cache + f".tmp{os.getpid()}", cache)
+    except OSError:  # a read-only data directory: hash at every start
+        pass
+    return digest
 
 
 def window_starts(seed: int, index: int, count: int, num_starts: int) -> np.ndarray:

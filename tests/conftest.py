@@ -12,6 +12,10 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import cli  # noqa: E402
+
+cli.quiet_libtpu_without_tpu()  # before any test starts JAX's backends (subprocesses inherit it)
+
 
 @pytest.fixture(scope="session")
 def fashion_mnist_ready() -> str:
