@@ -1,8 +1,9 @@
 """The README's commands run as written (with the run shrunk to a few steps).
 
 Every `.venv/bin/python ...` command in README.md's bash blocks is run from the repository root,
-in order (sample.py uses the run trained before it), with its `runs/` workdirs under a temporary
-folder and, for train.py, overrides appended that shrink the run to two steps of a small model.
+in order (sample.py uses the run trained before it), with its `runs/` and `data/` folders under
+a temporary folder and, for train.py, overrides appended that shrink the run to two steps of a
+small model.
 Optional arguments shown in brackets are passed too.
 """
 
@@ -43,7 +44,9 @@ def readme_commands() -> list[list[str]]:
 
 
 def _adapted(command: list[str], runs: str) -> list[str]:
-    args = [sys.executable] + [a.replace("runs/", runs + "/") for a in command[1:]]
+    args = [sys.executable] + [
+        a.replace("runs/", runs + "/").replace("data/", runs + "/data/") for a in command[1:]
+    ]
     if command[1] == "train.py":
         config = next(a for a in command if a.startswith("--config="))
         lm = "shakespeare" in config or "gpt2" in config
