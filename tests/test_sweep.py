@@ -444,3 +444,17 @@ def test_importing_the_package_defines_no_flags():
         importlib.import_module(name)
     for flag in ("sweep", "sweep_dir", "parallel", "dry_run", "run_timeout", "set"):
         assert flag not in flags.FLAGS
+
+
+def test_a_swept_field_the_config_lacks_is_refused_before_any_run(tmp_path):
+    """A misspelt field would make train.py refuse every run: load_sweep says so once, with
+    the closest field."""
+    path = tmp_path / "typo.py"
+    path.write_text(
+        "def get_sweep():\n"
+        "    return {'config': 'configs/fashion_mnist_cnn.py',\n"
+        "            'grid': {'lerning_rate': [1e-3, 3e-3]},\n"
+        "            'fixed': {'model.conv_features': (8,)}}\n"
+    )
+    with pytest.raises(ValueError, match=r"lerning_rate \(did you mean 'learning_rate'\?\)"):
+        spec.load_sweep(str(path))

@@ -173,6 +173,40 @@ def parse_sweep(spec: dict[str, Any], source: str = "") -> Sweep:
     )
 
 
+def check_fields(sweep: Sweep) -> None:
+    """Raises ValueError naming every swept or fixed field that the base config does not have
+    (train.py would refuse each run; better to say so once, before any run starts), with the
+    closest existing field."""
+    import difflib
+
+    path, _, arg = resolve_config_path(sweep.config).partition(":")
+    if REPO_ROOT not in sys.path:
+        sys.path.insert(0, REPO_ROOT)
+    module_spec = importlib.util.spec_from_file_location("_sweep_base_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+
+    def paths(node: Any, prefix: str = "") -> list[str]:
+        out = []
+        for key in node.keys():
+            value = node[key]
+            out += paths(value, f"{prefix}{key}.") if hasattr(value, "keys") else [prefix + key]
+        return out
+
+    known = paths(config)
+    fields = {f for setting in sweep.settings for f in setting} | set(sweep.fixed)
+    missing = sorted(f for f in fields if f not in known)
+    if missing:
+        hints = [f"{f} (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(f, known, 1))
+                 else f for f in missing]  # fmt: skip
+        raise ValueError(
+            f"Sweep {sweep.source}: {', '.join(hints)} not fields of {sweep.config} (train.py "
+            "would refuse every run). Fields are config paths such as 'learning_rate' or "
+            "'model.conv_features'; a model field must be set in the config file to be swept."
+        )
+
+
 def load_sweep(path_and_arg: str) -> Sweep:
     """Imports a sweep file ('path.py' or 'path.py:arg') and parses its get_sweep()."""
     path, _, arg = path_and_arg.partition(":")
@@ -189,7 +223,9 @@ def load_sweep(path_and_arg: str) -> Sweep:
     if arg and not takes_arg:
         raise ValueError(f"{path}'s get_sweep() takes no argument, but ':{arg}' was given.")
     spec = module.get_sweep(arg) if takes_arg and arg else module.get_sweep()
-    return parse_sweep(spec, source=path_and_arg)
+    sweep = parse_sweep(spec, source=path_and_arg)
+    check_fields(sweep)
+    return sweep
 
 
 # ----------------------------------------------------------------------------- names, commands
