@@ -112,10 +112,11 @@ def evaluate_restored(
     available = _splits(config, datasets)
     if split not in available:
         raise cli.UserError(f"split {split!r} is not available for {config.dataset}: {available}.")
-    if datasets.tokenizer is not None and datasets.tokenizer.vocab_size != config.model.vocab_size:
+    if datasets.tokenizer is not None and datasets.tokenizer != restored.tokenizer:
         raise cli.UserError(
-            f"{config.dataset} with config.tokenizer={config.tokenizer!r} has a vocabulary of "
-            f"{datasets.tokenizer.vocab_size}, the model {config.model.vocab_size}."
+            f"{config.dataset} with config.tokenizer={config.tokenizer!r} gives a "
+            f"{datasets.tokenizer.describe()}; the model was trained with a "
+            f"{restored.tokenizer.describe()}: its scores would be of other text."
         )
     batches = datasets.eval_batches(split)
     if config.task == "classification":

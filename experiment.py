@@ -96,7 +96,7 @@ def build_run(
     devices = list(jax.devices() if devices is None else devices)
     config_validation.validate(config, num_devices=len(devices), training=training)
     if datasets is None and input_spec is None:
-        import input_pipeline  # only runs that read data need tf.data
+        import input_pipeline  # only runs that read data import the data libraries
 
         datasets = input_pipeline.get_datasets(config)
     if datasets is not None:
@@ -199,6 +199,11 @@ def restore_run(
         tokenizer = tokenizers_lib.load_tokenizer(workdir)
     if load_data:
         run = build_run(config, devices=devices, training=False)
+        if tokenizer is not None and run.tokenizer != tokenizer:
+            raise workdir_files.WorkdirError(
+                f"{workdir} was trained with a {tokenizer.describe()}, but its data now gives "
+                f"a {run.tokenizer.describe()}: evaluating on it would score other text."
+            )
     else:
         spec = workdir_files.load_input_spec(workdir)
         run = build_run(
