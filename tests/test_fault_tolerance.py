@@ -451,7 +451,8 @@ def test_resuming_with_other_model_shapes_is_refused_unless_restart(reference, t
     workdir = str(tmp_path / "run")
     shutil.copytree(reference, workdir)
     narrower = {"model": {"features": (32,)}, "num_train_steps": 10}
-    with pytest.raises(workdir_files.WorkdirError, match=r"model\.features: \(64, 32\) -> \(32,\)"):
+    changed = r"model\.features: \(128, 64\) -> \(32,\)"
+    with pytest.raises(workdir_files.WorkdirError, match=changed):
         train.train_and_evaluate(make_config(**narrower), workdir)
     train.train_and_evaluate(make_config(**narrower, restart=True), workdir)
     (old,) = os.listdir(os.path.join(workdir, workdir_files.PREVIOUS_RUNS))
