@@ -144,6 +144,10 @@ def test_largest_fitting_search() -> None:
         assert aot.largest_fitting(fits, 1, 64) == min(threshold, 64)
         assert len(probes) <= 14
     assert aot.largest_fitting(lambda m: True, 4, 10) == 10
+    # With a tolerance the search stops early, within it.
+    probes = []
+    found = aot.largest_fitting(lambda m: probes.append(m) or m <= 300, 8, 10_000, 0.25)
+    assert 300 / 1.25 <= found <= 300 and len(probes) <= 9, (found, probes)
 
 
 def test_find_max_batch() -> None:
@@ -165,8 +169,8 @@ def test_does_not_fit_exits_1_with_the_numbers() -> None:
                 "--config.batch_size=65536", "--noeval")  # fmt: skip
     assert proc.returncode == 1, proc.stdout + proc.stderr
     last = proc.stdout.strip().splitlines()[-1]
-    assert last.startswith("DOES NOT FIT: per device, the train step needs"), last
-    assert "GiB" in last and "of 16 GiB HBM (v5e, v5e:2x2)" in last
+    assert last.startswith("DOES NOT FIT: the train step needs"), last
+    assert "GiB" in last and "a v5e chip has 16 GiB HBM (v5e:2x2)" in last
     record = json.loads(proc.stdout.strip().splitlines()[-2])
     assert record["fits"] is False and record["train_needed_gib_per_device"] > 16
 

@@ -405,7 +405,7 @@ def verdict(result: dict[str, Any], topology: Topology) -> str:
             needed = result.get(f"{step}_needed_gib_per_device")
             usable = result.get("usable_hbm_gib_per_device")
             needs.append(
-                f"the {step} step needs {needed:.2f} GiB (XLA: {usable:g} GiB usable)"
+                f"the {step} step needs {needed:.2f} GiB (XLA's count; {usable:g} GiB usable)"
                 if needed is not None and usable is not None
                 else f"the {step} step: {result[f'{step}_out_of_memory']}"
             )
@@ -413,8 +413,8 @@ def verdict(result: dict[str, Any], topology: Topology) -> str:
             needs.append(f"the {step} step needs {result[f'{step}_total_bytes'] / GIB:.2f} GiB")
     hbm = topology.hbm_per_device / GIB
     return (
-        f"per device, {' and '.join(needs)} of {hbm:g} GiB HBM ({topology.chip.name}, "
-        f"{topology.name}); lower the batch, shard the state (mesh_shape.fsdp), or "
+        f"{' and '.join(needs)} per device; a {topology.chip.name} chip has {hbm:g} GiB HBM "
+        f"({topology.name}). Lower the batch, shard the state (mesh_shape.fsdp), or "
         "rematerialise (model.remat_policy)."
     )
 
@@ -430,9 +430,11 @@ def _with(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections.Co
     return config
 
 
-def largest_fitting(fits: Callable[[int], bool], start: int, limit: int) -> int:
+def largest_fitting(fits: Callable[[int], bool], start: int, limit: int,
+                    tolerance: float = 0.0) -> int:  # fmt: skip
     """The largest m in [1, limit] with fits(m), for a `fits` that holds up to some m and
-    fails above it (0 if fits(1) fails): doubling from `start`, then bisection."""
+    fails above it (0 if fits(1) fails): doubling from `start`, then bisection, until the
+    failing m is within `tolerance` (relative) of the fitting one (0: exactly)."""
     good, bad = 0, limit + 1
     m = min(max(1, start), limit)
     while m <= limit:
@@ -441,7 +443,7 @@ def largest_fitting(fits: Callable[[int], bool], start: int, limit: int) -> int:
         else:
             bad = m
             break
-    while bad - good > 1:
+    while bad - good > max(1, tolerance * good):
         mid = (good + bad) // 2
         if fits(mid):
             good = mid
@@ -452,10 +454,12 @@ def largest_fitting(fits: Callable[[int], bool], start: int, limit: int) -> int:
 
 def find_max_batch(config: ml_collections.ConfigDict, topology: Topology,
                    input_spec: workdir_files.InputSpec, policy: str | None = None,
-                   limit: int = 1 << 20) -> dict[str, Any]:  # fmt: skip
+                   limit: int = 1 << 20, tolerance: float = 0.0) -> dict[str, Any]:  # fmt: skip
     """The largest global batch whose train step fits (with `model.remat_policy=policy` if
     given): doubling, then bisection, over multiples of the data-parallel size (times
-    grad_accum_steps), each probe a compilation. `limit`: the largest batch tried."""
+    grad_accum_steps), each probe a compilation. `limit`: the largest batch tried;
+    `tolerance`: stop when the smallest failing batch is within this fraction of the largest
+    fitting one (0: the exact multiple)."""
     if policy is not None:
         config = _with(config, model__remat_policy=policy)
     run = build(config, topology, input_spec)
@@ -477,12 +481,14 @@ def find_max_batch(config: ml_collections.ConfigDict, topology: Topology,
         return memory["fits"]
 
     start = time.perf_counter()
-    good = largest_fitting(fits, max(1, int(config.batch_size) // unit), limit // unit)
+    start_multiple = max(1, int(config.batch_size) // unit)
+    good = largest_fitting(fits, start_multiple, limit // unit, tolerance)
     best = next((p for p in probes if p["batch"] == good * unit and p["fits"]), None)
     return {
         "remat_policy": getattr(run.model, "remat_policy", "n/a"),
         "max_global_batch": good * unit,
         "batch_multiple": unit,
+        "smallest_failing_batch": min((p["batch"] for p in probes if not p["fits"]), default=None),
         "total_bytes_at_max": None if best is None else best["total_bytes"],
         "compiles": len(probes),
         "search_s": time.perf_counter() - start,
@@ -519,7 +525,8 @@ def format_table(result: dict[str, Any]) -> str:
         total = entry["total_bytes_at_max"]
         lines.append(
             f"max batch (remat {entry['remat_policy']}): {entry['max_global_batch']} "
-            f"(multiples of {entry['batch_multiple']}; "
+            f"(multiples of {entry['batch_multiple']}; smallest failing probe "
+            f"{entry['smallest_failing_batch']}; "
             f"{'-' if total is None else f'{total / GIB:.2f} GiB'} per device; "
             f"{entry['compiles']} compiles in {entry['search_s']:.0f} s)"
         )
@@ -541,6 +548,15 @@ def define_flags() -> None:
     flags.DEFINE_bool(
         "find_max_batch", False, "Also search the largest global batch that fits, per remat policy."
     )
+    flags.DEFINE_list(
+        "remat_policies", [], "--find_max_batch: these remat policies (default: the model's all)."
+    )
+    flags.DEFINE_float(
+        "search_tolerance", 0.0,
+        "--find_max_batch: stop when the smallest failing batch is within this fraction of the "
+        "largest fitting one (0: the exact multiple; 0.25 saves compilations).",
+        lower_bound=0.0,
+    )  # fmt: skip
     flags.mark_flags_as_required(["config", "topology"])
 
 
@@ -558,8 +574,10 @@ def main(argv: list[str]) -> int:
     spec = input_spec_for(config, shape, FLAGS.input_dtype)
     result = analyze(config, topology, spec, evaluate=FLAGS.eval)
     if FLAGS.find_max_batch:
+        policies = FLAGS.remat_policies or remat_policies(config)
         result["max_batch"] = [
-            find_max_batch(config, topology, spec, policy) for policy in remat_policies(config)
+            find_max_batch(config, topology, spec, policy, tolerance=FLAGS.search_tolerance)
+            for policy in policies
         ]
     print(format_table(result), flush=True)
     print(json.dumps(result), flush=True)
