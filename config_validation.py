@@ -21,7 +21,6 @@ class ConfigError(cli.UserError, ValueError):
 
 _CHOICES = {
     "task": ("classification", "lm"),
-    "tokenizer": ("char", "byte", "sentencepiece"),
     "optimizer": ("adamw", "adam", "sgd"),
     "lr_schedule": ("cosine", "constant"),
     "parallelism": ("jit", "pmap"),
@@ -133,6 +132,12 @@ def validate(
     num_devices: the devices the mesh will span (default: all). With training=False (a run
     restored for inference) the training batch need not divide over them."""
     _check_keys(config, base.get_config(), "")
+    tokenizers = ("char", "byte", "sentencepiece", "bpe")
+    if config.tokenizer not in tokenizers and not config.tokenizer.endswith(".json"):
+        raise ConfigError(
+            f"config.tokenizer={config.tokenizer!r}: choose one of {tokenizers} or the path of "
+            "a Hugging Face tokenizer.json."
+        )
     for key, choices in _CHOICES.items():
         if config[key] not in choices:
             raise ConfigError(f"config.{key}={config[key]!r}: choose one of {choices}.")

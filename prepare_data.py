@@ -51,7 +51,7 @@ UNIT_BYTES = 64 << 20  # a large file is cut into units of about this many bytes
 TOKENIZER_SAMPLE_BYTES = 64 << 20  # what SentencePiece and BPE are trained on, at most
 
 
-class PrepareError(cli.UserError):
+class PrepareError(data_setup.DatasetUnavailableError):
     """The corpus or the options cannot be prepared; the message names the file and the fix."""
 
 
