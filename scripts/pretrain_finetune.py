@@ -22,8 +22,9 @@ from collections.abc import Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ml_collections  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import flags  # noqa: E402
 
+import cli  # noqa: E402
 import evaluate  # noqa: E402
 import experiment  # noqa: E402
 import metrics_writer  # noqa: E402
@@ -31,12 +32,16 @@ import train  # noqa: E402
 from configs import shakespeare_char_cpu  # noqa: E402
 
 FLAGS = flags.FLAGS
-# --workdir (the parent directory of the three runs) is train.py's flag, imported above.
-flags.DEFINE_integer("pretrain_steps", 1000, "Optimizer steps on the King James Bible.")
-flags.DEFINE_integer("finetune_steps", 500, "Steps on Tiny Shakespeare (fine-tuned and scratch).")
-flags.DEFINE_string("tokenizer", "byte", "'byte' (shared vocabulary) or 'char'.")
-flags.DEFINE_integer("eval_points", 5, "Evaluations during each Tiny Shakespeare run.")
-flags.DEFINE_integer("seed", 0, "Seed of all three runs.")
+
+
+def define_flags() -> None:
+    """The script's flags (defined only when run as a script)."""
+    flags.DEFINE_string("workdir", None, "Parent directory of the three runs.")
+    flags.DEFINE_integer("pretrain_steps", 1000, "Optimizer steps on the King James Bible.")
+    flags.DEFINE_integer("finetune_steps", 500, "Steps on Tiny Shakespeare (tuned and scratch).")
+    flags.DEFINE_string("tokenizer", "byte", "'byte' (shared vocabulary) or 'char'.")
+    flags.DEFINE_integer("eval_points", 5, "Evaluations during each Tiny Shakespeare run.")
+    flags.DEFINE_integer("seed", 0, "Seed of all three runs.")
 
 
 def run_config(dataset: str, steps: int, tokenizer: str, seed: int) -> ml_collections.ConfigDict:
@@ -75,9 +80,7 @@ def val_curve(workdir: str) -> dict[int, float]:
 
 def main(argv: Sequence[str]) -> None:
     """Runs the three stages and prints the comparison."""
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
+    del argv
     root = os.path.abspath(FLAGS.workdir or "runs/pretrain_finetune")
     n, m, tok = FLAGS.pretrain_steps, FLAGS.finetune_steps, FLAGS.tokenizer
     dirs = {k: os.path.join(root, k) for k in ("pretrain_kjv", "finetune", "scratch")}
@@ -123,4 +126,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    cli.run(main)

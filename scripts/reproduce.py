@@ -15,9 +15,12 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import cli  # noqa: E402
 
 # name -> (config file, metric in final_metrics.json, target, 'max' if higher is better)
 EXPERIMENTS = {
@@ -34,9 +37,13 @@ EXPERIMENTS = {
 }
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("experiments", ["fashion_mnist_mlp", "fashion_mnist_cnn"], "Which to run.")
-flags.DEFINE_string("runs_dir", os.path.join(REPO, "runs", "repro"), "Where the workdirs go.")
-flags.DEFINE_multi_string("override", [], "Extra --config.x=y overrides for every run.")
+
+
+def define_flags() -> None:
+    """The script's flags (defined only when run as a script)."""
+    flags.DEFINE_list("experiments", ["fashion_mnist_mlp", "fashion_mnist_cnn"], "Which to run.")
+    flags.DEFINE_string("runs_dir", os.path.join(REPO, "runs", "repro"), "Where the workdirs go.")
+    flags.DEFINE_multi_string("override", [], "Extra --config.x=y overrides for every run.")
 
 
 def _curve(workdir: str, metric: str) -> list[tuple[int, float]]:
@@ -76,7 +83,7 @@ def main(argv: list[str]) -> None:
     del argv
     unknown = set(FLAGS.experiments) - set(EXPERIMENTS)
     if unknown:
-        raise app.UsageError(f"Unknown experiments {sorted(unknown)}; have {sorted(EXPERIMENTS)}.")
+        raise cli.UserError(f"Unknown experiments {sorted(unknown)}; have {sorted(EXPERIMENTS)}.")
     rows = [run_one(name) for name in FLAGS.experiments]
     print("\n| experiment | metric | measured | target | met | steps | wall time (this run) |")
     print("|---|---|---|---|---|---|---|")
@@ -86,4 +93,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    cli.run(main)

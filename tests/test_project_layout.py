@@ -17,8 +17,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOT_MODULES = sorted(
     name[:-3] for name in os.listdir(REPO) if name.endswith(".py") and name != "setup.py"
 )
-COMMAND_MODULES = ["train", "evaluate", "sample", "data_setup", "tools.bench", "tools.quantize",
-                   "tools.export", "tools.sweep.__main__"]  # fmt: skip
+COMMAND_MODULES = ["train", "evaluate", "sample", "data_setup", "prepare_data", "tools.bench",
+                   "tools.quantize", "tools.export", "tools.aot",
+                   "tools.sweep.__main__"]  # fmt: skip
+SCRIPTS = sorted(n for n in os.listdir(os.path.join(REPO, "scripts")) if n.endswith(".py"))
 
 
 def _python(code: str, cwd: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -44,10 +46,16 @@ def test_importing_a_command_defines_no_flag():
     code = textwrap.dedent(f"""
         import importlib
         from absl import flags
+        import importlib.util, sys
         for name in {COMMAND_MODULES!r}:
             importlib.import_module(name)
+        sys.path.insert(0, "scripts")
+        for name in {SCRIPTS!r}:
+            if name != "nanogpt_torch_baseline.py":  # PyTorch's own environment
+                importlib.import_module(name[:-3])
         modules = flags.FLAGS.flags_by_module_dict()
-        print(sorted(m for m in modules if m.split(".")[0] in {ours!r}))
+        ours = {ours!r} + [n[:-3] for n in {SCRIPTS!r}]
+        print(sorted(m for m in modules if m.split(".")[0] in ours))
     """)
     result = _python(code, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
