@@ -26,6 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
             "embed_dim": 768,
             "dropout_rate": 0.0,
             "use_bias": False,
+            "remat_policy": "none",  # 'full' or 'dots_saveable' trade compute for memory
+            "scan_layers": False,  # True: layers under nn.scan (compile time flat in depth)
         }
     )
     c.dtype = "bfloat16"
