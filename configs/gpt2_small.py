@@ -47,3 +47,29 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 250
     c.mesh_shape.data = -1
     return c
+
+
+def scaled(
+    num_layers: int, num_heads: int, embed_dim: int, remat_policy: str = "none"
+) -> ml_collections.ConfigDict:
+    """This config (optimiser, batch, schedule) at a larger GPT-2 width and depth, its layers
+    scanned (model.scan_layers: compile time independent of depth) and its state sharded over
+    every chip (FSDP): the base of gpt2_medium.py, gpt2_large.py and gpt2_xl.py.
+
+    vocab_size=50304 is GPT-2's 50,257 BPE tokens padded to a multiple of 64: the shape that
+    `python -m tools.aot` compiles, which builds the model from the config alone. A training
+    run sets vocab_size from its tokenizer instead (config.tokenizer='byte': 256).
+    """
+    c = get_config()
+    c.model.update(
+        num_layers=num_layers,
+        num_heads=num_heads,
+        embed_dim=embed_dim,
+        vocab_size=50304,  # see the docstring: a tokenizer replaces it at training time
+        scan_layers=True,
+        remat_policy=remat_policy,  # "none", "full", "dots_saveable": tools.aot --find_max_batch
+    )
+    # Parameters, gradients and AdamW's moments split over all chips (ZeRO-3), the batch too.
+    c.mesh_shape.data = 1
+    c.mesh_shape.fsdp = -1
+    return c
