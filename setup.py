@@ -32,6 +32,11 @@ setup(
         "tokenizers>=0.20,<1",  # byte-level BPE (Hugging Face)
         "tqdm>=4.60",  # prepare_data.py's progress bar
         "matplotlib>=3.8",
+        # serve.py: an ASGI app (FastAPI) on a production server (uvicorn).
+        "fastapi>=0.110,<1",
+        "uvicorn>=0.30,<1",
+        # tools/hf_convert.py reads and writes Hugging Face checkpoints with NumPy (no PyTorch).
+        "safetensors>=0.4,<1",
         "numpy>=1.26",
     ],
     extras_require={
@@ -40,6 +45,8 @@ setup(
             "pytest-xdist>=3.5",
             "ruff>=0.6",
             "scikit-learn>=1.4",
+            "httpx>=0.27",  # tests/scripts call serve.py's HTTP API
+            "wandb>=0.17",  # tests/test_tracking.py logs in offline mode (optional for users)
             # libtpu at the matching version: tools/aot.py compiles for TPU topologies on any
             # machine (tests/test_aot.py); the range is install_requires' jax range.
             "jax[tpu]>=0.10.2,<0.11",

@@ -49,6 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.weight_decay = 0.0  # decoupled, applied to matrices only (no biases, norms, embeddings 1D)
     c.grad_clip_norm = 0.0  # global-norm clipping; 0 disables
     c.label_smoothing = 0.0
+    # lm only: weight of the z-loss, weight * log(sum(exp(logits)))^2 per token, which keeps the
+    # softmax normaliser near 1 (PaLM, Chowdhery et al. 2022, uses 1e-4); 0 disables.
+    c.z_loss = 0.0
     c.skip_nonfinite_steps = False  # True: skip NaN/Inf updates and count them instead of stopping
 
     # Evaluation, logging, checkpoints.
