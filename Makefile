@@ -33,16 +33,19 @@ format: venv
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: setup lint
+test: setup lint torch-env
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 
-# PyTorch, in its own environment, only for scripts/compare_nanogpt.py's nanoGPT baseline.
+# PyTorch and Hugging Face transformers, in their own environment and only as references:
+# scripts/compare_nanogpt.py's nanoGPT baseline and tests/hf_reference.py (run by
+# tests/test_hf_convert.py in a subprocess). Nothing that trains or samples imports them.
 # torch==2.13.0 is a CPU build on this machine's disk; elsewhere add
 # --index-url https://download.pytorch.org/whl/cpu to avoid a multi-GB CUDA build.
+TORCH_ENV_PACKAGES := numpy torch==2.13.0 'transformers>=4.46,<6'
 torch-env: .venv-torch/.installed
-.venv-torch/.installed:
+.venv-torch/.installed: Makefile
 	test -x .venv-torch/bin/python || $(PYTHON) -m venv .venv-torch
-	.venv-torch/bin/python -m pip install -q numpy torch==2.13.0
+	.venv-torch/bin/python -m pip install -q $(TORCH_ENV_PACKAGES)
 	touch $@
 
 clean:
