@@ -28,6 +28,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("vocab", "tensor"),
+    ("kv_heads", "tensor"),  # grouped key/value heads: split only where tensor divides them
     ("kv", None),
     ("length", None),
     ("layers", None),  # the stacked layers of a scanned model (GPT scan_layers): never split

@@ -1,4 +1,8 @@
-"""GPT-2-style decoder-only transformer (nanoGPT's model.py in Flax Linen), with a KV cache."""
+"""GPT-2-style decoder-only transformer (nanoGPT's model.py in Flax Linen), with a KV cache, and
+the variants papers ablate as fields of the one model (defaults: GPT-2): LayerNorm or RMSNorm,
+QK-norm, GELU / tanh-GELU / SwiGLU / squared-ReLU MLPs, multi-head, grouped-query or multi-query
+attention, attention-logit soft-capping, biases, tied or untied output embedding and a padded
+vocabulary. docs/models.md has the table of fields and their sources."""
 
 from __future__ import annotations
 
@@ -9,7 +13,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+import cli
+
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "plain")
+NORMS = ("layernorm", "rmsnorm")
+MLP_ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "relu2")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -27,16 +35,38 @@ def _zeros(names: tuple[str | None, ...]) -> nn.initializers.Initializer:
     return nn.with_logical_partitioning(nn.initializers.zeros, names)
 
 
-def _layer_norm(use_bias: bool, dtype: jnp.dtype, name: str) -> nn.LayerNorm:
-    """LayerNorm over `embed` with GPT-2's epsilon, scale 1 and bias 0."""
+class GPTConfigError(cli.UserError, ValueError):
+    """A GPT field has a value the model cannot use; the message names the field and the fix."""
+
+
+def _norm(
+    kind: str,
+    epsilon: float,
+    use_bias: bool,
+    dtype: jnp.dtype,
+    name: str,
+    axis: str = "embed",
+) -> nn.Module:
+    """A normalisation over the last axis (logical name `axis`), scale 1 (and bias 0):
+    'layernorm' (Ba et al. 2016; GPT-2's epsilon is 1e-5) or 'rmsnorm' (Zhang & Sennrich
+    2019: x / sqrt(mean(x^2) + epsilon) * scale, no centring and no bias; Llama's)."""
+    scale_init = nn.with_logical_partitioning(nn.initializers.ones, (axis,))
+    if kind == "rmsnorm":
+        return nn.RMSNorm(epsilon=epsilon, dtype=dtype, scale_init=scale_init, name=name)
     return nn.LayerNorm(
-        epsilon=1e-5,
+        epsilon=epsilon,
         use_bias=use_bias,
         dtype=dtype,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-        bias_init=_zeros(("embed",)),
+        scale_init=scale_init,
+        bias_init=_zeros((axis,)),
         name=name,
     )
+
+
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    """`vocab_size` rounded up to a multiple of `multiple`: the rows of the embedding (and of an
+    untied lm_head). E.g. GPT-2's 50,257 tokens with multiple 64 -> 50,304."""
+    return -(-vocab_size // multiple) * multiple
 
 
 class HeadsDense(nn.Module):
@@ -81,13 +111,39 @@ def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, base: float = 10000.0) ->
 
 
 def plain_attention(
-    q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray
+    q: jnp.ndarray,
+    k: jnp.ndarray,
+    v: jnp.ndarray,
+    mask: jnp.ndarray,
+    softcap: float | None = None,
 ) -> jnp.ndarray:
-    """Explicit softmax(q k^T / sqrt(d) + mask) v on [batch, length, heads, head_dim] arrays."""
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+    """Explicit softmax(cap(q k^T / sqrt(d)) + mask) v.
+
+    q[batch, q_len, heads, head_dim]; k, v[batch, kv_len, kv_heads, head_dim], kv_heads dividing
+    heads: query head h attends with key/value head h // (heads // kv_heads) (grouped-query
+    attention, Ainslie et al. 2023; the grouping of jax.nn.dot_product_attention and of Llama's
+    repeat_kv). mask: bool, broadcastable to [batch, heads, q_len, kv_len], True = attend.
+    softcap: None, or c > 0 for c * tanh(scores / c) (Gemma 2's attention-logit soft-capping).
+    Scores and softmax in float32; returns [batch, q_len, heads, head_dim] in v's dtype.
+    """
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads, kv_len = k.shape[2], k.shape[1]
+    scale = 1.0 / math.sqrt(head_dim)
+    if kv_heads == heads:  # multi-head: the plain einsums
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
+    else:  # the query heads of a group share one key/value head: no copies of k and v
+        q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) * scale
+        scores = scores.reshape(batch, heads, q_len, kv_len)
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    if kv_heads == heads:
+        return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    weights = weights.reshape(batch, kv_heads, heads // kv_heads, q_len, kv_len)
+    y = jnp.einsum("bkgqs,bskd->bqkgd", weights, v)
+    return y.reshape(batch, q_len, heads, head_dim)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +151,14 @@ class BlockConfig:
     """The hyperparameters that a block and its layers share; GPT builds it from its fields."""
 
     num_heads: int
+    num_kv_heads: int  # key/value heads (== num_heads: multi-head; 1: multi-query)
     block_size: int  # the context length: the KV cache's size
-    mlp_ratio: int
+    mlp_hidden_dim: int
+    mlp_activation: str  # one of MLP_ACTIVATIONS
+    norm: str  # one of NORMS
+    norm_epsilon: float
+    qk_norm: bool  # RMSNorm over head_dim of queries and keys
+    attn_logit_softcap: float | None
     residual_init_std: float  # std of the projections into the residual stream (GPT-2)
     use_bias: bool
     rope: bool  # rotary position embeddings on queries and keys
@@ -107,7 +169,9 @@ class BlockConfig:
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention; in decode mode keys/values accumulate in the 'cache'."""
+    """Causal self-attention with num_heads query heads and num_kv_heads key/value heads
+    (multi-head, grouped-query or multi-query); in decode mode keys/values accumulate in the
+    'cache', [batch, block_size, num_kv_heads, head_dim] each."""
 
     config: BlockConfig
 
@@ -117,23 +181,33 @@ class CausalSelfAttention(nn.Module):
         c = self.config
         batch, length, embed_dim = x.shape
         head_dim = embed_dim // c.num_heads
-        qkv_axes = ("batch", "length", "heads", "kv")
-        q, k, v = (
-            nn.with_logical_constraint(
-                HeadsDense(
-                    "ble,ehd->blhd",
-                    (embed_dim, c.num_heads, head_dim),
-                    ("embed", "heads", "kv"),
-                    ("heads", "kv"),
-                    std=0.02,
-                    use_bias=c.use_bias,
-                    dtype=c.dtype,
-                    name=name,
-                )(x),
-                qkv_axes,
-            )
-            for name in ("query", "key", "value")
-        )
+        # Key/value heads have their own logical axis when there are fewer of them than query
+        # heads: sharding.py splits them over `tensor` only where it divides them. Multi-head
+        # attention keeps 'heads' (today's layout and checkpoints).
+        kv_axis = "heads" if c.num_kv_heads == c.num_heads else "kv_heads"
+
+        def project(name: str, heads: int, axis: str) -> jnp.ndarray:
+            return HeadsDense(
+                "ble,ehd->blhd",
+                (embed_dim, heads, head_dim),
+                ("embed", axis, "kv"),
+                (axis, "kv"),
+                std=0.02,
+                use_bias=c.use_bias,
+                dtype=c.dtype,
+                name=name,
+            )(x)
+
+        q_axes = ("batch", "length", "heads", "kv")
+        # An activation constraint must divide evenly; grouped key/value heads may not divide
+        # the tensor axis, so their activations follow the kernel's sharding unconstrained.
+        kv_axes = ("batch", "length", "heads" if kv_axis == "heads" else None, "kv")
+        q = nn.with_logical_constraint(project("query", c.num_heads, "heads"), q_axes)
+        k = nn.with_logical_constraint(project("key", c.num_kv_heads, kv_axis), kv_axes)
+        v = nn.with_logical_constraint(project("value", c.num_kv_heads, kv_axis), kv_axes)
+        if c.qk_norm:  # before rotary positions, as OLMo 2 and Gemma 3 do
+            q = _norm("rmsnorm", c.norm_epsilon, False, c.dtype, "query_norm", "kv")(q)
+            k = _norm("rmsnorm", c.norm_epsilon, False, c.dtype, "key_norm", "kv")(k)
         if c.rope:
             q, k = apply_rope(q, positions), apply_rope(k, positions)
 
@@ -142,12 +216,14 @@ class CausalSelfAttention(nn.Module):
             # XLA:CPU has no fused kernel; the explicit einsum form is faster there
             # (docs/performance.md).
             impl = "plain"
+        if c.attn_logit_softcap is not None:  # jax.nn.dot_product_attention has no soft cap
+            impl = "plain"
         mask = jnp.tril(jnp.ones((length, length), bool))
         is_causal = True
         if c.decode:
             # Keys/values of every position so far; `init` only creates the (empty) cache.
             initialized = self.has_variable("cache", "cached_key")
-            cache_shape = (batch, c.block_size, c.num_heads, head_dim)
+            cache_shape = (batch, c.block_size, c.num_kv_heads, head_dim)
             cached_k = self.variable("cache", "cached_key", jnp.zeros, cache_shape, k.dtype)
             cached_v = self.variable("cache", "cached_value", jnp.zeros, cache_shape, v.dtype)
             if initialized:
@@ -161,7 +237,7 @@ class CausalSelfAttention(nn.Module):
                     impl = "xla"
 
         if impl == "plain":
-            y = plain_attention(q, k, v, mask[None, None])
+            y = plain_attention(q, k, v, mask[None, None], c.attn_logit_softcap)
         else:
             y = jax.nn.dot_product_attention(
                 q,
@@ -171,7 +247,7 @@ class CausalSelfAttention(nn.Module):
                 is_causal=is_causal,
                 implementation=None if impl == "auto" else impl,
             )
-        y = nn.with_logical_constraint(y, qkv_axes)
+        y = nn.with_logical_constraint(y, q_axes)
         y = HeadsDense(
             "blhd,hde->ble",
             (c.num_heads, head_dim, embed_dim),
@@ -186,7 +262,10 @@ class CausalSelfAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Dense(mlp_ratio * embed) -> exact GELU (nanoGPT's nn.GELU()) -> Dense(embed) -> dropout."""
+    """Position-wise MLP: Dense(mlp_hidden_dim) ('fc') -> activation -> Dense(embed) ('proj')
+    -> dropout. Activations: 'gelu' exact (nanoGPT's nn.GELU()), 'gelu_tanh' (GPT-2's tanh
+    approximation, Hendrycks & Gimpel 2016), 'relu2' (squared ReLU, So et al. 2021, Primer),
+    'swiglu' (Shazeer 2020: silu(x W_gate) * (x W_fc), then proj; Llama's)."""
 
     config: BlockConfig
 
@@ -196,28 +275,32 @@ class FeedForward(nn.Module):
         c = self.config
         batch, length, embed_dim = x.shape
         x = x.reshape(batch * length, embed_dim)  # 2-D matmuls: see HeadsDense
-        h = nn.Dense(
-            c.mlp_ratio * embed_dim,
-            use_bias=c.use_bias,
-            dtype=c.dtype,
-            kernel_init=_normal(0.02, ("embed", "mlp")),
-            bias_init=_zeros(("mlp",)),
-            name="fc",
-        )(x)
-        h = nn.with_logical_constraint(nn.gelu(h, approximate=False), ("batch", "mlp"))
-        h = nn.Dense(
-            embed_dim,
-            use_bias=c.use_bias,
-            dtype=c.dtype,
-            kernel_init=_normal(c.residual_init_std, ("mlp", "embed")),
-            bias_init=_zeros(("embed",)),
-            name="proj",
-        )(h).reshape(batch, length, embed_dim)
+
+        def dense(features: int, axes: tuple[str, str], std: float, name: str) -> nn.Dense:
+            return nn.Dense(
+                features,
+                use_bias=c.use_bias,
+                dtype=c.dtype,
+                kernel_init=_normal(std, axes),
+                bias_init=_zeros(axes[1:]),
+                name=name,
+            )
+
+        h = dense(c.mlp_hidden_dim, ("embed", "mlp"), 0.02, "fc")(x)
+        if c.mlp_activation == "swiglu":
+            h = nn.silu(dense(c.mlp_hidden_dim, ("embed", "mlp"), 0.02, "gate")(x)) * h
+        elif c.mlp_activation == "relu2":
+            h = jnp.square(nn.relu(h))
+        else:
+            h = nn.gelu(h, approximate=c.mlp_activation == "gelu_tanh")
+        h = nn.with_logical_constraint(h, ("batch", "mlp"))
+        h = dense(embed_dim, ("mlp", "embed"), c.residual_init_std, "proj")(h)
+        h = h.reshape(batch, length, embed_dim)
         return nn.Dropout(c.dropout_rate, deterministic=not train)(h)
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x)).
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
 
     With `scan_step=True` it returns (x, None), the (carry, output) pair of an `nn.scan` step.
     """
@@ -232,9 +315,11 @@ class Block(nn.Module):
         """Applies one block to x[batch, length, embed]; positions[length] are absolute."""
         c = self.config
         attn = CausalSelfAttention(c, name="attn")
-        x = x + attn(_layer_norm(c.use_bias, c.dtype, "ln_1")(x), positions, train)
+        ln_1 = _norm(c.norm, c.norm_epsilon, c.use_bias, c.dtype, "ln_1")
+        x = x + attn(ln_1(x), positions, train)
         mlp = FeedForward(c, name="mlp")
-        x = x + mlp(_layer_norm(c.use_bias, c.dtype, "ln_2")(x), train)
+        ln_2 = _norm(c.norm, c.norm_epsilon, c.use_bias, c.dtype, "ln_2")
+        x = x + mlp(ln_2(x), train)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return (x, None) if self.scan_step else x
 
@@ -262,7 +347,7 @@ def scanned_blocks(config: BlockConfig, num_layers: int, remat_policy: str | Non
 
 
 class GPT(nn.Module):
-    """GPT-2 language model: tokens[batch, length] -> float32 logits[batch, length, vocab].
+    """GPT-2 language model: tokens[batch, length] -> float32 logits[batch, length, vocab_size].
 
     With `decode=True` each call appends its tokens to a KV cache in the 'cache' collection
     (create it with `init`, e.g. via `sampling.init_cache`) and positions continue from the
@@ -273,6 +358,13 @@ class GPT(nn.Module):
     are stacked in `h` with a leading [num_layers] axis: the same function (`stack_layers`
     converts unrolled parameters), compiled in a time that does not grow with depth. The two
     layouts' checkpoints do not restore into each other.
+
+    The variant fields (docs/models.md) default to GPT-2: with them at their defaults the
+    parameters, their names and the function are today's GPT-2. Parameter names of the
+    variants: RMSNorm keeps the norms' names (ln_1, ln_2, ln_f; a `scale` only); QK-norm adds
+    attn/query_norm and attn/key_norm (`scale` [head_dim]); SwiGLU adds mlp/gate beside mlp/fc
+    (up) and mlp/proj (down); grouped-query attention gives attn/key and attn/value kernels
+    [embed, num_kv_heads, head_dim]; an untied output adds lm_head/kernel [embed, padded vocab].
     """
 
     vocab_size: int = 65
@@ -284,6 +376,16 @@ class GPT(nn.Module):
     dropout_rate: float = 0.0
     use_bias: bool = True
     position_embedding: str = "learned"
+    # Variants (docs/models.md); the defaults are GPT-2's.
+    norm: str = "layernorm"  # 'layernorm' or 'rmsnorm'
+    norm_epsilon: float = 1e-5
+    qk_norm: bool = False  # RMSNorm over head_dim of queries and keys
+    mlp_activation: str = "gelu"  # 'gelu' (exact), 'gelu_tanh', 'swiglu', 'relu2'
+    mlp_hidden_dim: int | None = None  # None: mlp_ratio * embed_dim
+    num_kv_heads: int | None = None  # None: num_heads (multi-head); 1: multi-query
+    attn_logit_softcap: float | None = None  # cap * tanh(scores / cap); None: off
+    tie_embeddings: bool = True  # False: a separate lm_head kernel [embed, vocab]
+    vocab_pad_multiple: int = 1  # embedding rows rounded up to a multiple of this
     attention_impl: str = "auto"
     remat_policy: str = "none"
     scan_layers: bool = False  # the blocks as one nn.scan over stacked parameters
@@ -292,7 +394,11 @@ class GPT(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        """Returns next-token logits (float32) for every position of tokens[batch, length]."""
+        """Returns next-token logits (float32) for every position of tokens[batch, length]:
+        [batch, length, vocab_size], the real vocabulary only (padding rows are never scored).
+
+        Raises GPTConfigError (a ValueError) for an invalid field, ValueError for a sequence
+        longer than block_size."""
         self._check_config()
         length = tokens.shape[1]
         if length > self.block_size:
@@ -307,8 +413,9 @@ class GPT(nn.Module):
                 index.value = start + length
         positions = start + jnp.arange(length, dtype=jnp.int32)
 
+        vocab_rows = padded_vocab_size(self.vocab_size, self.vocab_pad_multiple)
         wte = nn.Embed(
-            self.vocab_size,
+            vocab_rows,
             self.embed_dim,
             dtype=self.dtype,
             embedding_init=_normal(0.02, ("vocab", "embed")),
@@ -326,8 +433,14 @@ class GPT(nn.Module):
         remat = self.remat_policy != "none" and not self.decode
         config = BlockConfig(
             num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads or self.num_heads,
             block_size=self.block_size,
-            mlp_ratio=self.mlp_ratio,
+            mlp_hidden_dim=_mlp_hidden_dim(self),
+            mlp_activation=self.mlp_activation,
+            norm=self.norm,
+            norm_epsilon=self.norm_epsilon,
+            qk_norm=self.qk_norm,
+            attn_logit_softcap=self.attn_logit_softcap,
             residual_init_std=0.02 / math.sqrt(2 * self.num_layers),
             use_bias=self.use_bias,
             rope=self.position_embedding == "rope",
@@ -349,42 +462,114 @@ class GPT(nn.Module):
             for i in range(self.num_layers):
                 x = block(config, name=f"h_{i}")(x, positions, train)
 
-        x = _layer_norm(self.use_bias, self.dtype, "ln_f")(x)
-        # Output projection tied to the token embedding, as a 2-D matmul (see HeadsDense).
-        logits = wte.attend(x.reshape(-1, x.shape[-1])).reshape(x.shape[:2] + (-1,))
+        x = _norm(self.norm, self.norm_epsilon, self.use_bias, self.dtype, "ln_f")(x)
+        flat = x.reshape(-1, x.shape[-1])  # a 2-D matmul (see HeadsDense)
+        if self.tie_embeddings:  # the output projection is the token embedding (GPT-2)
+            logits = wte.attend(flat)
+        else:
+            logits = nn.Dense(
+                vocab_rows,
+                use_bias=False,
+                dtype=self.dtype,
+                kernel_init=_normal(0.02, ("embed", "vocab")),
+                name="lm_head",
+            )(flat)
+        logits = logits.reshape(x.shape[:2] + (-1,))
+        # Constrained at the padded width (which the tensor axis divides when the padding is
+        # chosen for it), then sliced: the padding rows are never sampled or scored.
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
-        return logits.astype(jnp.float32)
+        return logits[..., : self.vocab_size].astype(jnp.float32)
 
     def _check_config(self) -> None:
-        """Raises ValueError for unknown options or inconsistent shapes."""
-        if self.position_embedding not in ("learned", "rope"):
-            raise ValueError(
-                f"position_embedding={self.position_embedding!r}; use 'learned' or 'rope'."
-            )
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(
-                f"attention_impl={self.attention_impl!r}; use one of {ATTENTION_IMPLS}."
-            )
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(
-                f"remat_policy={self.remat_policy!r}; use one of {tuple(REMAT_POLICIES)}."
-            )
+        """Raises GPTConfigError (a ValueError and a cli.UserError) naming the field and the
+        fix, for unknown options or inconsistent shapes."""
+        choices = {
+            "position_embedding": ("learned", "rope"),
+            "attention_impl": ATTENTION_IMPLS,
+            "remat_policy": tuple(REMAT_POLICIES),
+            "norm": NORMS,
+            "mlp_activation": MLP_ACTIVATIONS,
+        }
+        for field, allowed in choices.items():
+            if getattr(self, field) not in allowed:
+                raise GPTConfigError(
+                    f"model.{field}={getattr(self, field)!r}; use one of {allowed}."
+                )
         if self.embed_dim % self.num_heads:
-            raise ValueError(
-                f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}."
+            raise GPTConfigError(
+                f"model.embed_dim={self.embed_dim} is not divisible by "
+                f"model.num_heads={self.num_heads}."
             )
         if self.position_embedding == "rope" and (self.embed_dim // self.num_heads) % 2:
-            raise ValueError("rope needs an even head_dim (embed_dim // num_heads).")
+            raise GPTConfigError(
+                "model.position_embedding='rope' needs an even head_dim (embed_dim // "
+                f"num_heads = {self.embed_dim // self.num_heads}); change model.embed_dim or "
+                "model.num_heads."
+            )
+        kv = self.num_kv_heads
+        if kv is not None and (kv < 1 or self.num_heads % kv):
+            raise GPTConfigError(
+                f"model.num_kv_heads={kv} must be a positive divisor of model.num_heads="
+                f"{self.num_heads} (1: multi-query; None: multi-head)."
+            )
+        if self.mlp_hidden_dim is not None and self.mlp_hidden_dim < 1:
+            raise GPTConfigError(
+                f"model.mlp_hidden_dim={self.mlp_hidden_dim} must be positive (or None: "
+                "mlp_ratio * embed_dim)."
+            )
+        if not self.norm_epsilon > 0:
+            raise GPTConfigError(f"model.norm_epsilon={self.norm_epsilon} must be positive.")
+        cap = self.attn_logit_softcap
+        if cap is not None and not cap > 0:
+            raise GPTConfigError(
+                f"model.attn_logit_softcap={cap} must be positive (e.g. 50.0), or None for off."
+            )
+        if cap is not None and self.attention_impl == "cudnn":
+            raise GPTConfigError(
+                "model.attn_logit_softcap needs the explicit attention: set "
+                "model.attention_impl='plain' or 'auto' (cuDNN's kernel has no soft cap)."
+            )
+        if self.vocab_pad_multiple < 1:
+            raise GPTConfigError(
+                f"model.vocab_pad_multiple={self.vocab_pad_multiple} must be >= 1 (1: no padding)."
+            )
+
+
+def _mlp_hidden_dim(model: GPT) -> int:
+    """The MLP's hidden width: mlp_hidden_dim, or mlp_ratio * embed_dim when it is None."""
+    if model.mlp_hidden_dim is not None:
+        return model.mlp_hidden_dim
+    return model.mlp_ratio * model.embed_dim
 
 
 def num_params(model: GPT) -> int:
-    """Exact parameter count of `model` (the token embedding is tied to the output)."""
-    e, hidden, b = model.embed_dim, model.mlp_ratio * model.embed_dim, int(model.use_bias)
-    layer_norm = e + b * e
-    attention = 4 * (e * e + b * e)  # query, key, value, out
-    mlp = (e * hidden + b * hidden) + (hidden * e + b * e)
-    block = 2 * layer_norm + attention + mlp
-    return model.vocab_size * e + _position_params(model) + model.num_layers * block + layer_norm
+    """Exact parameter count of `model`, as initialised, for every variant.
+
+    Per block: two norms (scale, plus bias for LayerNorm with use_bias); attention with
+    query and out [embed, heads * head_dim], key and value [embed, kv_heads * head_dim] (and
+    their biases), QK-norm scales 2 * head_dim; an MLP of 2 (SwiGLU: 3) matrices of embed x
+    hidden (and biases). Plus the final norm, the token embedding [padded vocab, embed], the
+    learned position table [block_size, embed] (not with rope) and an untied lm_head
+    [embed, padded vocab] (no bias).
+    """
+    e, b = model.embed_dim, int(model.use_bias)
+    heads = model.num_heads
+    kv_heads = model.num_kv_heads or heads
+    head_dim = e // heads
+    hidden = _mlp_hidden_dim(model)
+    vocab = padded_vocab_size(model.vocab_size, model.vocab_pad_multiple)
+    norm = e + (b * e if model.norm == "layernorm" else 0)
+    attention = (
+        (e * heads * head_dim + b * heads * head_dim)  # query
+        + 2 * (e * kv_heads * head_dim + b * kv_heads * head_dim)  # key, value
+        + (heads * head_dim * e + b * e)  # out
+        + (2 * head_dim if model.qk_norm else 0)  # query_norm, key_norm
+    )
+    up_matrices = 2 if model.mlp_activation == "swiglu" else 1  # fc (and gate)
+    mlp = up_matrices * (e * hidden + b * hidden) + (hidden * e + b * e)
+    block = 2 * norm + attention + mlp
+    head = 0 if model.tie_embeddings else e * vocab
+    return vocab * e + _position_params(model) + model.num_layers * block + norm + head
 
 
 def stack_layers(params: dict, num_layers: int) -> dict:
@@ -410,8 +595,14 @@ def _position_params(model: GPT) -> int:
 
 
 def non_embedding_params(model: GPT) -> int:
-    """nanoGPT's convention: num_params minus the position table (wte counts, being the head)."""
-    return num_params(model) - _position_params(model)
+    """nanoGPT's convention: num_params minus the position table. The token embedding counts
+    when it is tied (it is then the output projection's matrix, a matmul per token); with an
+    untied lm_head the input embedding (a table lookup) does not count and lm_head does."""
+    untied_input = 0
+    if not model.tie_embeddings:
+        untied_input = padded_vocab_size(model.vocab_size, model.vocab_pad_multiple)
+        untied_input *= model.embed_dim
+    return num_params(model) - _position_params(model) - untied_input
 
 
 def flops_per_token(
@@ -423,7 +614,14 @@ def flops_per_token(
 
 def training_flops_per_token(model: GPT, seq_len: int) -> float:
     """Training FLOPs per token of `model` on sequences of `seq_len` tokens: `flops_per_token`
-    with nanoGPT's non-embedding parameter count (what MFU figures are computed from)."""
+    with nanoGPT's non-embedding parameter count (what MFU figures are computed from).
+
+    It follows the variant through N: grouped-query attention's smaller key/value matrices,
+    SwiGLU's three matrices, an untied lm_head (the input table, a lookup, is not counted) and
+    the padded vocabulary rows the head multiplies. The attention term 12·L·H·Q·T counts the
+    query heads (each computes its own scores, whatever the key/value heads); norms, QK-norm
+    and soft-capping are elementwise and left out, as nanoGPT leaves out LayerNorm.
+    """
     n = non_embedding_params(model)
     head_dim = model.embed_dim // model.num_heads
     return flops_per_token(n, model.num_layers, model.num_heads, head_dim, seq_len)
