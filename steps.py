@@ -54,6 +54,16 @@ def cross_entropy(
     return jnp.sum(losses * weights), jnp.sum(correct * weights), jnp.sum(weights)
 
 
+def z_loss(logits: jax.Array, weight: float) -> jax.Array:
+    """The z-loss of PaLM (Chowdhery et al. 2022, section 5): weight * log(Z)^2 per token,
+    Z = sum(exp(logits)) the softmax normaliser, averaged over every token of logits[..., V].
+
+    Added to the cross-entropy, it pulls log Z towards 0 (and keeps bf16 logits in range);
+    PaLM uses weight 1e-4. Returns a float32 scalar (computed in float32)."""
+    log_z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+    return weight * jnp.mean(jnp.square(log_z))
+
+
 def _split_microbatches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
     """[B, ...] -> [k, B/k, ...], keeping each microbatch a strided slice so that every
     microbatch stays spread over all data-parallel devices (no resharding)."""
@@ -92,14 +102,18 @@ def train_step(
         loss_sum, correct, count = cross_entropy(
             logits, microbatch["targets"], label_smoothing=config.label_smoothing
         )
-        return loss_sum / count, (new_model_state, correct / count)
+        # The objective is the cross-entropy plus the z-loss when it is on; `loss` stays the
+        # cross-entropy alone, comparable with evaluation and with runs without z-loss.
+        aux = {"loss": loss_sum / count, "accuracy": correct / count}
+        if z_weight:
+            aux["z_loss"] = z_loss(logits, z_weight)
+        return aux["loss"] + aux.get("z_loss", 0.0), (new_model_state, aux)
 
+    z_weight = float(config.get("z_loss", 0.0) or 0.0)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     k = int(config.grad_accum_steps)
     if k == 1:
-        (loss, (model_state, accuracy)), grads = grad_fn(
-            state.params, state.model_state, batch, rng
-        )
+        (_, (model_state, aux)), grads = grad_fn(state.params, state.model_state, batch, rng)
     else:
         # Mean of k equal-sized microbatch gradients == gradient of the mean loss on the batch.
         # Model state (BatchNorm's running statistics) is updated once per optimizer step, as
@@ -109,37 +123,38 @@ def train_step(
         # own statistics ("ghost" batch norm), as it does each device's batch without a
         # cross-device reduction.
         def accumulate(carry, xs):
-            grads_sum, loss_sum, acc_sum, model_state_sum = carry
+            grads_sum, aux_sum, model_state_sum = carry
             microbatch, i = xs
-            (loss, (model_state, acc)), grads = grad_fn(
+            (_, (model_state, aux)), grads = grad_fn(
                 state.params, state.model_state, microbatch, jax.random.fold_in(rng, i)
             )
             grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+            aux_sum = jax.tree.map(jnp.add, aux_sum, aux)
             model_state_sum = jax.tree.map(jnp.add, model_state_sum, model_state)
-            return (grads_sum, loss_sum + loss, acc_sum + acc, model_state_sum), None
+            return (grads_sum, aux_sum, model_state_sum), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         zero_state = jax.tree.map(jnp.zeros_like, state.model_state)
-        init = (zeros, jnp.zeros(()), jnp.zeros(()), zero_state)
-        (grads, loss, accuracy, model_state), _ = jax.lax.scan(
-            accumulate, init, (_split_microbatches(batch, k), jnp.arange(k))
+        zero_aux = {"loss": jnp.zeros(()), "accuracy": jnp.zeros(())}
+        if z_weight:
+            zero_aux["z_loss"] = jnp.zeros(())
+        microbatches = (_split_microbatches(batch, k), jnp.arange(k))
+        (grads, aux, model_state), _ = jax.lax.scan(
+            accumulate, (zeros, zero_aux, zero_state), microbatches
         )
         grads = jax.tree.map(lambda g: g / k, grads)
         model_state = jax.tree.map(lambda s: s / k, model_state)
-        loss, accuracy = loss / k, accuracy / k
+        aux = jax.tree.map(lambda a: a / k, aux)
 
     if axis_name is not None:  # pmap: average over the data-parallel replicas
-        grads, loss, accuracy, model_state = jax.lax.pmean(
-            (grads, loss, accuracy, model_state), axis_name
-        )
+        grads, aux, model_state = jax.lax.pmean((grads, aux, model_state), axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state
     )
     metrics = {
-        "loss": loss,
-        "accuracy": accuracy,
+        **aux,  # loss (the cross-entropy), accuracy and, when on, z_loss (the added term)
         "grad_norm": optax.tree.norm(grads),
         # The rate this update used: the schedule at the optimizer's own step count (which a
         # skipped non-finite update does not advance), not at the train step.
