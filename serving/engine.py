@@ -1,0 +1,285 @@
+"""Continuous batching for a GPT: one background thread decodes every request in flight together.
+
+A fixed number of slots (the compiled batch) each hold one sequence: its KV cache (on device,
+`sampling.init_slot_cache`), its last token, position, seed and sampling settings (on the host,
+small arrays sent with each step). Between two decoding steps the loop admits waiting sequences
+into free slots (one prefill each, its prompt padded to a power-of-two bucket), then runs one
+`sampling.decode_slots` step over all slots and hands each sequence its new text. A sequence
+that ends (its length, a stop string, the end-of-text token) or is cancelled (its client left)
+frees its slot for the next step. Shapes never change after `warm_up`, so nothing compiles
+while serving (`compilations()` counts XLA compilations to prove it).
+
+Sequences never wait unboundedly: `submit` refuses (`OverloadedError`) when the waiting line
+is full.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+import sampling
+
+# XLA compilations in this process (jax.monitoring has no way to unregister a listener, so one
+# listener for the process, registered on first use).
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_compilations = 0
+_listener_lock = threading.Lock()
+_listening = False
+
+
+def _on_event(event: str, duration_secs: float, **kwargs: Any) -> None:
+    global _compilations
+    if event == _COMPILE_EVENT:
+        _compilations += 1
+
+
+def compilations() -> int:
+    """How many XLA backend compilations this process has run since this was first called."""
+    global _listening
+    with _listener_lock:
+        if not _listening:
+            jax.monitoring.register_event_duration_secs_listener(_on_event)
+            _listening = True
+    return _compilations
+
+
+class OverloadedError(Exception):
+    """The waiting line is full (or the engine is stopping): try again later."""
+
+
+@dataclasses.dataclass
+class Sequence:
+    """One sequence to generate (one choice of a completion request) and its progress.
+
+    `on_update(text, finish_reason)` is called from the engine's thread with each piece of new
+    text (possibly empty) and, on the last call, the reason it ended: 'stop' (a stop string or
+    the end-of-text token), 'length' (max_tokens), or 'error'.
+    """
+
+    prompt_ids: np.ndarray  # int32 [prompt_len], 1 <= prompt_len <= block_size
+    max_tokens: int  # 1 <= max_tokens <= sampling.max_slot_tokens(prompt_len, block_size)
+    temperature: float
+    top_k: int  # 0 = all
+    top_p: float  # 1 = all
+    seed: int  # [0, 2**31)
+    stop: tuple[str, ...]
+    on_update: Callable[[str, str | None], None]
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    emitted: int = 0  # characters of text already handed out
+    finish_reason: str | None = None
+    cancelled: bool = False
+
+
+class LMEngine:
+    """The batching engine of one GPT (see the module docstring). Thread-safe `submit`/`cancel`.
+
+    Args:
+      model: the run's GPT (its `decode=False` form; decoding clones it).
+      params: its parameters (device arrays).
+      tokenizer: the run's tokenizer (tokenizers_lib): decodes the generated ids.
+      num_slots: sequences decoded together (the compiled batch).
+      max_waiting: sequences allowed to wait for a slot; beyond it `submit` raises
+        OverloadedError.
+    """
+
+    def __init__(self, model: Any, params: Any, tokenizer: Any, num_slots: int,
+                 max_waiting: int) -> None:  # fmt: skip
+        if num_slots < 1 or max_waiting < 1:
+            raise ValueError(f"num_slots and max_waiting must be >= 1: {num_slots}, {max_waiting}")
+        self.model, self.params, self.tokenizer = model, params, tokenizer
+        self.num_slots, self.max_waiting = num_slots, max_waiting
+        self.block_size = int(model.block_size)
+        self.eot_id = tokenizer.eot_id
+        self._cache = sampling.init_slot_cache(model, num_slots)
+        self._slots: list[Sequence | None] = [None] * num_slots
+        # What each step sends to the device, per slot.
+        self._tokens = np.zeros(num_slots, np.int32)
+        self._token_index = np.zeros(num_slots, np.int32)
+        self._seeds = np.zeros(num_slots, np.uint32)
+        self._temperature = np.zeros(num_slots, np.float32)
+        self._top_k = np.zeros(num_slots, np.int32)
+        self._top_p = np.ones(num_slots, np.float32)
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.decode_steps = 0
+        self.generated_tokens = 0
+
+    # ----- control (any thread)
+
+    def warm_up(self) -> float:
+        """Compiles (and runs once) the prefill of every prompt bucket and the decoding step;
+        returns the seconds it took. Call before `start`."""
+        start = time.perf_counter()
+        for bucket in sampling.prompt_buckets(self.block_size):
+            _, self._cache = sampling.prefill_slot(
+                self.model, self.params, self._cache, np.int32(0),
+                np.zeros((1, bucket), np.int32), np.int32(1), np.uint32(0), np.float32(1.0),
+                np.int32(0), np.float32(1.0),
+            )  # fmt: skip
+        tokens = self._step(np.zeros(self.num_slots, bool))
+        jax.block_until_ready(tokens)
+        return time.perf_counter() - start
+
+    def start(self) -> None:
+        """Starts the decoding thread."""
+        self._thread = threading.Thread(target=self._loop, name="lm-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Refuses new sequences, finishes those in slots or waiting, and ends the thread."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, sequences: list[Sequence]) -> None:
+        """Queues `sequences` for slots, all or none. Raises OverloadedError when the waiting
+        line cannot take them all, or the engine is stopping."""
+        with self._cv:
+            if self._stopping:
+                raise OverloadedError("the server is shutting down")
+            if len(self._waiting) + len(sequences) > self.max_waiting:
+                raise OverloadedError(
+                    f"{len(self._waiting)} sequences are waiting for one of {self.num_slots} "
+                    f"slots (at most {self.max_waiting} may wait)"
+                )
+            self._waiting.extend(sequences)
+            self._cv.notify_all()
+
+    def cancel(self, sequences: list[Sequence]) -> None:
+        """Marks sequences as abandoned: each frees its slot (or place in line) before the next
+        step."""
+        with self._cv:
+            for seq in sequences:
+                seq.cancelled = True
+            self._cv.notify_all()
+
+    def stats(self) -> dict[str, int]:
+        """Slots in use, sequences waiting, steps run and tokens generated so far."""
+        with self._cv:
+            busy = sum(s is not None for s in self._slots)
+            return {
+                "slots": self.num_slots,
+                "active": busy,
+                "waiting": len(self._waiting),
+                "decode_steps": self.decode_steps,
+                "generated_tokens": self.generated_tokens,
+            }
+
+    # ----- the decoding thread
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._waiting and not self._busy() and not self._stopping:
+                    self._cv.wait()
+                if self._stopping and not self._waiting and not self._busy():
+                    return
+                admitted = []
+                for slot in range(self.num_slots):
+                    if self._slots[slot] is None or self._slots[slot].cancelled:
+                        self._slots[slot] = None
+                        while self._waiting and self._slots[slot] is None:
+                            seq = self._waiting.popleft()
+                            if not seq.cancelled:
+                                self._slots[slot] = seq
+                                admitted.append(slot)
+            try:
+                for slot in admitted:
+                    self._prefill(slot)
+                active = np.array([s is not None for s in self._slots])
+                if active.any():
+                    self._deliver(np.asarray(self._step(active)), active)
+            except Exception as e:  # a bug: end what is in flight loudly, keep serving
+                logging.exception("decoding failed")
+                self._fail_all(f"{type(e).__name__}: {e}")
+
+    def _busy(self) -> bool:
+        return any(s is not None for s in self._slots)
+
+    def _prefill(self, slot: int) -> None:
+        """Writes the slot's prompt into its cache and hands out its first token."""
+        seq = self._slots[slot]
+        prompt_len = len(seq.prompt_ids)
+        padded = np.zeros((1, sampling.bucket_for(prompt_len, self.block_size)), np.int32)
+        padded[0, :prompt_len] = seq.prompt_ids
+        token, self._cache = sampling.prefill_slot(
+            self.model, self.params, self._cache, np.int32(slot), padded, np.int32(prompt_len),
+            np.uint32(seq.seed), np.float32(seq.temperature), np.int32(seq.top_k),
+            np.float32(seq.top_p),
+        )  # fmt: skip
+        self._temperature[slot] = seq.temperature
+        self._top_k[slot] = seq.top_k
+        self._top_p[slot] = seq.top_p
+        self._seeds[slot] = seq.seed
+        self._token_index[slot] = 0
+        self._advance(slot, int(token))
+
+    def _step(self, active: np.ndarray) -> jax.Array:
+        """One decoding step of every slot: the next token of each (garbage for idle slots)."""
+        next_index = self._token_index + 1
+        tokens, self._cache = sampling.decode_slots(
+            self.model, self.params, self._cache, self._tokens, next_index, self._seeds,
+            self._temperature, self._top_k, self._top_p, active,
+        )  # fmt: skip
+        return tokens
+
+    def _deliver(self, tokens: np.ndarray, active: np.ndarray) -> None:
+        self.decode_steps += 1
+        for slot in np.flatnonzero(active):
+            self._token_index[slot] += 1
+            self._advance(int(slot), int(tokens[slot]))
+
+    def _advance(self, slot: int, token: int) -> None:
+        """Appends a slot's new token, hands out the text it completes, frees a finished slot."""
+        seq = self._slots[slot]
+        self._tokens[slot] = token
+        self.generated_tokens += 1
+        finish = None
+        if self.eot_id is not None and token == self.eot_id:
+            finish = "stop"
+            text = self.tokenizer.decode(seq.token_ids)
+        else:
+            seq.token_ids.append(token)
+            text = self.tokenizer.decode(seq.token_ids)
+            hits = [i for i in (text.find(s) for s in seq.stop) if i >= 0]
+            if hits:
+                text, finish = text[: min(hits)], "stop"
+            elif len(seq.token_ids) >= seq.max_tokens:
+                finish = "length"
+        if finish is None:
+            # Hold back what could still become a stop string, or an unfinished UTF-8 sequence.
+            hold = max((len(s) - 1 for s in seq.stop), default=0)
+            safe = len(text) - hold
+            while safe > seq.emitted and text[safe - 1] == "\ufffd":
+                safe -= 1
+            new, seq.emitted = text[seq.emitted : max(safe, seq.emitted)], max(safe, seq.emitted)
+        else:
+            new, seq.emitted = text[seq.emitted :], len(text)
+            seq.finish_reason = finish
+            with self._cv:
+                self._slots[slot] = None
+        if new or finish:
+            seq.on_update(new, finish)
+
+    def _fail_all(self, message: str) -> None:
+        with self._cv:
+            failed = [s for s in self._slots if s is not None]
+            self._slots = [None] * self.num_slots
+        # A failed call may have consumed the donated cache: start the slots afresh.
+        self._cache = sampling.init_slot_cache(self.model, self.num_slots)
+        for seq in failed:
+            seq.finish_reason = "error"
+            seq.on_update(message, "error")
