@@ -458,3 +458,211 @@ def test_a_swept_field_the_config_lacks_is_refused_before_any_run(tmp_path):
     )
     with pytest.raises(ValueError, match=r"lerning_rate \(did you mean 'learning_rate'\?\)"):
         spec.load_sweep(str(path))
+
+
+# ----------------------------------------------------------------------------- cluster launchers
+
+TINY_MLP_SWEEP = """
+def get_sweep():
+    return {
+        "config": "configs/fashion_mnist_mlp.py",
+        "settings": [
+            {"model.features": (16,), "learning_rate": 0.003},
+            {"model.features": (32,), "learning_rate": 0.003},
+            {"model.features": (16,), "learning_rate": -1.0},  # refused by train.py: fails
+        ],
+        "seeds": [0, 1],
+        "fixed": {"num_train_steps": 10, "batch_size": 32, "warmup_steps": 2,
+                  "log_every_steps": 5, "async_checkpointing": False},
+    }
+"""
+
+
+def _launch(tmp_path, launcher: str, *args: str, sweep_text: str = TINY_MLP_SWEEP):
+    """`python -m tools.sweep --launcher=<launcher> ...` on a sweep file written to tmp_path."""
+    sweep_file = tmp_path / "cluster_sweep.py"
+    sweep_file.write_text(sweep_text)
+    return _sweep_command(
+        f"--sweep={sweep_file}", f"--sweep_dir={tmp_path / 'sw'}", f"--launcher={launcher}",
+        *args, cwd=REPO,
+    )  # fmt: skip
+
+
+def test_index_ranges_are_slurm_array_syntax():
+    """Run indices compress to sbatch's --array syntax."""
+    from tools.sweep import launchers
+
+    assert launchers.index_ranges([0, 1, 2, 3]) == "0-3"
+    assert launchers.index_ranges([7, 0, 1, 2, 5, 8]) == "0-2,5,7-8"
+    assert launchers.index_ranges([4]) == "4"
+
+
+def test_slurm_array_tasks_run_locally_then_summarize(tmp_path, fashion_mnist_ready):
+    """The generated array script, executed by bash with SLURM_ARRAY_TASK_ID=i (no sbatch),
+    trains run i with train.py in the local driver's workdir; a failing run exits non-zero with
+    its log's tail; a finished task is skipped; --summarize tabulates what finished and lists
+    the rest; generating again submits only the unfinished runs."""
+    result = _launch(
+        tmp_path, "slurm", "--slurm_time=00:30:00", "--slurm_max_concurrent=2",
+        "--slurm_sbatch=--qos=low", "--slurm_setup=export SWEEP_SETUP_RAN=1",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep_dir = tmp_path / "sw"
+    script = sweep_dir / "slurm_array.sh"
+    text = script.read_text()
+    header = text.split("\n\n", 1)[0].splitlines()
+    # sbatch reads #SBATCH lines only before the first command.
+    assert header[0] == "#!/bin/bash" and all(line.startswith("#") for line in header)
+    assert "#SBATCH --array=0-5%2" in header and "#SBATCH --time=00:30:00" in header
+    assert "#SBATCH --qos=low" in header
+    assert f"#SBATCH --output={sweep_dir}/slurm/%A_%a.out" in header
+    assert (sweep_dir / "slurm").is_dir() and (sweep_dir / "sweep.json").is_file()
+    assert f"sbatch {script}" in result.stdout and "--summarize" in result.stdout
+
+    sweep = spec.load_sweep(str(tmp_path / "cluster_sweep.py"))
+    runs = spec.plan_runs(sweep, str(sweep_dir))
+
+    def task(index: int) -> subprocess.CompletedProcess:
+        env = {**os.environ, "SLURM_ARRAY_TASK_ID": str(index)}
+        return subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env,
+                              cwd=str(tmp_path), timeout=300)  # fmt: skip
+
+    for index in (0, 2, 4):  # 4 fails; 1, 3 and 5 are never run
+        done = task(index)
+        workdir = runs[index].workdir
+        assert os.path.exists(os.path.join(workdir, "train.log"))
+        with open(os.path.join(workdir, "sweep_run.json")) as f:
+            record = json.load(f)
+        assert record["name"] == runs[index].name and record["index"] == index
+        if index == 4:
+            assert done.returncode != 0
+            assert "learning_rate" in done.stderr and "ERROR: run 4 exited" in done.stderr
+        else:
+            assert done.returncode == 0, done.stderr[-3000:]
+            metrics = reporting.read_final_metrics(workdir)
+            assert metrics["step"] == 10 and 0 < metrics["test_accuracy"] <= 1
+            with open(os.path.join(workdir, "config.json")) as f:
+                config = json.load(f)
+            assert config["seed"] == runs[index].seed
+            assert config["model"]["features"] == list(runs[index].setting["model.features"])
+    again = task(0)
+    assert again.returncode == 0 and "finished already" in again.stdout
+    wrong = task(6)
+    assert wrong.returncode == 2 and "not a run of this sweep (0-5)" in wrong.stderr
+
+    summary = _sweep_command(f"--sweep={tmp_path / 'cluster_sweep.py'}",
+                             f"--sweep_dir={sweep_dir}", "--summarize", cwd=REPO)  # fmt: skip
+    assert summary.returncode == 0, summary.stderr[-3000:]
+    assert "2/6 run(s) finished" in summary.stdout
+    with open(sweep_dir / "results.csv") as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    status = {run.name: rows[run.name]["status"] for run in runs}
+    expected = ["finished", "new", "finished", "new", "started", "new"]
+    assert [status[r.name] for r in runs] == expected
+    accuracy = reporting.read_final_metrics(runs[2].workdir)["test_accuracy"]
+    assert float(rows[runs[2].name]["test_accuracy"]) == pytest.approx(accuracy)
+    table = (sweep_dir / "results.md").read_text()
+    plain = table.replace("**", "")  # the best setting is in bold
+    assert "| (32,) | 0.003 |" in plain and "| n/a | 0/2 |" in plain
+    assert plain.count(" ± 0.0000 | 1/2 |") == 2  # one seed of two finished: std 0
+    assert f"- `{runs[5].name}`: new" in table and f"- `{runs[4].name}`: started" in table
+    assert (sweep_dir / "plots" / "learning_curves.png").is_file()
+
+    regenerated = _launch(tmp_path, "slurm")
+    assert regenerated.returncode == 0, regenerated.stderr[-3000:]
+    assert "#SBATCH --array=1,3-5\n" in script.read_text()
+    assert "export SWEEP_SETUP_RAN=1" not in script.read_text()  # flags are not remembered
+
+
+def test_kubernetes_manifest_is_an_indexed_job_with_one_index_per_run(tmp_path):
+    """The manifest parses as YAML: a batch/v1 Job, completionMode Indexed, completions = runs;
+    its container's script, run by sh with JOB_COMPLETION_INDEX=i, executes run i's train.py
+    command (paths as the pods see them: the volume and the image's repository)."""
+    import yaml
+
+    image_repo = tmp_path / "image" / "jaxlab"
+    image_repo.mkdir(parents=True)
+    mount = tmp_path / "volume"
+    result = _launch(
+        tmp_path, "kubernetes", "--k8s_image=registry.example/jaxlab:1", "--k8s_pvc=sweeps",
+        f"--k8s_mount_path={mount}", f"--k8s_repo_dir={image_repo}", "--k8s_python=echo",
+        "--k8s_cpu=4", "--k8s_memory=16Gi", "--k8s_gpus=1", "--k8s_parallelism=2",
+        "--k8s_env=XLA_FLAGS=--xla_cpu_multi_thread_eigen=true",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    path = tmp_path / "sw" / "k8s_job.yaml"
+    assert f"kubectl apply -f {path}" in result.stdout
+    job = yaml.safe_load(path.read_text())
+    assert job["apiVersion"] == "batch/v1" and job["kind"] == "Job"
+    assert job["metadata"]["name"] == "sweep-sw"
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == 6 and job["spec"]["parallelism"] == 2
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    assert pod["volumes"] == [{"name": "runs", "persistentVolumeClaim": {"claimName": "sweeps"}}]
+    (container,) = pod["containers"]
+    assert container["image"] == "registry.example/jaxlab:1"
+    assert container["volumeMounts"] == [{"name": "runs", "mountPath": str(mount)}]
+    assert container["resources"] == {
+        "requests": {"cpu": "4", "memory": "16Gi"},
+        "limits": {"memory": "16Gi", "nvidia.com/gpu": 1},
+    }
+    assert {"name": "XLA_FLAGS", "value": "--xla_cpu_multi_thread_eigen=true"} in container["env"]
+    shell, flag, script = container["command"]
+    assert (shell, flag) == ("/bin/sh", "-c")
+
+    sweep = spec.load_sweep(str(tmp_path / "cluster_sweep.py"))
+    pod_runs = spec.plan_runs(sweep, str(mount / "sw"))
+    for index in (1, 4):
+        env = {**os.environ, "JOB_COMPLETION_INDEX": str(index)}
+        done = subprocess.run([shell, flag, script], env=env, capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        run = pod_runs[index]
+        with open(os.path.join(run.workdir, "train.log")) as f:
+            logged = f.read().splitlines()
+        echoed = logged[-1].split()  # `echo` stood in for python: it printed train.py's argv
+        assert echoed[0] == str(image_repo / "train.py")
+        assert echoed[1] == f"--config={image_repo / 'configs' / 'fashion_mnist_mlp.py'}"
+        flags = dict(arg.split("=", 1) for arg in echoed[1:])
+        assert flags["--workdir"] == run.workdir and flags["--config.seed"] == str(run.seed)
+        assert float(flags["--config.learning_rate"]) == run.setting["learning_rate"]
+        assert flags["--config.model.features"] == str(run.setting["model.features"])
+        assert flags["--config.num_train_steps"] == "10"
+        assert "stopped before its end" in done.stdout  # echo wrote no final metrics
+    assert len(os.listdir(mount / "sw")) == 2  # two settings' directories, nothing else
+    # No local workdirs: the pods' paths are under the volume.
+    assert sorted(os.listdir(tmp_path / "sw")) == ["k8s_job.yaml", "sweep.json"]
+
+
+def test_cluster_launcher_errors_are_one_line(tmp_path):
+    """An unknown launcher, invalid resources, a missing image or volume, another launcher's
+    flags and summarizing a sweep that never ran: one ERROR: line naming the flag, exit 1."""
+    k8s = ["--k8s_image=img", "--k8s_pvc=runs"]
+    cases = [
+        (["--launcher=sge"], "--launcher='sge' is not one of local, slurm, kubernetes"),
+        (["--launcher=slurm", "--slurm_time=2h"], "--slurm_time='2h'"),
+        (["--launcher=slurm", "--slurm_mem=lots"], "--slurm_mem='lots'"),
+        (["--launcher=slurm", "--slurm_sbatch=qos=high"], "--slurm_sbatch='qos=high'"),
+        (["--launcher=kubernetes", "--k8s_pvc=runs"], "--k8s_image is required"),
+        (["--launcher=kubernetes", "--k8s_image=img"], "exactly one of --k8s_pvc"),
+        (["--launcher=kubernetes", *k8s, "--k8s_job_name=My_Sweep"], "--k8s_job_name='My_Sweep'"),
+        (["--launcher=kubernetes", *k8s, "--k8s_sweep_dir=/elsewhere"], "not under"),
+        (["--launcher=kubernetes", *k8s, "--k8s_memory=16 GB"], "--k8s_memory='16 GB'"),
+        (["--launcher=kubernetes", *k8s, "--slurm_time=01:00:00"], "--slurm_time is for"),
+        (["--launcher=slurm", "--parallel=2"], "--parallel is for --launcher=local"),
+        (["--launcher=local", "--k8s_image=img"], "--k8s_image is for --launcher=kubernetes"),
+        (["--summarize", "--launcher=slurm"], "--summarize runs nothing"),
+        (["--summarize"], "does not exist"),
+    ]
+    sweep_file = tmp_path / "cluster_sweep.py"
+    sweep_file.write_text(TINY_MLP_SWEEP)
+    for args, message in cases:
+        result = _sweep_command(
+            f"--sweep={sweep_file}", f"--sweep_dir={tmp_path / 'sw'}", *args, cwd=REPO
+        )
+        assert result.returncode == 1, (args, result.stderr[-3000:])
+        errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR:")]
+        assert len(errors) == 1 and message in errors[0], (args, result.stderr[-3000:])
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "sw").exists()

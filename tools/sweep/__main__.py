@@ -6,6 +6,16 @@ From the repository root:
     python -m tools.sweep --sweep=configs/sweeps/cnn_width_lr.py:quick --sweep_dir=... --parallel=2
     python -m tools.sweep --sweep=... --sweep_dir=... --dry_run        # print the plan only
 
+On a cluster the scheduler runs the runs: --launcher=slurm writes <sweep_dir>/slurm_array.sh (an
+array job, one task per run; submit it with sbatch), --launcher=kubernetes writes
+<sweep_dir>/k8s_job.yaml (an indexed Job; kubectl apply -f). Afterwards --summarize writes the
+tables and plots of whatever finished (docs/sweeps.md):
+
+    python -m tools.sweep --sweep=... --sweep_dir=... --launcher=slurm --slurm_time=02:00:00
+    python -m tools.sweep --sweep=... --sweep_dir=... --launcher=kubernetes --k8s_image=... \
+        --k8s_pvc=runs
+    python -m tools.sweep --sweep=... --sweep_dir=... --summarize
+
 A sweep file defines `get_sweep()` (or `get_sweep(arg)` for `--sweep=file.py:arg`); its format is
 described in tools/sweep/spec.py and docs/sweeps.md.
 
@@ -18,15 +28,58 @@ per setting) and PNG plots under <sweep_dir>/plots.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 from absl import flags
 
 import cli
-from tools.sweep.driver import parse_set, run_sweep
+from tools.sweep.driver import launch_on_cluster, parse_set, run_sweep, summarize_finished
+from tools.sweep.launchers import LAUNCHERS, KubernetesOptions, SlurmOptions
 from tools.sweep.spec import load_sweep
 
 FLAGS = flags.FLAGS
+
+
+# Flags that only one launcher reads: giving them to another one is a mistake worth a word.
+SLURM_FLAGS = {
+    "slurm_job_name": "job_name",
+    "slurm_partition": "partition",
+    "slurm_account": "account",
+    "slurm_time": "time",
+    "slurm_cpus_per_task": "cpus_per_task",
+    "slurm_mem": "mem",
+    "slurm_gpus_per_task": "gpus_per_task",
+    "slurm_max_concurrent": "max_concurrent",
+    "slurm_sbatch": "sbatch_lines",
+    "slurm_setup": "setup",
+    "slurm_python": "python",
+    "slurm_only_unfinished": "only_unfinished",
+}
+K8S_FLAGS = {
+    "k8s_image": "image",
+    "k8s_job_name": "job_name",
+    "k8s_namespace": "namespace",
+    "k8s_pvc": "pvc",
+    "k8s_host_path": "host_path",
+    "k8s_mount_path": "mount_path",
+    "k8s_sweep_dir": "sweep_dir",
+    "k8s_repo_dir": "repo_dir",
+    "k8s_python": "python",
+    "k8s_parallelism": "parallelism",
+    "k8s_backoff_limit_per_index": "backoff_limit_per_index",
+    "k8s_cpu": "cpu",
+    "k8s_memory": "memory",
+    "k8s_gpus": "gpus",
+    "k8s_env": "env",
+}
+LOCAL_FLAGS = ("parallel", "run_timeout")
+
+
+def _options(names: dict[str, str], cls: type) -> SlurmOptions | KubernetesOptions:
+    """The launcher's options from its flags; flags left unset keep the dataclass defaults."""
+    given = {field: FLAGS[flag].value for flag, field in names.items() if FLAGS[flag].present}
+    return cls(**given)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -34,6 +87,20 @@ def main(argv: Sequence[str]) -> None:
     del argv  # cli.run rejects positional arguments
     if not FLAGS.sweep or not FLAGS.sweep_dir:
         raise cli.UserError("--sweep=configs/sweeps/<name>.py and --sweep_dir are required.")
+    launcher = FLAGS.launcher
+    if launcher not in LAUNCHERS:
+        raise cli.UserError(f"--launcher={launcher!r} is not one of {', '.join(LAUNCHERS)}.")
+    if FLAGS.summarize and (FLAGS["launcher"].present or FLAGS.dry_run):
+        raise cli.UserError("--summarize runs nothing: drop --launcher and --dry_run.")
+    owners = {
+        **dict.fromkeys(LOCAL_FLAGS, "local"),
+        **dict.fromkeys(SLURM_FLAGS, "slurm"),
+        **dict.fromkeys(K8S_FLAGS, "kubernetes"),
+    }
+    for flag, owner in owners.items():
+        if FLAGS[flag].present and (FLAGS.summarize or owner != launcher):
+            where = "--summarize" if FLAGS.summarize else f"--launcher={launcher}"
+            raise cli.UserError(f"--{flag} is for --launcher={owner}, not {where}; drop it.")
     try:
         sweep = load_sweep(FLAGS.sweep)
         extra = parse_set(FLAGS.set)
@@ -43,20 +110,83 @@ def main(argv: Sequence[str]) -> None:
     if swept:
         raise cli.UserError(f"--set fields {sorted(swept)} are swept by {FLAGS.sweep}.")
     sweep.fixed.update(extra)
-    run_sweep(
-        sweep,
-        FLAGS.sweep_dir,
-        parallel=FLAGS.parallel,
-        dry_run=FLAGS.dry_run,
-        timeout=FLAGS.run_timeout or None,
-    )
+    if FLAGS.summarize:
+        summarize_finished(sweep, FLAGS.sweep_dir)
+        return
+    if launcher == "local":
+        run_sweep(
+            sweep,
+            FLAGS.sweep_dir,
+            parallel=FLAGS.parallel,
+            dry_run=FLAGS.dry_run,
+            timeout=FLAGS.run_timeout or None,
+        )
+        return
+    options = _options(SLURM_FLAGS, SlurmOptions) if launcher == "slurm" else None
+    options = options or _options(K8S_FLAGS, KubernetesOptions)
+    try:
+        launch_on_cluster(
+            sweep, FLAGS.sweep_dir, launcher, options, sets=FLAGS.set, dry_run=FLAGS.dry_run
+        )
+    except ValueError as e:
+        raise cli.UserError(str(e)) from e
 
 
 if __name__ == "__main__":
     flags.DEFINE_string("sweep", None, "Sweep file (configs/sweeps/<name>.py[:arg]).")
     flags.DEFINE_string("sweep_dir", None, "Directory for the runs and the results.")
-    flags.DEFINE_integer("parallel", 1, "Runs to train at the same time.")
-    flags.DEFINE_bool("dry_run", False, "Print the planned runs and commands; run nothing.")
-    flags.DEFINE_float("run_timeout", 0, "Kill a run after this many seconds (0: no limit).")
+    flags.DEFINE_string(
+        "launcher",
+        "local",
+        "Who runs the runs: 'local' (subprocesses here), 'slurm' (write an array job script) or "
+        "'kubernetes' (write an indexed Job manifest).",
+    )
+    flags.DEFINE_bool(
+        "summarize", False, "Only tabulate and plot the runs that finished (after a cluster job)."
+    )
+    flags.DEFINE_integer("parallel", 1, "local: runs to train at the same time.")
+    flags.DEFINE_bool(
+        "dry_run", False, "Print the planned runs (or the cluster file); run nothing."
+    )
+    flags.DEFINE_float("run_timeout", 0, "local: kill a run after this many seconds (0: no limit).")
     flags.DEFINE_multi_string("set", [], "Extra fixed override for every run: field=value.")
+    # --launcher=slurm
+    flags.DEFINE_string("slurm_job_name", "jaxlab-sweep", "slurm: the job's name.")
+    flags.DEFINE_string("slurm_partition", None, "slurm: partition (default: the cluster's).")
+    flags.DEFINE_string("slurm_account", None, "slurm: account to charge.")
+    flags.DEFINE_string("slurm_time", None, "slurm: time limit per run, e.g. 02:00:00.")
+    flags.DEFINE_integer("slurm_cpus_per_task", None, "slurm: CPU cores per run.")
+    flags.DEFINE_string("slurm_mem", None, "slurm: memory per run, e.g. 16G.")
+    flags.DEFINE_integer("slurm_gpus_per_task", None, "slurm: GPUs per run.")
+    flags.DEFINE_integer("slurm_max_concurrent", None, "slurm: at most this many runs at once.")
+    flags.DEFINE_multi_string("slurm_sbatch", [], "slurm: a further sbatch option (--qos=high).")
+    flags.DEFINE_multi_string(
+        "slurm_setup", [], "slurm: a shell line run before train.py (source .venv/bin/activate)."
+    )
+    flags.DEFINE_string(
+        "slurm_python", sys.executable, "slurm: Python on the compute nodes (default: this one)."
+    )
+    flags.DEFINE_bool(
+        "slurm_only_unfinished", True, "slurm: submit only the runs without final metrics."
+    )
+    # --launcher=kubernetes
+    flags.DEFINE_string("k8s_image", None, "kubernetes: container image holding the repository.")
+    flags.DEFINE_string("k8s_job_name", None, "kubernetes: Job name (default: from --sweep_dir).")
+    flags.DEFINE_string("k8s_namespace", None, "kubernetes: namespace (default: kubectl's).")
+    flags.DEFINE_string("k8s_pvc", None, "kubernetes: PersistentVolumeClaim for the runs.")
+    flags.DEFINE_string("k8s_host_path", None, "kubernetes: or a node directory for the runs.")
+    flags.DEFINE_string("k8s_mount_path", "/runs", "kubernetes: where the volume is mounted.")
+    flags.DEFINE_string(
+        "k8s_sweep_dir", None, "kubernetes: the sweep dir in the pods (<mount>/<sweep_dir name>)."
+    )
+    flags.DEFINE_string("k8s_repo_dir", "/workspace/jaxlab", "kubernetes: repository in the image.")
+    flags.DEFINE_string("k8s_python", "python", "kubernetes: Python in the image.")
+    flags.DEFINE_integer("k8s_parallelism", None, "kubernetes: pods at once (default: all).")
+    flags.DEFINE_integer(
+        "k8s_backoff_limit_per_index", 1, "kubernetes: retries of each run (resumes)."
+    )
+    flags.DEFINE_string("k8s_cpu", None, "kubernetes: CPU request per pod, e.g. 4.")
+    flags.DEFINE_string("k8s_memory", None, "kubernetes: memory per pod, e.g. 16Gi.")
+    flags.DEFINE_integer("k8s_gpus", None, "kubernetes: nvidia.com/gpu per pod.")
+    flags.DEFINE_multi_string("k8s_env", [], "kubernetes: an environment variable NAME=value.")
     cli.run(main)

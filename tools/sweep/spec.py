@@ -33,7 +33,6 @@ import numpy as np
 
 # tools/sweep/spec.py -> the repository root, two levels above this package.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TRAIN_SCRIPT = os.path.join(REPO_ROOT, "train.py")
 
 # ----------------------------------------------------------------------------- sweep files
 
@@ -305,9 +304,30 @@ def resolve_config_path(config: str) -> str:
     return os.path.abspath(path) + sep + arg
 
 
-def train_command(sweep: Sweep, run: Run, extra: Sequence[str] = ()) -> list[str]:
-    """`python train.py --config=... --config.<field>=<value> ... --workdir=...` for one run."""
-    command = [sys.executable, TRAIN_SCRIPT, f"--config={resolve_config_path(sweep.config)}"]
+def train_command(
+    sweep: Sweep,
+    run: Run,
+    extra: Sequence[str] = (),
+    python: str = sys.executable,
+    repo_root: str = REPO_ROOT,
+) -> list[str]:
+    """`python train.py --config=... --config.<field>=<value> ... --workdir=...` for one run.
+
+    `python` and `repo_root` name the interpreter and the repository where the run will execute
+    (a cluster's image may keep them elsewhere than this machine); the base config is passed as
+    its path inside `repo_root`. Raises ValueError when `repo_root` is another directory and
+    the base config lies outside this repository (the run could not find it)."""
+    config = resolve_config_path(sweep.config)
+    if os.path.abspath(repo_root) != REPO_ROOT:
+        path, sep, arg = config.partition(":")
+        relative = os.path.relpath(path, REPO_ROOT)
+        if relative.startswith(os.pardir):
+            raise ValueError(
+                f"Base config {sweep.config} is outside the repository {REPO_ROOT}, so it would "
+                f"not be found under {repo_root}; put it in the repository's configs/."
+            )
+        config = os.path.join(repo_root, relative) + sep + arg
+    command = [python, os.path.join(repo_root, "train.py"), f"--config={config}"]
     overrides = {**sweep.fixed, **run.setting, "seed": run.seed}
     command += [f"--config.{k}={cli_value(v)}" for k, v in overrides.items()]
     command += list(extra)
@@ -321,12 +341,15 @@ def is_finished(workdir: str) -> bool:
 
 
 def run_status(workdir: str) -> str:
-    """'finished', 'partial' (has checkpoints to resume from) or 'new'."""
+    """'finished', 'partial' (has checkpoints to resume from), 'started' (has a train.log but
+    no checkpoint yet: running, or failed early; the log says which) or 'new'."""
     if is_finished(workdir):
         return "finished"
     ckpt = os.path.join(workdir, "checkpoints")
     if os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt)):
         return "partial"
+    if os.path.isfile(os.path.join(workdir, "train.log")):
+        return "started"
     return "new"
 
 
