@@ -1,4 +1,6 @@
 """Start a run from another run's checkpoint (`config.init_from`): pretraining -> fine-tuning.
+The source may also be a Hugging Face GPT-2 directory: it is imported once (tools/hf_convert.py)
+into a cached workdir and used from there.
 
 The source is restored with `experiment.restore_run`, the same verified path that resuming and
 every inference command use (a damaged checkpoint is skipped or refused exactly as on resume).
@@ -57,7 +59,11 @@ def init_from(run: experiment.Run, state: train_state.TrainState) -> train_state
     """
     spec = run.config.init_from
     devices = list(run.mesh.devices.flat)
-    source = experiment.restore_run(spec.workdir, spec.step, devices=devices)
+    # A Hugging Face GPT-2 directory is imported once into a cached workdir (tools/hf_convert.py).
+    from tools import hf_convert
+
+    source_workdir = hf_convert.imported_workdir(spec.workdir)
+    source = experiment.restore_run(source_workdir, spec.step, devices=devices)
     source_state = distributed.to_host(source.state)
     fresh = distributed.to_host(state)
     # Rows of vocabulary-indexed parameters (embeddings, output layers) mean tokens: with
@@ -71,7 +77,7 @@ def init_from(run: experiment.Run, state: train_state.TrainState) -> train_state
     params, copied, reinit = merge_params(fresh.params, source_state.params, vocab_params)
     if jax.process_index() == 0:
         print(
-            f"init_from {spec.workdir} (step {source.step}): copied {len(copied)} parameter "
+            f"init_from {source_workdir} (step {source.step}): copied {len(copied)} parameter "
             f"arrays; re-initialised {len(reinit)}: {reinit}{why}",
             flush=True,
         )

@@ -368,6 +368,50 @@ class BPETokenizer(Tokenizer):
             raise ValueError(f"{path} is not a Hugging Face tokenizer.json ({e}).") from e
 
     @classmethod
+    def from_vocab_and_merges(
+        cls, vocab_path: str, merges_path: str, special_tokens: Sequence[str] = (END_OF_TEXT,)
+    ) -> BPETokenizer:
+        """GPT-2's original tokenizer files (vocab.json: token -> id; merges.txt: the BPE merges
+        in rank order) as byte-level BPE, through `tokenizers.ByteLevelBPETokenizer` (GPT-2's
+        regex pre-tokenization, no prefix space). Those of `special_tokens` that the vocabulary
+        holds (GPT-2's <|endoftext|>, id 50256) become special tokens, matched whole in text as
+        Hugging Face's GPT2Tokenizer matches them. ValueError naming the files if they are not
+        such files."""
+        from tokenizers import ByteLevelBPETokenizer
+
+        try:
+            tok = ByteLevelBPETokenizer(vocab_path, merges_path)
+        except Exception as e:
+            raise ValueError(
+                f"{vocab_path} and {merges_path} are not a byte-level BPE's vocab.json and "
+                f"merges.txt ({e})."
+            ) from e
+        present = [t for t in special_tokens if tok.token_to_id(t) is not None]
+        if present:
+            tok.add_special_tokens(present)
+        return cls(tok.to_str())
+
+    @property
+    def serialized(self) -> str:
+        """The tokenizer as Hugging Face's tokenizer.json text (what `__init__` takes)."""
+        return self._json
+
+    def save_hugging_face_files(self, directory: str) -> list[str]:
+        """Writes Hugging Face's tokenizer files into directory: tokenizer.json (this
+        tokenizer's JSON, unchanged) and, for a BPE model, GPT-2's vocab.json and merges.txt
+        (what older loaders read). Returns the file names written."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, TOKENIZER_JSON), "w", encoding="utf-8") as f:
+            f.write(self._json)
+        written = [TOKENIZER_JSON]
+        model = HFTokenizer.from_str(self._json).model
+        if type(model).__name__ == "BPE":
+            written += [os.path.basename(p) for p in model.save(directory)]
+        return written
+
+    @classmethod
     def train(cls, texts: Iterator[str], vocab_size: int = DEFAULT_BPE_VOCAB_SIZE) -> BPETokenizer:
         """Trains a byte-level BPE of `vocab_size` tokens (END_OF_TEXT included) on `texts`."""
         from tokenizers import Tokenizer as HFTokenizer

@@ -1,0 +1,343 @@
+"""Hugging Face GPT-2 in and out (tools/hf_convert.py), against `transformers` itself.
+
+A small random GPT-2 (2 layers, width 64, a byte-level BPE trained offline with `tokenizers`) is
+built and saved with `save_pretrained` by tests/hf_reference.py under .venv-torch (PyTorch and
+transformers: `make torch-env`, which `make test` runs), once for the module; the same helper
+computes transformers' logits, greedy generations and token ids. jaxlab never imports either.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import data_setup
+import experiment
+import prepare_data
+import sampling
+import tokenizers_lib
+import train
+from models import gpt
+from tools import hf_convert
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCH_PYTHON = os.path.join(REPO, ".venv-torch", "bin", "python")
+REFERENCE = os.path.join(REPO, "tests", "hf_reference.py")
+GREEDY_TOKENS = 50
+
+
+def _reference(*args: str) -> None:
+    """Runs tests/hf_reference.py under PyTorch's environment."""
+    result = subprocess.run([TORCH_PYTHON, REFERENCE, *args], capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _kjv_paragraph() -> str:
+    """John 1:1-14 of the King James Bible (Debian's bible-kjv-text), verse numbers stripped."""
+    text = data_setup.load_text_corpus("kjv")
+    start = text.index("In the beginning was the Word")
+    return text[start : start + 1500]
+
+
+def _logits(workdir: str, tokens: np.ndarray) -> np.ndarray:
+    restored = experiment.restore_run(workdir)
+    return np.asarray(restored.model.apply({"params": restored.params}, tokens))
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory) -> types.SimpleNamespace:
+    """The reference GPT-2 directory, transformers' outputs on it, and its jaxlab import."""
+    usable = (
+        os.path.exists(TORCH_PYTHON)
+        and subprocess.run(
+            [TORCH_PYTHON, "-c", "import transformers, torch"], capture_output=True
+        ).returncode
+        == 0
+    )
+    if not usable:
+        pytest.skip("needs .venv-torch with torch and transformers: run `make torch-env`")
+    root = tmp_path_factory.mktemp("hf")
+    corpus = root / "corpus.txt"
+    corpus.write_text(data_setup.load_text_corpus("tiny_shakespeare")[:300_000])
+    hf_dir = str(root / "gpt2_tiny")
+    _reference(f"--build={hf_dir}", f"--corpus={corpus}", "--vocab_size=512")
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 512, size=(3, 40)).astype(np.int32)
+    prompt = rng.integers(0, 512, size=(2, 8)).astype(np.int32)
+    kjv = _kjv_paragraph()
+    np.save(root / "tokens.npy", tokens)
+    np.save(root / "prompt.npy", prompt)
+    (root / "kjv.txt").write_text(kjv)
+    _reference(f"--hf_dir={hf_dir}", f"--tokens={root / 'tokens.npy'}",
+               f"--logits={root / 'logits.npy'}", f"--prompt={root / 'prompt.npy'}",
+               f"--max_new_tokens={GREEDY_TOKENS}", f"--generated={root / 'generated.npy'}",
+               f"--text={root / 'kjv.txt'}", f"--ids={root / 'kjv_ids.npy'}")  # fmt: skip
+    workdir = hf_convert.import_hf(hf_dir, str(root / "imported"))
+    return types.SimpleNamespace(
+        root=root,
+        hf_dir=hf_dir,
+        workdir=workdir,
+        tokens=tokens,
+        prompt=prompt,
+        kjv=kjv,
+        logits=np.load(root / "logits.npy"),
+        generated=np.load(root / "generated.npy"),
+        kjv_ids=np.load(root / "kjv_ids.npy"),
+    )
+
+
+@pytest.fixture(scope="module")
+def shakespeare_tokens(ref) -> str:
+    """Tiny Shakespeare prepared with the reference's tokenizer (in the test's own folder)."""
+    out = str(ref.root / "shakespeare_tokens")
+    tokenizer = os.path.join(ref.hf_dir, "tokenizer.json")
+    prepare_data.prepare("tiny_shakespeare", tokenizer, out, progress=False)
+    return out
+
+
+def test_imported_logits_equal_transformers(ref):
+    """jaxlab's float32 logits of the imported model on random tokens equal transformers'."""
+    ours = _logits(ref.workdir, ref.tokens)
+    assert ours.shape == ref.logits.shape == (3, 40, 512)
+    np.testing.assert_allclose(ours, ref.logits, atol=1e-5, rtol=0)
+
+
+def test_padded_scanned_import_gives_the_same_logits_and_exports_bit_for_bit(ref, tmp_path):
+    """Imported with the embedding padded (512 rows to 576, vocab_pad_multiple=192) and the
+    layers stacked for nn.scan: the same logits over the real vocabulary; exporting it drops
+    the padding and gives back the original arrays bit for bit."""
+    workdir = hf_convert.import_hf(ref.hf_dir, str(tmp_path / "padded"), vocab_pad_multiple=192,
+                                   scan_layers=True)  # fmt: skip
+    restored = experiment.restore_run(workdir)
+    assert restored.params["wte"]["embedding"].shape == (576, 64)
+    assert restored.params["h"]["attn"]["query"]["kernel"].shape == (2, 64, 4, 16)
+    np.testing.assert_array_equal(np.asarray(restored.params["wte"]["embedding"])[512:], 0)
+    logits = np.asarray(restored.model.apply({"params": restored.params}, ref.tokens))
+    np.testing.assert_allclose(logits, ref.logits, atol=1e-5, rtol=0)
+
+    out = hf_convert.export_hf(workdir, str(tmp_path / "exported"))
+    original = load_file(os.path.join(ref.hf_dir, "model.safetensors"))
+    exported = load_file(os.path.join(out, "model.safetensors"))
+    assert sorted(exported) == sorted(original)
+    for key, value in original.items():
+        assert exported[key].dtype == value.dtype and exported[key].shape == value.shape, key
+        assert exported[key].tobytes() == value.tobytes(), key
+
+
+def test_import_then_export_reproduces_the_safetensors_bit_for_bit(ref, tmp_path):
+    """The plain import exported again: the same keys, dtypes and bytes; the same tokenizer."""
+    out = hf_convert.export_hf(ref.workdir, str(tmp_path / "exported"))
+    original = load_file(os.path.join(ref.hf_dir, "model.safetensors"))
+    exported = load_file(os.path.join(out, "model.safetensors"))
+    assert sorted(exported) == sorted(original)
+    assert all(exported[k].tobytes() == original[k].tobytes() for k in original)
+    with (
+        open(os.path.join(ref.hf_dir, "tokenizer.json")) as a,
+        open(os.path.join(out, "tokenizer.json")) as b,
+    ):
+        assert a.read() == b.read()
+
+
+def test_tokenization_equals_transformers_on_kjv(ref, tmp_path):
+    """The imported tokenizer (from tokenizer.json) and one built from vocab.json + merges.txt
+    alone give transformers' AutoTokenizer ids on a KJV paragraph, and decode back to it."""
+    tokenizer = tokenizers_lib.load_tokenizer(ref.workdir)
+    ids = tokenizer.encode(ref.kjv)
+    np.testing.assert_array_equal(ids, ref.kjv_ids)
+    assert tokenizer.decode(ids) == ref.kjv
+
+    legacy = tmp_path / "legacy"
+    shutil.copytree(ref.hf_dir, legacy)
+    tokenizer.save_hugging_face_files(str(legacy))  # writes vocab.json and merges.txt
+    os.remove(legacy / "tokenizer.json")
+    shape = hf_convert.read_hf_config(str(legacy))
+    from_merges = hf_convert.read_hf_tokenizer(str(legacy), shape)
+    np.testing.assert_array_equal(from_merges.encode(ref.kjv + "<|endoftext|>"),
+                                  tokenizer.encode(ref.kjv + "<|endoftext|>"))  # fmt: skip
+    assert from_merges.encode("<|endoftext|>").tolist() == [tokenizer.eot_id]
+
+
+def test_greedy_decoding_equals_transformers_generate(ref):
+    """50 greedy tokens from the imported model (sampling.generate, KV cache) equal
+    transformers' generate(do_sample=False)."""
+    restored = experiment.restore_run(ref.workdir)
+    out = sampling.generate(restored.model, restored.params, ref.prompt, jax.random.key(0),
+                            GREEDY_TOKENS, temperature=0.0)  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(out), ref.generated)
+
+
+def test_exported_run_loads_in_transformers_with_equal_logits(ref, shakespeare_tokens, tmp_path):
+    """A GPT trained by jaxlab (exact GELU, its own width, vocabulary padded to 64, scanned
+    layers) exported as GPT-2: GPT2LMHeadModel.from_pretrained and AutoTokenizer load it, and
+    its logits and token ids equal jaxlab's."""
+    config = hf_convert.jaxlab_config(
+        hf_convert.GPT2Shape(512, 64, 32, 2, 2, 128, "gelu", 1e-5),
+        os.path.join(ref.hf_dir, "tokenizer.json"),
+        vocab_pad_multiple=64,
+        scan_layers=True,
+    )
+    config.dataset = shakespeare_tokens
+    config.model.mlp_hidden_dim = 96  # GPT-2's n_inner, other than 4 x width
+    config.update(batch_size=4, num_train_steps=3, warmup_steps=1, decay_steps=3,
+                  learning_rate=1e-2, log_every_steps=3, eval_every_steps=100, eval_steps=1,
+                  eval_batch_size=4, checkpoint_every_steps=100, async_checkpointing=False,
+                  sample_every_eval=False)  # fmt: skip
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(config, workdir)
+    hf_dir = hf_convert.export_hf(workdir, str(tmp_path / "hf"))
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        exported_config = json.load(f)
+    assert exported_config["activation_function"] == "gelu"
+    assert exported_config["n_inner"] == 96
+
+    tokens = ref.tokens[:, :30]
+    np.save(tmp_path / "tokens.npy", tokens)
+    (tmp_path / "kjv.txt").write_text(ref.kjv)
+    _reference(f"--hf_dir={hf_dir}", f"--tokens={tmp_path / 'tokens.npy'}",
+               f"--logits={tmp_path / 'logits.npy'}", f"--text={tmp_path / 'kjv.txt'}",
+               f"--ids={tmp_path / 'ids.npy'}", f"--info={tmp_path / 'info.json'}")  # fmt: skip
+    np.testing.assert_allclose(_logits(workdir, tokens), np.load(tmp_path / "logits.npy"),
+                               atol=1e-5, rtol=0)  # fmt: skip
+    np.testing.assert_array_equal(np.load(tmp_path / "ids.npy"), ref.kjv_ids)
+    info = json.loads((tmp_path / "info.json").read_text())
+    assert info["vocab_size"] == 512 and "GPT2" in info["tokenizer_class"]
+
+
+def _window_loss(workdir: str, windows: np.ndarray) -> float:
+    restored = experiment.restore_run(workdir)
+    logits = restored.model.apply({"params": restored.params}, windows[:, :-1])
+    logp = jax.nn.log_softmax(logits)
+    picked = np.take_along_axis(np.asarray(logp), windows[:, 1:, None], axis=-1)
+    return float(-picked.mean())
+
+
+def test_finetuning_from_the_hugging_face_directory_lowers_the_loss(
+    ref, shakespeare_tokens, tmp_path, monkeypatch, capsys
+):
+    """configs/gpt2_finetune.py pointed at the Hugging Face directory itself: the directory is
+    imported once into the cache, every parameter is copied (none re-initialised), and a few
+    steps on Tiny Shakespeare lower the loss on fixed Shakespeare windows."""
+    from configs import gpt2_finetune
+
+    monkeypatch.setenv("JAXLAB_HF_CACHE", str(tmp_path / "cache"))
+    config = gpt2_finetune.get_config(ref.hf_dir)
+    cached = config.init_from.workdir
+    assert cached.startswith(str(tmp_path / "cache"))
+    assert gpt2_finetune.get_config(ref.hf_dir).init_from.workdir == cached  # imported once
+    config.dataset = shakespeare_tokens
+    config.tokenizer = os.path.join(ref.hf_dir, "tokenizer.json")  # what the data was made with
+    config.update(batch_size=8, grad_accum_steps=1, num_train_steps=6, learning_rate=3e-3,
+                  min_learning_rate=3e-3, eval_every_steps=100, eval_steps=1, eval_batch_size=8,
+                  checkpoint_every_steps=100, async_checkpointing=False, sample_every_eval=False,
+                  log_every_steps=3)  # fmt: skip
+    config.init_from.workdir = ref.hf_dir  # init_from also takes the directory directly
+    workdir = str(tmp_path / "finetuned")
+    train.train_and_evaluate(config, workdir)
+    out = capsys.readouterr().out
+    num_arrays = len(jax.tree.leaves(experiment.restore_run(cached).params))
+    assert (
+        f"init_from {cached} (step 0): copied {num_arrays} parameter arrays; "
+        "re-initialised 0: []" in out
+    )
+
+    text = data_setup.load_text_corpus("tiny_shakespeare")[-20_000:]
+    ids = tokenizers_lib.BPETokenizer.from_file(config.tokenizer).encode(text)
+    windows = ids[: 16 * 65].reshape(16, 65)
+    before, after = _window_loss(ref.workdir, windows), _window_loss(workdir, windows)
+    assert after < before - 0.1, (before, after)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _broken_copy(ref, tmp_path, edit=None, remove=()) -> str:
+    target = tmp_path / "broken"
+    shutil.copytree(ref.hf_dir, target)
+    for name in remove:
+        os.remove(target / name)
+    if edit:
+        config = json.loads((target / "config.json").read_text())
+        config.update(edit)
+        (target / "config.json").write_text(json.dumps(config))
+    return str(target)
+
+
+@pytest.mark.parametrize(
+    "edit, remove, message",
+    [
+        (None, ("config.json",), r"config.json not found; a Hugging Face GPT-2 directory"),
+        (None, ("model.safetensors",), r"model.safetensors not found"),
+        (None, ("tokenizer.json",), r"has no tokenizer: neither tokenizer.json nor vocab.json"),
+        ({"model_type": "llama"}, (), r"describes a 'llama' model .* only GPT-2"),
+        ({"n_inner": 128}, (), r"model.safetensors: h.0.mlp.c_fc.bias has shape \(256,\), but "
+                               r".*config.json .* makes it \(128,\)"),
+        ({"vocab_size": 500}, (), r"tokenizer.json has 512 tokens but .*config.json .* "
+                                  r"vocab_size=500"),
+        ({"tie_word_embeddings": False}, (), r"tie_word_embeddings=False: an output layer"),
+    ],
+    ids=["no-config", "no-weights", "no-tokenizer", "not-gpt2", "shape", "tokenizer-size",
+         "untied"],
+)  # fmt: skip
+def test_bad_hugging_face_directories_are_refused(ref, tmp_path, edit, remove, message):
+    """Each broken directory gives an HFConvertError naming the file and the fix, and writes no
+    workdir."""
+    broken = _broken_copy(ref, tmp_path, edit, remove)
+    with pytest.raises(hf_convert.HFConvertError, match=message) as error:
+        hf_convert.import_hf(broken, str(tmp_path / "out"))
+    assert "\n" not in str(error.value)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_command_line_errors_are_one_line(ref, trained_lm_run, tmp_path):
+    """From the command line: a missing directory, and exporting a run with a character
+    tokenizer, end in one ERROR line and exit status 1; import into a workdir holding a run
+    is refused."""
+    commands = [
+        ["import", f"--hf_dir={tmp_path / 'nothing'}", f"--workdir={tmp_path / 'w'}"],
+        ["export", f"--workdir={trained_lm_run}", f"--hf_dir={tmp_path / 'hf'}"],
+        ["import", f"--hf_dir={ref.hf_dir}", f"--workdir={ref.workdir}"],
+    ]
+    expected = ["is not a directory", "its tokenizer is char tokenizer", "already holds a run"]
+    for args, text in zip(commands, expected, strict=True):
+        result = subprocess.run([sys.executable, "-m", "tools.hf_convert", *args], cwd=REPO,
+                                capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert result.returncode == 1, result.stderr[-2000:]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR: ")]
+        assert len(errors) == 1 and text in errors[0], result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "fields, reason",
+    [
+        ({"position_embedding": "rope"}, "position_embedding='rope'"),
+        ({"tie_embeddings": False}, "tie_embeddings=False"),
+        ({"norm": "rmsnorm"}, "norm='rmsnorm'"),
+        ({"mlp_activation": "swiglu"}, "mlp_activation='swiglu'"),
+        ({"mlp_activation": "relu2"}, "mlp_activation='relu2'"),
+        ({"num_kv_heads": 1}, "num_kv_heads=1"),
+        ({"qk_norm": True}, "qk_norm=True"),
+        ({"attn_logit_softcap": 30.0}, "attn_logit_softcap"),
+        ({"use_bias": False}, "use_bias=False"),
+    ],
+)  # fmt: skip
+def test_models_gpt2_cannot_express_are_refused(ref, fields, reason):
+    """Every variant outside GPT-2's architecture is named as the reason for refusing export;
+    GPT-2 itself (exact or tanh GELU) has none."""
+    bpe = tokenizers_lib.load_tokenizer(ref.workdir)
+    base = dict(num_layers=1, num_heads=2, embed_dim=16, vocab_size=bpe.vocab_size)
+    assert hf_convert.gpt2_refusals(gpt.GPT(**base), bpe) == []
+    assert hf_convert.gpt2_refusals(gpt.GPT(**base, mlp_activation="gelu_tanh"), bpe) == []
+    reasons = hf_convert.gpt2_refusals(gpt.GPT(**base, **fields), bpe)
+    assert len(reasons) == 1 and reason in reasons[0], reasons
