@@ -50,6 +50,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     (ml_collections raises a bare AttributeError from deep inside the parser)."""
     try:
         return app.parse_flags_with_usage(argv)
+    except UserError as e:  # a config file's get_config refusing its argument
+        raise SystemExit(f"ERROR: {e}") from None
     except (AttributeError, KeyError) as e:
         inner = e
         while inner.args and isinstance(inner.args[0], BaseException):
