@@ -19,16 +19,21 @@ class ConfigError(cli.UserError, ValueError):
     """The config asks for something impossible or misspelt."""
 
 
+OPTIMIZERS = ("adamw", "adam", "lion", "adafactor", "muon", "sgd")  # optim.build_optimizer
+SCHEDULES = ("cosine", "linear", "wsd", "constant")  # optim.learning_rate_schedule
+WANDB_MODES = ("disabled", "offline", "online")  # tracking.py
+
 _CHOICES = {
     "task": ("classification", "lm"),
-    "optimizer": ("adamw", "adam", "sgd"),
-    "lr_schedule": ("cosine", "constant"),
+    "optimizer": OPTIMIZERS,
+    "lr_schedule": SCHEDULES,
+    "decay_shape": ("linear", "1-sqrt"),
     "parallelism": ("jit", "pmap"),
     "dtype": ("float32", "bfloat16", "float16"),
 }
 _POSITIVE = ("batch_size", "eval_batch_size", "grad_accum_steps", "steps_per_dispatch",
              "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
-             "keep_checkpoints")  # fmt: skip
+             "keep_checkpoints", "muon_ns_steps", "muon_update_rms")  # fmt: skip
 _POSITIVE_IF_SET = ("num_train_steps", "decay_steps", "eval_steps", "tokenizer_vocab_size")
 _NON_NEGATIVE = ("learning_rate", "min_learning_rate", "warmup_steps", "weight_decay",
                  "grad_clip_norm", "label_smoothing")  # fmt: skip
@@ -159,6 +164,16 @@ def validate(
         )
     if not 0 <= config.label_smoothing < 1:
         raise ConfigError(f"config.label_smoothing={config.label_smoothing} must be in [0, 1).")
+    if not 0 < config.decay_fraction <= 1:
+        raise ConfigError(
+            f"config.decay_fraction={config.decay_fraction} must be in (0, 1]: the share of the "
+            "run that lr_schedule='wsd' spends decaying (e.g. 0.2)."
+        )
+    if not 0 <= config.muon_momentum < 1:
+        raise ConfigError(f"config.muon_momentum={config.muon_momentum} must be in [0, 1).")
+    _check_profile_steps(config.profile_steps)
+    if config.wandb.mode not in WANDB_MODES:
+        raise ConfigError(f"config.wandb.mode={config.wandb.mode!r}: choose one of {WANDB_MODES}.")
     if config.task == "lm" and not 0 < config.val_fraction < 1:
         raise ConfigError(f"config.val_fraction={config.val_fraction} must be in (0, 1).")
     if config.init_from.mode not in ("params", "state"):
@@ -166,6 +181,23 @@ def validate(
     _check_model(config)
     _check_axis_rules(config)
     check_parallelism(config, num_devices, training)
+
+
+def _check_profile_steps(value: Any) -> None:
+    """config.profile_steps is None (off) or (first_step, num_steps): first_step >= 1 (step 0's
+    call compiles), num_steps >= 1."""
+    if value is None:
+        return
+    ok = (
+        isinstance(value, tuple | list)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    )
+    if not ok or value[0] < 1 or value[1] < 1:
+        raise ConfigError(
+            f"config.profile_steps={value!r} must be (first_step, num_steps) with first_step >= 1 "
+            "and num_steps >= 1, e.g. --config.profile_steps=10,5 (or None: no profile)."
+        )
 
 
 def check_parallelism(

@@ -1,37 +1,81 @@
-"""Optimizer and learning-rate schedule from the config (optax)."""
+"""Optimizer and learning-rate schedule from the config (optax).
+
+Every optimizer and schedule is optax's; this file only chooses and configures them, and
+decides which parameters are weight-decayed (matrices, never biases or normalization scales)
+and, for Muon, which parameters are matrices to orthogonalize. docs/training.md has the table
+of choices with their sources.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import traverse_util
+from optax.contrib import _muon as optax_muon
 
 import config_validation
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-    """Linear warmup, then cosine decay to `min_learning_rate` (nanoGPT's get_lr) or constant."""
-    warmup = int(config.warmup_steps)
+    """The learning rate at each update count (0-based), from `config.lr_schedule`.
+
+    Every schedule starts with `warmup_steps` of linear warmup from lr/(warmup+1), so update t
+    gets lr*(t+1)/(warmup+1) exactly as nanoGPT's get_lr (starting at 0 would waste the first
+    update). Then, until `decay_steps` (None: `total_steps`; counted from step 0, warmup
+    included), and `min_learning_rate` after it:
+      'cosine': cosine decay from lr to min_learning_rate (nanoGPT; Loshchilov & Hutter 2017);
+      'linear': linear decay from lr to min_learning_rate;
+      'wsd': warmup-stable-decay: lr held constant, then decayed to min_learning_rate over the
+        last `decay_fraction` of the decay_steps, linearly or by 1 - sqrt (Hu et al. 2024,
+        MiniCPM, arXiv:2404.06395; Hägele et al. 2024, arXiv:2405.18392, whose 1-sqrt
+        cooldown is lr * (1 - sqrt((t - t_0) / T_cooldown)));
+      'constant': lr after the warmup (decay_steps and min_learning_rate unused).
+    Returns an optax schedule: a jittable function of the int32 count giving a float32 rate.
+    """
+    lr, warmup = float(config.learning_rate), int(config.warmup_steps)
+    warmup_schedule = optax.linear_schedule(lr / (warmup + 1), lr, warmup)
+    end = max(total_steps if config.decay_steps is None else int(config.decay_steps), warmup + 1)
+    min_lr = float(config.min_learning_rate)
     if config.lr_schedule == "constant":
-        if warmup == 0:
-            return optax.constant_schedule(config.learning_rate)
-        return optax.linear_schedule(
-            config.learning_rate / (warmup + 1), config.learning_rate, warmup
+        return optax.constant_schedule(lr) if warmup == 0 else warmup_schedule
+    if config.lr_schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            init_value=lr / (warmup + 1),
+            peak_value=lr,
+            warmup_steps=warmup,
+            decay_steps=end,
+            end_value=min_lr,
         )
-    decay_steps = total_steps if config.decay_steps is None else int(config.decay_steps)
-    # Warmup from lr/(warmup+1), so step t gets lr*(t+1)/(warmup+1) exactly as nanoGPT's get_lr
-    # (starting at 0 would waste the first update).
-    return optax.warmup_cosine_decay_schedule(
-        init_value=config.learning_rate / (warmup + 1),
-        peak_value=config.learning_rate,
-        warmup_steps=warmup,
-        decay_steps=max(decay_steps, warmup + 1),
-        end_value=config.min_learning_rate,
+    if config.lr_schedule == "linear":
+        decay = optax.linear_schedule(lr, min_lr, end - warmup)
+        return optax.join_schedules([warmup_schedule, decay], [warmup])
+    if config.lr_schedule == "wsd":
+        start = max(warmup, end - round(float(config.decay_fraction) * end))
+        if config.decay_shape == "linear":
+            cooldown = optax.linear_schedule(lr, min_lr, end - start)
+        else:  # '1-sqrt' (optax has no such schedule)
+            cooldown = _one_minus_sqrt_schedule(lr, min_lr, end - start)
+        stable = optax.constant_schedule(lr)
+        return optax.join_schedules([warmup_schedule, stable, cooldown], [warmup, start])
+    raise ValueError(
+        f"config.lr_schedule={config.lr_schedule!r}: choose one of {config_validation.SCHEDULES}."
     )
+
+
+def _one_minus_sqrt_schedule(init: float, end: float, steps: int) -> optax.Schedule:
+    """init + (end - init) * sqrt(t / steps) for t in [0, steps], then `end` (Hägele et al.
+    2024, eq. for the '1-sqrt' cooldown, written towards a floor `end` instead of 0)."""
+
+    def schedule(count: jax.Array) -> jax.Array:
+        frac = jnp.clip(count / max(steps, 1), 0.0, 1.0)
+        return init + (end - init) * jnp.sqrt(frac)
+
+    return schedule
 
 
 def _decay_mask(params: Any) -> Any:
@@ -44,6 +88,106 @@ def _decay_mask(params: Any) -> Any:
 
 # Parameter names (the last path element) that are never weight-decayed.
 NO_DECAY = ("bias", "scale")
+
+# Logical axis names of output layers (the token or class logits), which Muon leaves to AdamW.
+OUTPUT_AXES = ("vocab", "classes")
+
+
+def muon_dimension_numbers(
+    path: str, axes: Sequence[str | None]
+) -> optax.contrib.MuonDimensionNumbers | None:
+    """How Muon sees the parameter at `path` ('h_0/attn/query/kernel') with logical axis names
+    `axes` (train_state.param_logical_axes): as one matrix (reduction axes -> output axes,
+    other axes batched), or None: not a hidden matrix, left to AdamW.
+
+    Muon orthogonalizes the update of a linear map's weight, so it takes the `kernel`s of the
+    hidden layers only; embeddings (lookup tables, not linear maps), output layers (an axis
+    named 'vocab' or 'classes'), biases, scales and anything of rank < 2 go to AdamW, as Jordan
+    (2024, "Muon: An optimizer for hidden layers") and Liu et al. (2025, arXiv:2502.16982) do.
+    A 3-D attention kernel is the linear map it implements, not a stack of per-head matrices:
+    a query/key/value kernel [embed, heads, head_dim] is the map embed -> heads*head_dim (its
+    leading 'embed' axis is the input), the output kernel [heads, head_dim, embed] the map
+    heads*head_dim -> embed (Flax's [inputs..., outputs] layout: the last axis is the output).
+    That is exactly the 2-D [embed, embed] weight of nanoGPT's or modded-nanogpt's q, k, v and
+    c_proj, so the update does not depend on how the code splits heads. A leading 'layers' axis
+    (GPT scan_layers) is a batch axis: each layer's matrix is orthogonalized on its own.
+    """
+    if path.rsplit("/", 1)[-1] != "kernel" or any(a in OUTPUT_AXES for a in axes):
+        return None
+    dims = [i for i, a in enumerate(axes) if a != "layers"]
+    if len(dims) < 2:
+        return None
+    if axes[dims[0]] == "embed":
+        return optax.contrib.MuonDimensionNumbers(tuple(dims[:1]), tuple(dims[1:]))
+    return optax.contrib.MuonDimensionNumbers(tuple(dims[:-1]), tuple(dims[-1:]))
+
+
+def _muon(
+    config: ml_collections.ConfigDict, schedule: optax.Schedule, param_axes: Mapping[str, Any]
+) -> optax.GradientTransformation:
+    """Muon on the hidden matrices (muon_dimension_numbers), optax.adamw on the rest, both with
+    `schedule` and decoupled weight decay on matrices only (_decay_mask).
+
+    The Muon part is the chain optax.contrib.muon builds for its matrices (scale_by_muon ->
+    scale_by_shape -> add_decayed_weights -> scale_by_learning_rate, optax 0.2.8), here beside
+    an optax.adamw of our own instead of the AdamW inside optax.contrib.muon, because that one
+    (1) labels parameters with a jax.tree.map that enters Flax's boxed (logically named)
+    parameters, leaving `Partitioned(MaskedNode)` leaves in the optimizer state that the state's
+    shardings cannot follow, (2) decays every AdamW parameter or none (no mask: biases and
+    scales would be decayed), and (3) shares Muon's Nesterov momentum with AdamW.
+    tests/test_optim.py checks the result equals optax.contrib.muon on matrices and
+    optax.adamw on the rest."""
+    dims = {path: muon_dimension_numbers(path, axes) for path, axes in param_axes.items()}
+
+    def labels(params: Any) -> Any:
+        flat = traverse_util.flatten_dict(params, sep="/")
+        return traverse_util.unflatten_dict(
+            {p: "adamw" if _dims_of(dims, p) is None else "muon" for p in flat}, sep="/"
+        )
+
+    def dimension_numbers(updates: Any) -> Any:
+        # Called on the Muon part only, whose AdamW leaves are optax MaskedNodes.
+        flat = traverse_util.flatten_dict(updates, sep="/")
+        return traverse_util.unflatten_dict(
+            {
+                p: v if isinstance(v, optax.transforms.MaskedNode) else _dims_of(dims, p)
+                for p, v in flat.items()
+            },
+            sep="/",
+        )
+
+    muon = optax.chain(
+        optax.contrib.scale_by_muon(
+            ns_steps=config.muon_ns_steps,
+            beta=config.muon_momentum,
+            nesterov=True,
+            weight_dimension_numbers=dimension_numbers,
+        ),
+        # Not exported by optax.contrib, but the very transformation its muon() applies.
+        optax_muon.scale_by_shape(
+            weight_dimension_numbers=dimension_numbers, consistent_rms=config.muon_update_rms
+        ),
+        optax.add_decayed_weights(config.weight_decay, _decay_mask),
+        optax.scale_by_learning_rate(schedule),
+    )
+    adamw = optax.adamw(
+        schedule,
+        b1=config.b1,
+        b2=config.b2,
+        eps=config.eps,
+        weight_decay=config.weight_decay,
+        mask=_decay_mask,
+    )
+    return optax.multi_transform({"muon": muon, "adamw": adamw}, labels)
+
+
+def _dims_of(dims: Mapping[str, Any], path: str) -> Any:
+    if path not in dims:
+        raise ValueError(
+            f"Parameter {path!r} has no logical axis names (param_axes lists {len(dims)} "
+            "others): build_optimizer's param_axes must come from the same model."
+        )
+    return dims[path]
 
 
 def freeze_prefixes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -91,25 +235,63 @@ def check_freeze(config: ml_collections.ConfigDict, params: Any) -> None:
 
 
 def build_optimizer(
-    config: ml_collections.ConfigDict, schedule: optax.Schedule
+    config: ml_collections.ConfigDict,
+    schedule: optax.Schedule,
+    param_axes: Mapping[str, Sequence[str | None]] | None = None,
 ) -> optax.GradientTransformation:
-    """Clipping -> optimizer with decoupled weight decay -> optional freezing and NaN skipping."""
+    """Clipping -> `config.optimizer` with decoupled weight decay -> optional freezing and NaN
+    skipping. Every optimizer scales its update by `schedule` and decays matrices only
+    (_decay_mask); decoupled decay removes lr * weight_decay * p per update (AdamW, Loshchilov &
+    Hutter 2019), except SGD's, which is PyTorch's coupled L2 (wd * p added to the gradient).
+
+    'adamw'/'adam': optax.adamw (b1, b2, eps; 'adam' without decay). 'lion': optax.lion (b1,
+    b2; Chen et al. 2023 use b2=0.99, a 3-10x smaller lr and larger decay than AdamW).
+    'adafactor': optax.adafactor (Shazeer & Stern 2018; factored second moments for axes of
+    >= 128, update clipping 1.0; `adafactor_multiply_by_parameter_scale` for the paper's
+    relative step). 'muon': optax.contrib.muon on hidden matrices and AdamW on the rest (see
+    _muon and muon_dimension_numbers); needs `param_axes`. 'sgd': optax.sgd with Nesterov
+    momentum b1.
+
+    param_axes: {'path/to/param': logical axis names} (train_state.param_logical_axes), needed
+    by 'muon' only. Raises ValueError for an unknown optimizer or a missing `param_axes`.
+    """
+    wd = config.weight_decay
     if config.optimizer in ("adamw", "adam"):
         tx = optax.adamw(
             schedule,
             b1=config.b1,
             b2=config.b2,
             eps=config.eps,
-            weight_decay=config.weight_decay if config.optimizer == "adamw" else 0.0,
+            weight_decay=wd if config.optimizer == "adamw" else 0.0,
             mask=_decay_mask,
         )
+    elif config.optimizer == "lion":
+        tx = optax.lion(schedule, b1=config.b1, b2=config.b2, weight_decay=wd, mask=_decay_mask)
+    elif config.optimizer == "adafactor":
+        tx = optax.adafactor(
+            schedule,
+            multiply_by_parameter_scale=config.adafactor_multiply_by_parameter_scale,
+            # optax adds weight_decay_rate * p after the learning rate: scaled by the schedule
+            # here, so the decay is lr * wd * p as for every other optimizer.
+            weight_decay_rate=(lambda count: wd * schedule(count)) if wd > 0 else None,
+            weight_decay_mask=_decay_mask,
+        )
+    elif config.optimizer == "muon":
+        if param_axes is None:
+            raise ValueError(
+                "config.optimizer='muon' needs param_axes (train_state.param_logical_axes) to "
+                "tell hidden matrices from the rest."
+            )
+        tx = _muon(config, schedule, param_axes)
     elif config.optimizer == "sgd":
         tx = optax.chain(
-            optax.add_decayed_weights(config.weight_decay, mask=_decay_mask),
+            optax.add_decayed_weights(wd, mask=_decay_mask),
             optax.sgd(schedule, momentum=config.b1 or None, nesterov=True),
         )
     else:
-        raise ValueError(f"config.optimizer={config.optimizer!r}: use 'adamw', 'adam' or 'sgd'.")
+        raise ValueError(
+            f"config.optimizer={config.optimizer!r}: choose one of {config_validation.OPTIMIZERS}."
+        )
     if config.grad_clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
     freeze = freeze_prefixes(config)

@@ -37,17 +37,34 @@ def get_config() -> ml_collections.ConfigDict:
     c.steps_per_dispatch = 1
     c.num_epochs = 10.0
     c.num_train_steps = placeholder(int)  # when set, overrides num_epochs
-    c.optimizer = "adamw"  # 'adamw', 'adam', 'sgd' (with momentum b1)
+    # 'adamw', 'adam', 'lion', 'adafactor', 'muon' (hidden matrices; AdamW for the rest) or
+    # 'sgd' (Nesterov momentum b1); optim.build_optimizer and docs/training.md.
+    c.optimizer = "adamw"
     c.learning_rate = 1e-3
-    c.lr_schedule = "cosine"  # 'cosine' (warmup then cosine to min) or 'constant' (after warmup)
+    # 'cosine' (warmup then cosine to min), 'linear' (warmup then linear to min), 'wsd'
+    # (warmup-stable-decay) or 'constant' (after warmup); optim.learning_rate_schedule.
+    c.lr_schedule = "cosine"
     c.warmup_steps = 0
     c.min_learning_rate = 0.0
-    c.decay_steps = placeholder(int)  # cosine length incl. warmup; None: the whole run
+    c.decay_steps = placeholder(int)  # where the decay ends, counted from 0; None: the whole run
+    # wsd only: the last decay_fraction of decay_steps decays (Hägele et al. 2024 use 0.2), with
+    # shape 'linear' or '1-sqrt' (lr * (1 - sqrt(progress)), their better cooldown).
+    c.decay_fraction = 0.2
+    c.decay_shape = "1-sqrt"
     c.b1 = 0.9
     c.b2 = 0.999
     c.eps = 1e-8
     c.weight_decay = 0.0  # decoupled, applied to matrices only (no biases, norms, embeddings 1D)
     c.grad_clip_norm = 0.0  # global-norm clipping; 0 disables
+    # muon only (optax.contrib.muon): momentum and Newton-Schulz iterations (Jordan 2024), and
+    # the RMS every matrix update is scaled to (Liu et al. 2025: 0.2 matches AdamW's, so
+    # learning_rate and weight_decay carry over from an AdamW run).
+    c.muon_momentum = 0.95
+    c.muon_ns_steps = 5
+    c.muon_update_rms = 0.2
+    # adafactor only: True scales each update by the parameter's RMS (the paper's relative step,
+    # learning_rate ~1e-2); False (default): learning_rate is an absolute step as for AdamW.
+    c.adafactor_multiply_by_parameter_scale = False
     c.label_smoothing = 0.0
     # lm only: weight of the z-loss, weight * log(sum(exp(logits)))^2 per token, which keeps the
     # softmax normaliser near 1 (PaLM, Chowdhery et al. 2022, uses 1e-4); 0 disables.
@@ -66,6 +83,22 @@ def get_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.async_checkpointing = True
     c.restart = False  # True: ignore (and replace) checkpoints already in the workdir
+    # (first_step, num_steps): a jax.profiler trace of those training steps (whole compiled
+    # calls when steps_per_dispatch groups them) into <workdir>/tensorboard/plugins/profile/;
+    # first_step >= 1 so compilation stays out. None: no profile.
+    c.profile_steps = placeholder(tuple)
+    # Weights & Biases (tracking.py): the scalars, config and final metrics that TensorBoard
+    # gets. 'disabled' never imports wandb; 'offline' writes the run under `dir` for a later
+    # `wandb sync`; 'online' needs `wandb login` or WANDB_API_KEY (never prompts).
+    c.wandb = ml_collections.ConfigDict(
+        {
+            "mode": "disabled",
+            "project": "jaxlab",
+            "entity": placeholder(str),  # None: the account's default entity
+            "name": placeholder(str),  # None: the workdir's name
+            "dir": placeholder(str),  # where wandb writes its files; None: the workdir
+        }
+    )
 
     # Parallelism.
     c.parallelism = "jit"  # 'jit' (NamedSharding over the mesh) or 'pmap' (data parallel)
