@@ -106,7 +106,11 @@ def build_run(
     model = models.build_model(config)
     total_steps = total_train_steps(config, input_spec.num_train_examples)
     schedule = optim.learning_rate_schedule(config, total_steps)
-    tx = optim.build_optimizer(config, schedule)
+    # Muon tells hidden matrices from the rest by their logical axis names.
+    param_axes = None
+    if config.optimizer == "muon":
+        param_axes = train_state.param_logical_axes(model, input_spec.example_input)
+    tx = optim.build_optimizer(config, schedule, param_axes)
     mesh = sharding.make_mesh(config, devices)
     rules = sharding.logical_axis_rules(config)
     abstract_state = train_state.abstract_state(
