@@ -174,6 +174,103 @@ def test_example_sweep_files_load():
         assert os.path.isfile(spec.resolve_config_path(sweep.config))
 
 
+def test_named_axes_bundle_overrides(tmp_path):
+    """A grid axis given as {label: overrides} sweeps bundles: names and tables show the label,
+    train.py gets the bundle's fields; bundles that collide with swept or fixed fields are
+    refused."""
+    sweep = spec.parse_sweep(
+        {
+            "config": "configs/fashion_mnist_cnn.py",
+            "grid": {
+                "net": {"small": {"model.conv_features": (8,)}, "base": {}},
+                "learning_rate": [1e-3, 3e-3],
+            },
+            "fixed": {"num_epochs": 1.0},
+        }
+    )
+    assert sweep.fields == ["net", "learning_rate"] and len(sweep.settings) == 4
+    assert sweep.config_fields == ["model.conv_features", "learning_rate"]
+    assert sweep.settings[0] == {"net": "small", "learning_rate": 1e-3}
+    runs = spec.plan_runs(sweep, str(tmp_path))
+    assert runs[0].name == "learning_rate=0.001,net=small/seed=0"
+    flags = spec.train_command(sweep, runs[0])[3:]
+    assert "--config.model.conv_features=(8,)" in flags and "--config.net=small" not in flags
+    assert not any("conv_features" in f for f in spec.train_command(sweep, runs[2])[3:])
+    spec.check_fields(sweep)  # model.conv_features is a field of the CNN config
+    bad = [
+        {"grid": {"net": {"a": {"learning_rate": 0.1}}, "learning_rate": [1e-3]}},  # swept too
+        {"grid": {"net": {"a": {"num_epochs": 2.0}}}, "fixed": {"num_epochs": 1.0}},  # fixed
+        {"grid": {"net": {"a": {"seed": 1}}}},
+        {"grid": {"net": {"a": {"x": 1}}, "opt": {"b": {"x": 2}}}},  # two axes set one field
+        {"grid": {"net": {"a": 0.1}}},  # not an overrides dict
+        {"grid": {"net": {}}},
+    ]
+    for spec_dict in bad:
+        with pytest.raises(ValueError):
+            spec.parse_sweep({"config": "c.py", **spec_dict})
+    typo = spec.parse_sweep(
+        {"config": "configs/fashion_mnist_cnn.py", "grid": {"net": {"a": {"model.conv_feat": 1}}}}
+    )
+    with pytest.raises(ValueError, match="model.conv_feat .did you mean 'model.conv_features'"):
+        spec.check_fields(typo)
+
+
+def _config_with(base: str, overrides: dict):
+    """The config train.py builds from `base` with --config.<field>=<value> overrides."""
+    import importlib
+
+    config = importlib.import_module(f"configs.{base}").get_config()
+    for field, value in overrides.items():
+        *parents, leaf = field.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        assert leaf in node, field  # train.py would refuse an unknown field
+        node[leaf] = value
+    return config
+
+
+def test_block_ablation_sweep_blocks_are_the_configs_they_name():
+    """configs/sweeps/gpt_block_ablation.py: 3 blocks x AdamW/Muon x 3 seeds; its 'gpt2' block
+    on the Llama-style base config is exactly shakespeare_char_cpu.py (every field, every
+    parameter), its 'llama' block the preset, and the SwiGLU block is within 1% of GPT-2's
+    parameter count."""
+    from models import build_model, gpt
+
+    sweep = spec.load_sweep(os.path.join(REPO, "configs/sweeps/gpt_block_ablation.py"))
+    assert sweep.fields == ["block", "optimizer"] and sweep.seeds == [0, 1, 2]
+    assert {s["optimizer"] for s in sweep.settings} == {"adamw", "muon"}
+    assert len(spec.plan_runs(sweep, "/tmp/unused")) == 18
+    base = sweep.config.removeprefix("configs/").removesuffix(".py")
+    configs = {
+        s["block"]: _config_with(base, {**sweep.fixed, **sweep.overrides(s)})
+        for s in sweep.settings
+        if s["optimizer"] == "adamw"
+    }
+    reference = _config_with("shakespeare_char_cpu", sweep.fixed)
+    reference.optimizer = "adamw"
+    gpt2 = configs["gpt2"].to_dict()
+    assert gpt2.pop("model") != reference.model.to_dict()  # spelled out, not the defaults
+    assert gpt2 == {k: v for k, v in reference.to_dict().items() if k != "model"}
+    # The same module: the same parameters from the same key, the same logits.
+    import jax
+    import numpy as np
+
+    tokens = jax.random.randint(jax.random.key(1), (2, 64), 0, 65)
+    (a, pa), (b, pb) = [
+        (model, model.init(jax.random.key(0), tokens))
+        for model in (build_model(configs["gpt2"]), build_model(reference))
+    ]
+    assert jax.tree.structure(pa) == jax.tree.structure(pb)
+    jax.tree.map(np.testing.assert_array_equal, pa, pb)
+    np.testing.assert_array_equal(a.apply(pa, tokens), b.apply(pb, tokens))
+    assert configs["llama"].to_dict() == _config_with(base, sweep.fixed).to_dict()
+    counts = {block: gpt.num_params(build_model(c)) for block, c in configs.items()}
+    assert counts["gpt2"] == gpt.num_params(build_model(reference)) == 804_096
+    assert counts["llama"] == 804_224
+    assert abs(counts["rmsnorm_swiglu"] / counts["gpt2"] - 1) < 0.01
+
+
 def test_failures_are_contained_and_finished_runs_skipped(tmp_path, fake_command):
     """A failing run is reported with its log kept; the others finish; a restart skips the
     finished ones and retries only the failed one."""

@@ -106,7 +106,7 @@ def main(argv: Sequence[str]) -> None:
         extra = parse_set(FLAGS.set)
     except ValueError as e:
         raise cli.UserError(str(e)) from e
-    swept = set(extra) & set(sweep.fields)
+    swept = set(extra) & set(sweep.config_fields)
     if swept:
         raise cli.UserError(f"--set fields {sorted(swept)} are swept by {FLAGS.sweep}.")
     sweep.fixed.update(extra)

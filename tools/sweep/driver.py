@@ -74,6 +74,10 @@ def write_sweep_json(sweep: Sweep, sweep_dir: str, extra_flags: Sequence[str] = 
                 "config": sweep.config,
                 "kind": sweep.kind,
                 "settings": [jsonable(s) for s in sweep.settings],
+                "bundles": {
+                    axis: {label: jsonable(b) for label, b in labels.items()}
+                    for axis, labels in sweep.bundles.items()
+                },
                 "seeds": sweep.seeds,
                 "fixed": jsonable(sweep.fixed),
                 "extra_flags": list(extra_flags),

@@ -167,9 +167,15 @@ def write_markdown(
         f"seeds: {', '.join(map(str, sweep.seeds))}.",
         f"Key metric **{metric}** ({goal} is better): mean ± sample standard deviation over "
         "seeds; 'seeds' counts finished/planned runs. Best setting in bold.",
-        "",
-        markdown_table(sweep, groups, metric, rows),
     ]
+    for axis, labels in sweep.bundles.items():
+        text.append("")
+        text += [
+            f"- {axis} `{label}`: "
+            + (", ".join(f"`{k}={format_value(v)}`" for k, v in bundle.items()) or "(base config)")
+            for label, bundle in labels.items()
+        ]
+    text += ["", markdown_table(sweep, groups, metric, rows)]
     unfinished = [r for r in rows if r["status"] != "finished"]
     if unfinished:
         text += ["", "Runs without final metrics:", ""]

@@ -3,7 +3,11 @@
 A sweep file (configs/sweeps/<name>.py) defines `get_sweep()` (or `get_sweep(arg)` for
 `--sweep=file.py:arg`) returning a dict with
   'config':   the base config file, e.g. 'configs/fashion_mnist_cnn.py';
-  one of      'grid':     {field: [values]}              (every combination),
+  one of      'grid':     {field: [values]}              (every combination); a value list
+                          may instead be a dict {label: {field: value, ...}}, a named axis
+                          whose values are bundles of overrides (e.g. 'block': {'gpt': {...},
+                          'llama': {...}}): runs and tables show the label, train.py gets
+                          the bundle's fields,
               'settings': [{field: value, ...}, ...]     (an explicit list), or
               'random':   {'count': n, 'seed': s, 'params': {field: distribution}}, with
                           distributions log_uniform(lo, hi), uniform(lo, hi), choice([...])
@@ -77,13 +81,31 @@ class Sweep:
     metric: str | None = None
     kind: str = "grid"  # 'grid', 'settings' or 'random'
     source: str = ""
+    # Named axes of a grid: {axis: {label: {field: value}}}; a setting holds the label.
+    bundles: dict[str, dict[str, dict[str, Any]]] = dataclasses.field(default_factory=dict)
 
     @property
     def fields(self) -> list[str]:
-        """The swept fields, in first-appearance order."""
+        """The swept fields (named axes by their name), in first-appearance order: the columns
+        of the tables."""
         seen: dict[str, None] = {}
         for setting in self.settings:
             seen.update(dict.fromkeys(setting))
+        return list(seen)
+
+    def overrides(self, setting: dict[str, Any]) -> dict[str, Any]:
+        """The config overrides of a setting: a named axis's label replaced by its bundle."""
+        out: dict[str, Any] = {}
+        for field, value in setting.items():
+            out.update(self.bundles[field][value] if field in self.bundles else {field: value})
+        return out
+
+    @property
+    def config_fields(self) -> list[str]:
+        """The config fields the settings change (bundles expanded)."""
+        seen: dict[str, None] = {}
+        for setting in self.settings:
+            seen.update(dict.fromkeys(self.overrides(setting)))
         return list(seen)
 
 
@@ -129,8 +151,27 @@ def expand_grid(grid: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(fields, combo, strict=True)) for combo in itertools.product(*grid.values())]
 
 
+def _named_axes(grid: dict[str, Any], source: str) -> dict[str, dict[str, dict[str, Any]]]:
+    """The grid's named axes ({label: {field: value}} instead of a list), validated."""
+    bundles = {}
+    for axis, values in grid.items():
+        if not isinstance(values, dict):
+            continue
+        if not values:
+            raise ValueError(f"Sweep {source}: grid[{axis!r}] names no bundles.")
+        for label, bundle in values.items():
+            if not isinstance(label, str) or not label or not isinstance(bundle, dict):
+                raise ValueError(
+                    f"Sweep {source}: grid[{axis!r}] must map labels (str) to override dicts "
+                    f"{{field: value}}, got {label!r}: {bundle!r}."
+                )
+        bundles[axis] = {label: dict(bundle) for label, bundle in values.items()}
+    return bundles
+
+
 def parse_sweep(spec: dict[str, Any], source: str = "") -> Sweep:
-    """Validates a get_sweep() dict and expands it into a Sweep."""
+    """Validates a get_sweep() dict and expands it into a Sweep; raises ValueError naming the
+    key at fault."""
     known = {"config", "grid", "settings", "random", "seeds", "fixed", "metric"}
     unknown = set(spec) - known
     if unknown:
@@ -141,8 +182,10 @@ def parse_sweep(spec: dict[str, Any], source: str = "") -> Sweep:
     if len(kinds) > 1:
         raise ValueError(f"Sweep {source}: give one of 'grid', 'settings', 'random', not {kinds}.")
     kind = kinds[0] if kinds else "settings"
+    bundles: dict[str, dict[str, dict[str, Any]]] = {}
     if kind == "grid":
-        settings = expand_grid(spec["grid"])
+        bundles = _named_axes(spec["grid"], source)
+        settings = expand_grid({k: list(v) if k in bundles else v for k, v in spec["grid"].items()})
     elif kind == "random":
         random = dict(spec["random"])
         settings = sample_random(random["params"], int(random["count"]), int(random.get("seed", 0)))
@@ -152,10 +195,28 @@ def parse_sweep(spec: dict[str, Any], source: str = "") -> Sweep:
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"Sweep {source}: 'seeds' must be a non-empty list of distinct ints.")
     fixed = dict(spec.get("fixed", {}))
+    plain = {f for s in settings for f in s if f not in bundles}
+    for axis, labels in bundles.items():
+        for label, bundle in labels.items():
+            clash = set(bundle) & plain
+            if clash:
+                raise ValueError(
+                    f"Sweep {source}: grid[{axis!r}][{label!r}] sets {sorted(clash)}, which the "
+                    "grid also sweeps."
+                )
+            for other in bundles.keys() - {axis}:
+                clash = set(bundle) & {f for b in bundles[other].values() for f in b}
+                if clash:
+                    raise ValueError(
+                        f"Sweep {source}: {sorted(clash)} are set by both named axes "
+                        f"{axis!r} and {other!r}."
+                    )
+    sweep = Sweep(config=spec["config"], settings=settings, seeds=[], bundles=bundles)
     for setting in settings:
-        if "seed" in setting or "seed" in fixed:
+        overrides = sweep.overrides(setting)
+        if "seed" in overrides or "seed" in fixed:
             raise ValueError(f"Sweep {source}: set seeds with 'seeds', not as a swept field.")
-        clash = set(setting) & set(fixed)
+        clash = set(overrides) & set(fixed)
         if clash:
             raise ValueError(f"Sweep {source}: {sorted(clash)} are both swept and fixed.")
     names = [setting_name(s) for s in settings]
@@ -169,6 +230,7 @@ def parse_sweep(spec: dict[str, Any], source: str = "") -> Sweep:
         metric=spec.get("metric"),
         kind=kind,
         source=source,
+        bundles=bundles,
     )
 
 
@@ -194,7 +256,7 @@ def check_fields(sweep: Sweep) -> None:
         return out
 
     known = paths(config)
-    fields = {f for setting in sweep.settings for f in setting} | set(sweep.fixed)
+    fields = set(sweep.config_fields) | set(sweep.fixed)
     missing = sorted(f for f in fields if f not in known)
     if missing:
         hints = [f"{f} (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(f, known, 1))
@@ -328,7 +390,7 @@ def train_command(
             )
         config = os.path.join(repo_root, relative) + sep + arg
     command = [python, os.path.join(repo_root, "train.py"), f"--config={config}"]
-    overrides = {**sweep.fixed, **run.setting, "seed": run.seed}
+    overrides = {**sweep.fixed, **sweep.overrides(run.setting), "seed": run.seed}
     command += [f"--config.{k}={cli_value(v)}" for k, v in overrides.items()]
     command += list(extra)
     command.append(f"--workdir={run.workdir}")
