@@ -157,10 +157,16 @@ def _muon_config(**fields):
 
 
 def _run(tx, params, grads):
+    """Applies `tx` to `params` for each gradient in `grads` (one compiled update)."""
+
+    @jax.jit
+    def step(state, current, g):
+        updates, state = tx.update(g, state, current)
+        return state, optax.apply_updates(current, updates)
+
     state, current = tx.init(params), params
     for g in grads:
-        updates, state = tx.update(g, state, current)
-        current = optax.apply_updates(current, updates)
+        state, current = step(state, current, g)
     return current
 
 
@@ -336,15 +342,19 @@ def test_bad_optimizer_fields_fail_in_one_line(fields, message, tiny_lm_config) 
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-def test_resuming_with_another_optimizer_is_refused(trained_lm_run, tiny_lm_config) -> None:
-    """A run trained with AdamW cannot continue under Muon (its state would not even fit): the
-    error names the field and the way out."""
-    import train
+def test_resuming_with_another_optimizer_is_refused(tmp_path) -> None:
+    """A run trained with AdamW cannot continue under Muon (its state would not even fit):
+    workdir_files.check_resume, which train.py calls before restoring, names the field and the
+    way out."""
     import workdir_files
 
-    tiny_lm_config.optimizer = "muon"
+    config = shakespeare_char_cpu.get_config()
+    workdir_files.save_config(str(tmp_path), config)
+    config.optimizer = "muon"
     with pytest.raises(workdir_files.WorkdirError) as error:
-        train.train_and_evaluate(tiny_lm_config, trained_lm_run)
+        workdir_files.check_resume(str(tmp_path), config, None, 100, 2000)
     message = str(error.value)
     assert "optimizer: 'adamw' -> 'muon'" in message and "--config.restart=True" in message
     assert "\n" not in message
+    config.optimizer, config.lr_schedule = "adamw", "wsd"  # a schedule may change on resume
+    workdir_files.check_resume(str(tmp_path), config, None, 100, 2000)
