@@ -329,10 +329,21 @@ def decode_slots(
     """One decoding step of every slot: feeds tokens[slots] (each slot's last token) at the
     slot's own position and samples the next, token number token_index[slots] of its request
     (keys from `token_keys`). Per-slot settings as in `sample_logits_per_row`; active[slots]
-    (bool) marks the slots in use: the others compute garbage and their cache index is reset
-    to 0. Returns (int32 tokens[slots], the cache; donated). One compilation per slot count.
+    (bool) marks the slots in use: the others compute garbage at position 0. Returns (int32
+    tokens[slots], the cache; donated). One compilation per slot count.
     """
     decode_model = model.clone(decode=True)
+
+    def park_idle(path, leaf):
+        if getattr(path[-1], "key", None) != "cache_index":
+            return leaf
+        return jnp.where(active.reshape((-1,) + (1,) * (leaf.ndim - 1)), leaf, 0)
+
+    # Idle slots decode at position 0: a finished slot's index may be block_size, where the
+    # position table has no row (the lookup would give NaN) and the cache write would land, as
+    # NaN, on its last position, which the next request in the slot would attend to with
+    # weight 0 (and 0 * NaN is NaN). Position 0 is always rewritten by the next prefill.
+    cache = jax.tree_util.tree_map_with_path(park_idle, cache)
 
     def one_slot(slot_cache, token):
         logits, state = decode_model.apply(
@@ -344,10 +355,4 @@ def decode_slots(
     next_tokens = sample_logits_per_row(
         logits, token_keys(seeds, token_index), temperature, top_k, top_p
     )
-
-    def park_idle(path, leaf):
-        if getattr(path[-1], "key", None) != "cache_index":
-            return leaf
-        return jnp.where(active.reshape((-1,) + (1,) * (leaf.ndim - 1)), leaf, 0)
-
-    return next_tokens, jax.tree_util.tree_map_with_path(park_idle, cache)
+    return next_tokens, cache
