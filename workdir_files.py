@@ -44,7 +44,7 @@ PREVIOUS_RUNS = "previous_runs"
 # Everything a run writes into its workdir (besides the claim and previous runs).
 RUN_RECORDS = ("checkpoints", "damaged_checkpoints", "tensorboard", "metrics.jsonl",
                "final_metrics.json", CONFIG_FILE, INPUT_SPEC_FILE)  # fmt: skip
-RUN_RECORD_PREFIXES = ("tokenizer", "eval_")
+RUN_RECORD_PREFIXES = ("tokenizer", "eval_", "wandb")  # wandb: tracking.py's run id and files
 # Config fields whose change gives a workdir's checkpoints another meaning: resuming with
 # another value is refused (config.restart=True starts afresh instead).
 MEANING_FIELDS = ("task", "dataset", "tokenizer", "tokenizer_vocab_size", "val_fraction",
