@@ -73,10 +73,10 @@ def task_script(
     scheduler's own log)."""
     last = len(commands) - 1
     lines = [
-        "set -eu",
-        f"cd {shlex.quote(repo_root)}",
+        f"cd {shlex.quote(repo_root)} || exit 1",
         'export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"',
-        *setup,
+        *setup,  # before `set -u`: environment scripts (module, activate) read unset variables
+        "set -eu",
         f'index="${{{index_var}:?is not set: it picks the run (0-{last}) this task trains}}"',
         'case "$index" in',
     ]
