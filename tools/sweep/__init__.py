@@ -1,7 +1,6 @@
 """Hyperparameter sweeps: expand a sweep file into train.py runs, run them, tabulate and plot.
 
     python -m tools.sweep --sweep=configs/sweeps/cnn_width_lr.py --sweep_dir=runs/sweeps/cnn
-
     python -m tools.sweep --sweep=... --sweep_dir=... --launcher=slurm   # or kubernetes
     python -m tools.sweep --sweep=... --sweep_dir=... --summarize        # after a cluster job
 
