@@ -30,10 +30,15 @@ from tensorboard.util import tensor_util
 
 
 class MetricsWriter:
-    """Scalars go to TensorBoard and to one JSON line per (step, group); other processes no-op."""
+    """Scalars go to TensorBoard, to one JSON line per (step, group) and to the run's tracker
+    (tracking.WandbTracker, when W&B is on); other processes no-op."""
 
-    def __init__(self, workdir: str, resume_step: int = 0):
+    def __init__(self, workdir: str, resume_step: int = 0, tracker: Any = None):
+        """tracker: None, or an object with log_scalars(step, {name: value}),
+        write_summary(metrics) and close() (tracking.start's), which then gets every scalar
+        written here, the final summary, and is closed with the writer."""
         self.enabled = jax.process_index() == 0
+        self.tracker = tracker if self.enabled else None
         self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
         if not self.enabled:
             return
@@ -53,6 +58,14 @@ class MetricsWriter:
         with open(self.jsonl_path, "a") as f:
             f.write(json.dumps({"step": int(step), **values}) + "\n")
         self._tb.flush()
+        if self.tracker is not None:
+            self.tracker.log_scalars(step, values)
+
+    def write_summary(self, metrics: dict[str, Any]) -> None:
+        """The run's final metrics, for the tracker's summary (final_metrics.json holds them
+        on disk; TensorBoard has them as the last evaluation's scalars)."""
+        if self.tracker is not None:
+            self.tracker.write_summary(metrics)
 
     def write_text(self, step: int, name: str, text: str) -> None:
         """Logs a text summary (config, generated samples)."""
@@ -74,9 +87,12 @@ class MetricsWriter:
             self._tb.flush()
 
     def close(self) -> None:
-        """Flushes and closes the event file."""
+        """Flushes and closes the event file, and finishes the tracker's run."""
         if self.enabled:
             self._tb.close()
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
 
 
 class _EventWriter:

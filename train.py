@@ -42,6 +42,7 @@ import finetune
 import metrics_writer
 import preemption
 import sampling
+import tracking
 import workdir_files
 
 # Random numbers that do not depend on how arrays are sharded (same dropout on 1 or 8 devices).
@@ -181,7 +182,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     if run.tokenizer is not None and jax.process_index() == 0:
         run.tokenizer.save(workdir)
 
-    writer = metrics_writer.MetricsWriter(workdir, resume_step=start_step)
+    tracker = tracking.start(config, workdir, start_step)  # None unless config.wandb asks
+    writer = metrics_writer.MetricsWriter(workdir, resume_step=start_step, tracker=tracker)
     if start_step == 0:
         writer.write_text(0, "config", "```\n" + config.to_json_best_effort(indent=2) + "\n```")
         writer.write_hparams(evaluation_metrics.flat_hparams(config))
@@ -278,6 +280,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
             json.dump(final, f, indent=2)
         evaluation_metrics.log_images(writer, total_steps, results)
+    writer.write_summary(final)
     writer.close()
     return final
 
