@@ -72,8 +72,8 @@ class StepProfiler:
     steps_per_dispatch > 1 a call runs several steps), so it widens to the calls holding those
     steps, and it never includes this process's first call, which compiles the step. It is
     written where TensorBoard's profile plugin (and XProf) look:
-    <tb_dir>/plugins/profile/<run>/<host>.xplane.pb, with a Perfetto trace beside it
-    (<host>.trace.json.gz)."""
+    <tb_dir>/plugins/profile/<run>/<host>.xplane.pb, with the same trace for Perfetto beside
+    it (perfetto_trace.json.gz) and in the Chrome trace format (<host>.trace.json.gz)."""
 
     def __init__(self, profile_steps: Any, tb_dir: str, first_step_here: int):
         self.window = None if profile_steps is None else tuple(int(v) for v in profile_steps)
