@@ -282,6 +282,8 @@ def create_app(service: Service) -> FastAPI:
         schema = schemas.get(request.url.path)
         accepted = list(schema.model_fields) if schema else []
         message, field = _validation_message(list(exc.errors()), accepted)
+        if field == "body" and "json" not in request.headers.get("content-type", ""):
+            message = "body: send a JSON object with the header Content-Type: application/json"
         return error_response(400, message, field)
 
     @app.exception_handler(ApiError)

@@ -99,7 +99,7 @@ class LMEngine:
         self.num_slots, self.max_waiting = num_slots, max_waiting
         self.block_size = int(model.block_size)
         self.eot_id = tokenizer.eot_id
-        self._cache = sampling.init_slot_cache(model, num_slots)
+        self._cache = self._new_cache()
         self._slots: list[Sequence | None] = [None] * num_slots
         # What each step sends to the device, per slot.
         self._tokens = np.zeros(num_slots, np.int32)
@@ -115,19 +115,32 @@ class LMEngine:
         self.decode_steps = 0
         self.generated_tokens = 0
 
+    def _new_cache(self) -> Any:
+        """Empty slot caches, replicated over the parameters' mesh (where the programs return
+        them), so that the first call compiles what every later call runs."""
+        cache = sampling.init_slot_cache(self.model, self.num_slots)
+        sharding = getattr(jax.tree.leaves(self.params)[0], "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+            cache = jax.device_put(cache, replicated)
+        return cache
+
     # ----- control (any thread)
 
     def warm_up(self) -> float:
         """Compiles (and runs once) the prefill of every prompt bucket and the decoding step;
         returns the seconds it took. Call before `start`."""
         start = time.perf_counter()
-        for bucket in sampling.prompt_buckets(self.block_size):
-            _, self._cache = sampling.prefill_slot(
-                self.model, self.params, self._cache, np.int32(0),
-                np.zeros((1, bucket), np.int32), np.int32(1), np.uint32(0), np.float32(1.0),
-                np.int32(0), np.float32(1.0),
-            )  # fmt: skip
-        tokens = self._step(np.zeros(self.num_slots, bool))
+        # Twice: the first pass takes the cache as created, later calls take the cache the
+        # programs return, whose placement (sharding) may differ and would compile anew.
+        for _ in range(2):
+            for bucket in sampling.prompt_buckets(self.block_size):
+                _, self._cache = sampling.prefill_slot(
+                    self.model, self.params, self._cache, np.int32(0),
+                    np.zeros((1, bucket), np.int32), np.int32(1), np.uint32(0),
+                    np.float32(1.0), np.int32(0), np.float32(1.0),
+                )  # fmt: skip
+            tokens = self._step(np.zeros(self.num_slots, bool))
         jax.block_until_ready(tokens)
         return time.perf_counter() - start
 
@@ -279,7 +292,7 @@ class LMEngine:
             failed = [s for s in self._slots if s is not None]
             self._slots = [None] * self.num_slots
         # A failed call may have consumed the donated cache: start the slots afresh.
-        self._cache = sampling.init_slot_cache(self.model, self.num_slots)
+        self._cache = self._new_cache()
         for seq in failed:
             seq.finish_reason = "error"
             seq.on_update(message, "error")
