@@ -37,10 +37,11 @@ def write_corpus(path: str, num_chars: int = 20_000) -> str:
     return path
 
 
-def tiny_config(model: str, corpus: str = "", **overrides: Any) -> ml_collections.ConfigDict:
+def tiny_config(model: str, corpus: str = "", /, **overrides: Any) -> ml_collections.ConfigDict:
     """A few-step, dropout-free config of `model` ('mlp', 'cnn' or 'gpt'); overrides applied last.
 
-    Nested groups (mesh_shape, model) are given as dicts and update only the fields they name.
+    Nested groups (mesh_shape, model) are given as dicts and update only the fields they name
+    (positional-only arguments: `model={...}` is such an override).
     """
     from configs import fashion_mnist_cnn, fashion_mnist_mlp, shakespeare_char
 
