@@ -489,3 +489,76 @@ def test_llama_style_cpu_trains_on_tiny_shakespeare(tmp_path) -> None:
     assert model_config["num_kv_heads"] == 2 and model_config["tie_embeddings"] is False
     assert final["num_params"] == num_params(GPT(**{k: v for k, v in model_config.items()
                                                     if k != "name"}))  # fmt: skip
+
+
+# The llama_style_cpu preset's block at the sharding tests' size (8 query heads of 8, 4 kv
+# heads, 32 characters), its 32-row vocabulary padded to 64 rows.
+LLAMA_SHARDED = {
+    "use_bias": False,
+    "position_embedding": "rope",
+    "norm": "rmsnorm",
+    "mlp_activation": "swiglu",
+    "mlp_hidden_dim": 128,
+    "num_kv_heads": 4,
+    "tie_embeddings": False,
+    "vocab_pad_multiple": 64,
+}
+LLAMA_MESHES = {
+    "fsdp8": ({"data": 1, "fsdp": 8, "tensor": 1}, {"h_0/attn/key/kernel": (8, 4, 8)}),
+    # 4 kv heads over tensor 4: one each; the query heads two each (their groups).
+    "fsdp2_tensor4": (
+        {"data": 1, "fsdp": 2, "tensor": 4},
+        {
+            "h_0/attn/query/kernel": (32, 2, 8),
+            "h_0/attn/key/kernel": (32, 1, 8),
+            "h_0/attn/value/kernel": (32, 1, 8),
+            "h_0/mlp/gate/kernel": (32, 32),
+            "lm_head/kernel": (32, 16),
+            "wte/embedding": (16, 32),
+        },
+    ),
+    # 8 does not divide the 4 kv heads: keys and values stay whole, queries split.
+    "tensor8": (
+        {"data": 1, "fsdp": 1, "tensor": 8},
+        {
+            "h_0/attn/query/kernel": (64, 1, 8),
+            "h_0/attn/key/kernel": (64, 4, 8),
+            "lm_head/kernel": (64, 8),
+        },
+    ),
+}
+
+
+def test_llama_style_sharded_matches_one_device(tmp_path) -> None:
+    """The Llama-style block (RMSNorm, SwiGLU, rope, GQA, no bias, untied, padded vocabulary)
+    trains the same losses and parameters over fsdp=8, fsdp=2 x tensor=4 and tensor=8 (8
+    simulated devices) as on one device; kv heads split over `tensor` only where it divides
+    them."""
+    import sharded_driver
+    from test_sharding import run_driver
+
+    import train
+
+    corpus = sharded_driver.write_corpus(str(tmp_path / "corpus.txt"))
+    cases = [
+        {
+            "kind": "train",
+            "name": name,
+            "model": "gpt",
+            "corpus": corpus,
+            "workdir": str(tmp_path / name),
+            "overrides": {"mesh_shape": mesh, "model": LLAMA_SHARDED},
+        }
+        for name, (mesh, _) in LLAMA_MESHES.items()
+    ]
+    wait = run_driver(cases)  # the 8-device runs proceed while this process runs the baseline
+    one = {"data": 1, "fsdp": 1, "tensor": 1}
+    config = sharded_driver.tiny_config("gpt", corpus, mesh_shape=one, model=LLAMA_SHARDED)
+    train.train_and_evaluate(config, str(tmp_path / "one"))
+    results = wait()
+    for name, (_, shards) in LLAMA_MESHES.items():
+        sharded_driver.assert_same_run(str(tmp_path / name), str(tmp_path / "one"), name)
+        params = results[name]["params"]
+        assert params["lm_head/kernel"]["shape"] == [64, 64]
+        for param, shard in shards.items():
+            assert tuple(params[param]["shard"]) == shard, (name, param, params[param])
