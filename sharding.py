@@ -4,7 +4,10 @@ Models name their parameter and activation axes logically (batch, embed, mlp, he
 rules below map those names onto the mesh axes `data`, `fsdp` and `tensor`:
 - batch over data x fsdp (data parallelism; FSDP is data parallelism with sharded state),
 - parameters and optimizer state over fsdp along `embed` (ZeRO-3 style),
-- attention heads, MLP hidden units and the vocabulary over tensor (Megatron style).
+- attention heads, MLP hidden units and the vocabulary over tensor (Megatron style);
+- grouped key/value heads (`kv_heads`, GPT's num_kv_heads < num_heads) over tensor too, which
+  `_fit_spec` keeps only where the tensor axis divides their number (else they are replicated,
+  as Megatron replicates kv heads when tensor parallelism exceeds them).
 A config can override single rules with `config.logical_axis_rules`.
 """
 
