@@ -229,6 +229,7 @@ class Service:
                         seed=seed + len(sequences),
                         stop=body.stops(),
                         on_update=lambda text, finish: None,
+                        stream=body.stream,
                     )
                 )
         return sequences, prompt_tokens
@@ -359,8 +360,10 @@ def create_app(service: Service) -> FastAPI:
         remaining = len(sequences)
         try:
             while remaining:
+                # Without streaming each sequence reports once, at its end; meanwhile, a client
+                # that hung up frees the slots its sequences hold.
                 try:
-                    i, text, finish = await asyncio.wait_for(updates.get(), timeout=0.5)
+                    i, text, finish = await asyncio.wait_for(updates.get(), timeout=1.0)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
                         return JSONResponse({}, status_code=499)  # nobody reads it

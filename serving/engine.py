@@ -62,7 +62,9 @@ class Sequence:
 
     `on_update(text, finish_reason)` is called from the engine's thread with each piece of new
     text (possibly empty) and, on the last call, the reason it ended: 'stop' (a stop string or
-    the end-of-text token), 'length' (max_tokens), or 'error'.
+    the end-of-text token), 'length' (max_tokens), or 'error'. With `stream=False` it is called
+    once, at the end, with the whole text (no per-token wake-ups of the caller, and no text
+    decoded before the end unless a stop string needs it).
     """
 
     prompt_ids: np.ndarray  # int32 [prompt_len], 1 <= prompt_len <= block_size
@@ -73,6 +75,7 @@ class Sequence:
     seed: int  # [0, 2**31)
     stop: tuple[str, ...]
     on_update: Callable[[str, str | None], None]
+    stream: bool = True
     token_ids: list[int] = dataclasses.field(default_factory=list)
     emitted: int = 0  # characters of text already handed out
     finish_reason: str | None = None
@@ -263,16 +266,19 @@ class LMEngine:
         finish = None
         if self.eot_id is not None and token == self.eot_id:
             finish = "stop"
-            text = self.tokenizer.decode(seq.token_ids)
         else:
             seq.token_ids.append(token)
-            text = self.tokenizer.decode(seq.token_ids)
-            hits = [i for i in (text.find(s) for s in seq.stop) if i >= 0]
-            if hits:
-                text, finish = text[: min(hits)], "stop"
-            elif len(seq.token_ids) >= seq.max_tokens:
+            if len(seq.token_ids) >= seq.max_tokens:
                 finish = "length"
+        if finish is None and not seq.stream and not seq.stop:
+            return  # nothing to hand out or check before the end
+        text = self.tokenizer.decode(seq.token_ids)
+        hits = [i for i in (text.find(s) for s in seq.stop) if i >= 0]
+        if hits:
+            text, finish = text[: min(hits)], "stop"
         if finish is None:
+            if not seq.stream:
+                return
             # Hold back what could still become a stop string, or an unfinished UTF-8 sequence.
             hold = max((len(s) - 1 for s in seq.stop), default=0)
             safe = len(text) - hold
