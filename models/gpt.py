@@ -431,24 +431,7 @@ class GPT(nn.Module):
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
         remat = self.remat_policy != "none" and not self.decode
-        config = BlockConfig(
-            num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads or self.num_heads,
-            block_size=self.block_size,
-            mlp_hidden_dim=_mlp_hidden_dim(self),
-            mlp_activation=self.mlp_activation,
-            norm=self.norm,
-            norm_epsilon=self.norm_epsilon,
-            qk_norm=self.qk_norm,
-            attn_logit_softcap=self.attn_logit_softcap,
-            residual_init_std=0.02 / math.sqrt(2 * self.num_layers),
-            use_bias=self.use_bias,
-            rope=self.position_embedding == "rope",
-            attention_impl=self.attention_impl,
-            dropout_rate=self.dropout_rate,
-            decode=self.decode,
-            dtype=self.dtype,
-        )
+        config = self.block_config()
         if self.scan_layers:
             policy = REMAT_POLICIES[self.remat_policy] if remat else None
             x, _ = scanned_blocks(config, self.num_layers, policy, name="h")(x, positions, train)
@@ -479,6 +462,28 @@ class GPT(nn.Module):
         # chosen for it), then sliced: the padding rows are never sampled or scored.
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         return logits[..., : self.vocab_size].astype(jnp.float32)
+
+    def block_config(self) -> BlockConfig:
+        """The hyperparameters every block of this model shares (what Block, CausalSelfAttention
+        and FeedForward are built from)."""
+        return BlockConfig(
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads or self.num_heads,
+            block_size=self.block_size,
+            mlp_hidden_dim=_mlp_hidden_dim(self),
+            mlp_activation=self.mlp_activation,
+            norm=self.norm,
+            norm_epsilon=self.norm_epsilon,
+            qk_norm=self.qk_norm,
+            attn_logit_softcap=self.attn_logit_softcap,
+            residual_init_std=0.02 / math.sqrt(2 * self.num_layers),
+            use_bias=self.use_bias,
+            rope=self.position_embedding == "rope",
+            attention_impl=self.attention_impl,
+            dropout_rate=self.dropout_rate,
+            decode=self.decode,
+            dtype=self.dtype,
+        )
 
     def _check_config(self) -> None:
         """Raises GPTConfigError (a ValueError and a cli.UserError) naming the field and the

@@ -218,32 +218,6 @@ def test_gqa_equals_multi_head_with_repeated_kv() -> None:
     )
 
 
-def _block_config(model: GPT):
-    """The BlockConfig that GPT builds for `model` (for applying one layer's modules)."""
-    import math
-
-    from models.gpt import BlockConfig, _mlp_hidden_dim
-
-    return BlockConfig(
-        num_heads=model.num_heads,
-        num_kv_heads=model.num_kv_heads or model.num_heads,
-        block_size=model.block_size,
-        mlp_hidden_dim=_mlp_hidden_dim(model),
-        mlp_activation=model.mlp_activation,
-        norm=model.norm,
-        norm_epsilon=model.norm_epsilon,
-        qk_norm=model.qk_norm,
-        attn_logit_softcap=model.attn_logit_softcap,
-        residual_init_std=0.02 / math.sqrt(2 * model.num_layers),
-        use_bias=model.use_bias,
-        rope=model.position_embedding == "rope",
-        attention_impl=model.attention_impl,
-        dropout_rate=0.0,
-        decode=False,
-        dtype=jnp.float32,
-    )
-
-
 @pytest.mark.parametrize(
     "activation, reference",
     [
@@ -261,7 +235,7 @@ def test_mlp_activation_formulas(activation: str, reference) -> None:
     from models.gpt import FeedForward
 
     model = GPT(**TINY, mlp_activation=activation, mlp_hidden_dim=24)
-    layer = FeedForward(_block_config(model))  # the block's MLP, as GPT builds it
+    layer = FeedForward(model.block_config())  # the block's MLP, as GPT builds it
     x = jax.random.normal(jax.random.key(3), (2, 5, 16))
     boxed = layer.init(jax.random.key(0), x)["params"]
     mlp = jax.device_get(nn.unbox(boxed))
