@@ -52,6 +52,15 @@ VARIANTS = {
         num_kv_heads=2,
         tie_embeddings=False,
     ),
+    "llama_scanned": dict(
+        use_bias=False,
+        position_embedding="rope",
+        norm="rmsnorm",
+        mlp_activation="swiglu",
+        num_kv_heads=2,
+        tie_embeddings=False,
+        scan_layers=True,
+    ),
     "everything": dict(
         use_bias=False,
         position_embedding="rope",
@@ -173,7 +182,10 @@ def test_causal_and_cached_decoding(variant: str, attention_impl: str) -> None:
     assert not np.allclose(full_changed[:, 6:], full[:, 6:])
     np.testing.assert_allclose(decoded, full, atol=1e-5)
     kv_heads = model.num_kv_heads or model.num_heads
-    assert cache["h_0"]["attn"]["cached_key"].shape == (2, 16, kv_heads, 4)
+    if model.scan_layers:  # one cache stacked over the layers
+        assert cache["h"]["attn"]["cached_key"].shape == (2, 2, 16, kv_heads, 4)
+    else:
+        assert cache["h_0"]["attn"]["cached_key"].shape == (2, 16, kv_heads, 4)
     assert int(cache["cache_index"]) == 11
 
 
