@@ -41,7 +41,7 @@ test: setup lint torch-env
 # tests/test_hf_convert.py in a subprocess). Nothing that trains or samples imports them.
 # torch==2.13.0 is a CPU build on this machine's disk; elsewhere add
 # --index-url https://download.pytorch.org/whl/cpu to avoid a multi-GB CUDA build.
-TORCH_ENV_PACKAGES := numpy torch==2.13.0 'transformers>=4.46,<6'
+TORCH_ENV_PACKAGES := numpy torch==2.13.0 'transformers>=5,<6'
 torch-env: .venv-torch/.installed
 .venv-torch/.installed: Makefile
 	test -x .venv-torch/bin/python || $(PYTHON) -m venv .venv-torch
