@@ -119,7 +119,7 @@ class GPT2Shape:
 # ----------------------------------------------------------------------------- reading
 
 
-def is_hf_gpt2_dir(path: str) -> bool:
+def is_hugging_face_dir(path: str) -> bool:
     """True if `path` is a Hugging Face model directory (its config.json has a model_type), as
     opposed to a jaxlab workdir (whose config.json is a run config)."""
     try:
@@ -605,8 +605,9 @@ def hf_import_cache_dir() -> str:
 def imported_workdir(path: str) -> str:
     """`path` itself if it is a jaxlab workdir; for a Hugging Face GPT-2 directory, its import
     (made once, with the defaults, into hf_import_cache_dir(); made again if the directory's
-    files changed). What `config.init_from.workdir` and configs/gpt2_finetune.py accept."""
-    if not is_hf_gpt2_dir(path):
+    files changed). What `config.init_from.workdir` and configs/gpt2_finetune.py accept.
+    Raises HFConvertError as `import_hf` does (another model type than GPT-2, say)."""
+    if not is_hugging_face_dir(path):
         return path
     source = os.path.abspath(path)
     digest = hashlib.sha256(source.encode()).hexdigest()[:8]
