@@ -5,6 +5,8 @@
     .venv-torch/bin/python tests/hf_reference.py --hf_dir=DIR --tokens=IN.npy --logits=OUT.npy \
         [--prompt=IN.npy --max_new_tokens=50 --generated=OUT.npy] [--text=IN.txt --ids=OUT.npy]
 
+(both in one call: --build=DIR ... --hf_dir=DIR ... builds, then loads what it saved)
+
 --build makes a small random GPT-2 (2 layers, width 64, 4 heads, 128 positions, GPT-2's
 tanh-approximated GELU) with a byte-level BPE trained offline on the corpus with `tokenizers`,
 and writes both with `save_pretrained`. The other flags load a directory with
@@ -103,6 +105,7 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.build:
         build(args.build, args.corpus, args.vocab_size, args.seed)
+    if not args.hf_dir:
         return
     model, tokenizer = load(args.hf_dir)
     if args.tokens:
