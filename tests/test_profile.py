@@ -26,7 +26,9 @@ def test_profile_written_and_training_unchanged(tiny_lm_config, tmp_path, capsys
     """Steps 3-4 with 2 steps per compiled call: the calls of steps 2-3 and 4-5 are traced
     into tensorboard/plugins/profile/<run>/ (XPlane for TensorBoard/XProf, a Perfetto trace
     naming the train step), and every logged metric equals the unprofiled run's."""
-    tiny_lm_config.steps_per_dispatch = 2
+    tiny_lm_config.update({"steps_per_dispatch": 2, "num_train_steps": 8, "decay_steps": 8,
+                           "eval_every_steps": 8, "checkpoint_every_steps": 8,
+                           "sample_every_eval": False})  # fmt: skip
     plain = train.train_and_evaluate(tiny_lm_config, str(tmp_path / "plain"))
     tiny_lm_config.profile_steps = (3, 2)
     profiled = train.train_and_evaluate(tiny_lm_config, str(tmp_path / "profiled"))
@@ -50,8 +52,9 @@ def test_profile_written_and_training_unchanged(tiny_lm_config, tmp_path, capsys
 def test_profile_never_includes_the_compiling_call(tiny_lm_config, tmp_path, capsys) -> None:
     """A window inside the first compiled call (steps 0-1, which compiles the step) is not
     traced: it says so instead of profiling the compiler."""
-    tiny_lm_config.steps_per_dispatch = 2
-    tiny_lm_config.profile_steps = (1, 1)
+    tiny_lm_config.update({"steps_per_dispatch": 2, "num_train_steps": 4, "decay_steps": 4,
+                           "eval_every_steps": 4, "checkpoint_every_steps": 4,
+                           "sample_every_eval": False, "profile_steps": (1, 1)})  # fmt: skip
     train.train_and_evaluate(tiny_lm_config, str(tmp_path / "run"))
     assert "nothing traced" in capsys.readouterr().out
     assert not glob.glob(str(tmp_path / "run" / "tensorboard" / "plugins"))
