@@ -20,7 +20,7 @@ def get_config(source: str | None = None) -> ml_collections.ConfigDict:
     """nanoGPT's finetune_shakespeare.py (init_from gpt2-xl there): 20 iterations of 32 windows
     of block_size tokens (batch 1 x 32 gradient-accumulation steps there; 32 x 1 microbatch of 1
     here, the same update), constant learning rate 3e-5, evaluations every 5 iterations on 40
-    batches, AdamW (b2 0.95, weight decay 0.1, clip 1.0), no dropout.
+    windows per split, AdamW (b2 0.95, weight decay 0.1, clip 1.0), no dropout.
 
     Raises cli.UserError when `source` is missing or not a run/GPT-2 directory."""
     if not source:
@@ -62,7 +62,8 @@ def get_config(source: str | None = None) -> ml_collections.ConfigDict:
     c.weight_decay = 0.1
     c.grad_clip_norm = 1.0
     c.eval_every_steps = 5
-    c.eval_steps = 40
+    # nanoGPT's eval_iters=40 at batch 1: 40 windows per split, here 5 batches of 8.
+    c.eval_steps = 5
     c.eval_batch_size = 8
     c.log_every_steps = 1
     c.checkpoint_every_steps = 20
