@@ -17,8 +17,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOT_MODULES = sorted(
     name[:-3] for name in os.listdir(REPO) if name.endswith(".py") and name != "setup.py"
 )
-COMMAND_MODULES = ["train", "evaluate", "sample", "data_setup", "prepare_data", "tools.bench",
-                   "tools.quantize", "tools.export", "tools.aot", "tools.hf_convert",
+COMMAND_MODULES = ["train", "evaluate", "sample", "serve", "data_setup", "prepare_data",
+                   "tools.bench", "tools.quantize", "tools.export", "tools.aot", "tools.hf_convert",
                    "tools.sweep.__main__"]  # fmt: skip
 SCRIPTS = sorted(n for n in os.listdir(os.path.join(REPO, "scripts")) if n.endswith(".py"))
 
@@ -69,11 +69,12 @@ def test_importing_a_command_defines_no_flag():
          "--config.mesh_shape.tensor=3"],
         ["evaluate.py", "--workdir={missing}"],
         ["sample.py", "--workdir={missing}"],
+        ["serve.py", "--workdir={missing}"],
         ["-m", "tools.export", "--workdir={missing}", "--output={missing}/out"],
         ["-m", "tools.quantize", "--workdir={missing}"],
         ["-m", "tools.hf_convert", "export", "--workdir={missing}", "--hf_dir={missing}/out"],
     ],
-    ids=["train", "evaluate", "sample", "export", "quantize", "hf_convert"],
+    ids=["train", "evaluate", "sample", "serve", "export", "quantize", "hf_convert"],
 )  # fmt: skip
 def test_a_users_mistake_is_one_error_line(command, tmp_path):
     """A config that cannot run, or a workdir that is not there: exit status 1 and one line
