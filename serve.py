@@ -44,6 +44,26 @@ def define_flags() -> None:
     flags.mark_flag_as_required("workdir")
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Raises cli.UserError if nothing can listen on host:port (in use, or no such address)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise cli.UserError(f"--host={host}: not an address of this machine ({e}).") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind(address)
+        except OSError as e:
+            raise cli.UserError(
+                f"--port={port}: cannot listen on {host}:{port} ({e.strerror}); choose another "
+                "port or stop what uses it."
+            ) from None
+
+
 def main(argv: Sequence[str]) -> None:
     """Restores the run, opens the port, warms up in the background and serves until SIGTERM."""
     del argv
@@ -56,6 +76,7 @@ def main(argv: Sequence[str]) -> None:
             raise cli.UserError(f"--{name}={FLAGS[name].value}: must be at least 1.")
     if not 0 <= FLAGS.port < 65536:
         raise cli.UserError(f"--port={FLAGS.port}: must be in [0, 65535].")
+    _check_port_free(FLAGS.host, FLAGS.port)  # before the (slower) restore
     restored = experiment.restore_run(FLAGS.workdir, FLAGS.step)
     service = api.Service(
         restored,
@@ -90,8 +111,6 @@ def main(argv: Sequence[str]) -> None:
     server.run()
     if service.warmup_error is not None:
         raise SystemExit(f"ERROR: warm-up failed: {service.warmup_error}")
-    if not server.started:
-        raise cli.UserError(f"could not listen on {FLAGS.host}:{FLAGS.port} (in use?).")
     print("stopped: in-flight requests finished", flush=True)
 
 
