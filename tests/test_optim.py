@@ -358,3 +358,42 @@ def test_resuming_with_another_optimizer_is_refused(tmp_path) -> None:
     assert "\n" not in message
     config.optimizer, config.lr_schedule = "adamw", "wsd"  # a schedule may change on resume
     workdir_files.check_resume(str(tmp_path), config, None, 100, 2000)
+
+
+SHARDED_MUON = """
+import sys
+import jax, numpy as np
+sys.path.insert(0, 'tests')
+import conftest, experiment
+
+def losses(mesh, devices):
+    config = conftest._tiny_lm_config(sys.argv[1])
+    config.model.update({'embed_dim': 64, 'num_heads': 4})
+    config.update({'optimizer': 'muon', 'num_train_steps': 5, 'mesh_shape': mesh})
+    run = experiment.build_run(config, devices=devices)
+    state, out = run.steps.from_global(run.init_state()), []
+    with run.steps.context():
+        for batch in run.datasets.train_batches(0, 1, run.total_steps):
+            state, metrics = run.steps.train_step(state, run.steps.put_train_batch(batch))
+            out.append(float(np.asarray(metrics['loss']).reshape(-1)[0]))
+    return np.array(out)
+
+one = losses({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
+sharded = losses({'data': 1, 'fsdp': 2, 'tensor': 2}, jax.devices())
+print(one, sharded)
+np.testing.assert_allclose(sharded, one, rtol=1e-5)
+"""
+
+
+def test_muon_sharded_over_fsdp_and_tensor_equals_one_device(tiny_corpus) -> None:
+    """Muon's reshapes and Newton-Schulz iterations on kernels split over fsdp x tensor (4
+    simulated devices) give the losses of one device."""
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    result = subprocess.run([sys.executable, "-c", SHARDED_MUON, tiny_corpus], cwd=repo, env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
