@@ -54,11 +54,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.b1 = 0.9
     c.b2 = 0.999
     c.eps = 1e-8
-    c.weight_decay = 0.0  # decoupled, applied to matrices only (no biases, norms, embeddings 1D)
+    # Decoupled (lr * weight_decay * p per update; sgd: PyTorch's coupled L2) and on matrices
+    # only: kernels and embeddings, never biases or normalization scales (optim._decay_mask).
+    c.weight_decay = 0.0
     c.grad_clip_norm = 0.0  # global-norm clipping; 0 disables
-    # muon only (optax.contrib.muon): momentum and Newton-Schulz iterations (Jordan 2024), and
-    # the RMS every matrix update is scaled to (Liu et al. 2025: 0.2 matches AdamW's, so
-    # learning_rate and weight_decay carry over from an AdamW run).
+    # muon only (optax.contrib.scale_by_muon): momentum and Newton-Schulz iterations (Jordan
+    # 2024), and the RMS every matrix update is scaled to (Liu et al. 2025: 0.2 matches AdamW's,
+    # so learning_rate and weight_decay carry over from an AdamW run).
     c.muon_momentum = 0.95
     c.muon_ns_steps = 5
     c.muon_update_rms = 0.2
@@ -83,9 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.async_checkpointing = True
     c.restart = False  # True: ignore (and replace) checkpoints already in the workdir
-    # (first_step, num_steps): a jax.profiler trace of those training steps (whole compiled
-    # calls when steps_per_dispatch groups them) into <workdir>/tensorboard/plugins/profile/;
-    # first_step >= 1 so compilation stays out. None: no profile.
+    # (first_step, num_steps): a jax.profiler trace of those training steps (the update from
+    # step s to s+1 is step s; whole compiled calls when steps_per_dispatch groups them) into
+    # <workdir>/tensorboard/plugins/profile/; first_step >= 1: compilation stays out. None: off.
     c.profile_steps = placeholder(tuple)
     # Weights & Biases (tracking.py): the scalars, config and final metrics that TensorBoard
     # gets. 'disabled' never imports wandb; 'offline' writes the run under `dir` for a later
