@@ -236,19 +236,24 @@ def sample_logits_per_row(
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     sampled_rows = temperature > 0
     scaled = logits / jnp.where(sampled_rows, temperature, 1.0)[:, None]
-    # top-k: drop what is below the k-th largest value (rows with 0 or k >= vocab keep all).
-    descending = jnp.sort(scaled, axis=-1)[:, ::-1]
-    k = jnp.clip(top_k, 1, vocab)
-    kth_largest = jnp.take_along_axis(descending, (k - 1)[:, None], axis=-1)
     use_k = ((top_k > 0) & (top_k < vocab))[:, None]
-    scaled = jnp.where(use_k & (scaled < kth_largest), -jnp.inf, scaled)
-    # Nucleus over what top-k kept, as in sample_logits (rows with top_p = 1 keep all).
-    descending = jnp.sort(scaled, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(descending, axis=-1)
-    keep = jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]
-    cutoff = jnp.min(jnp.where(keep, descending, jnp.inf), axis=-1, keepdims=True)
     use_p = (top_p < 1.0)[:, None]
-    scaled = jnp.where(use_p & (scaled < cutoff), -jnp.inf, scaled)
+
+    def restrict(scaled: jax.Array) -> jax.Array:
+        # top-k: drop what is below the k-th largest value (rows with 0 or k >= vocab keep all).
+        descending = jnp.sort(scaled, axis=-1)[:, ::-1]
+        k = jnp.clip(top_k, 1, vocab)
+        kth_largest = jnp.take_along_axis(descending, (k - 1)[:, None], axis=-1)
+        scaled = jnp.where(use_k & (scaled < kth_largest), -jnp.inf, scaled)
+        # Nucleus over what top-k kept, as in sample_logits (rows with top_p = 1 keep all).
+        descending = jnp.sort(scaled, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(descending, axis=-1)
+        keep = jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]
+        cutoff = jnp.min(jnp.where(keep, descending, jnp.inf), axis=-1, keepdims=True)
+        return jnp.where(use_p & (scaled < cutoff), -jnp.inf, scaled)
+
+    # The two sorts are most of the sampler's time: skipped when no row filters.
+    scaled = jax.lax.cond(jnp.any(use_k | use_p), restrict, lambda x: x, scaled)
     sampled = jax.vmap(lambda key, row: jax.random.categorical(key, row[None])[0])(keys, scaled)
     return jnp.where(sampled_rows, sampled.astype(jnp.int32), greedy)
 

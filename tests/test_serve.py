@@ -68,6 +68,13 @@ def test_per_row_sampling_equals_sample_logits() -> None:
         for i, (t, k, p) in enumerate(settings):
             alone = sampling.sample_logits(logits[i : i + 1], keys[i], t, k or None, p)
             assert int(rows[i]) == int(alone[0]), (draw, i, settings[i])
+    # No row filtering (the sorts are skipped): still each row's own draw.
+    unfiltered = sampling.sample_logits_per_row(
+        logits, keys, temperature.astype(np.float32), np.zeros(7, np.int32), np.ones(7, np.float32)
+    )
+    for i, t in enumerate(temperature):
+        alone = sampling.sample_logits(logits[i : i + 1], keys[i], float(t))
+        assert int(unfiltered[i]) == int(alone[0]), i
 
 
 def test_slots_joining_between_steps_decode_as_generate_alone() -> None:
@@ -235,7 +242,8 @@ def _sample_py(workdir: str, prompt: str, max_new_tokens: int) -> str:
 def test_greedy_completion_equals_sample_py(lm_run, lm_server) -> None:
     """temperature 0: the server's text is sample.py's greedy continuation, character for
     character; usage counts the tokens."""
-    for prompt, max_tokens in [("The king", 20)]:  # sample.py compiles afresh: one call
+    # 12 tokens: padded to the 16-token bucket. sample.py compiles afresh: one call.
+    for prompt, max_tokens in [("The king and", 20)]:
         expected = _sample_py(lm_run, prompt, max_tokens)
         reply = lm_server.complete(prompt=prompt, max_tokens=max_tokens, temperature=0)
         (choice,) = reply["choices"]
