@@ -8,8 +8,10 @@ computes transformers' logits, greedy generations and token ids. jaxlab never im
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -55,9 +57,47 @@ def _logits(workdir: str, tokens: np.ndarray) -> np.ndarray:
     return np.asarray(restored.model.apply({"params": restored.params}, tokens))
 
 
+def _shared_dir(tmp_path_factory) -> pathlib.Path:
+    """This session's temporary root, the same for every pytest-xdist worker (the parent of
+    the workers' own roots), so that the reference is built once per session."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def _build_reference(shared: pathlib.Path) -> pathlib.Path:
+    """Builds the reference GPT-2 and transformers' outputs on it into shared/hf_reference,
+    once: the first worker builds under an exclusive lock, the others wait and reuse it."""
+    out = shared / "hf_reference"
+    fd = os.open(str(shared / "hf_reference.lock"), os.O_CREAT | os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if not (out / "done").exists():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            corpus = out / "corpus.txt"
+            corpus.write_text(data_setup.load_text_corpus("tiny_shakespeare")[:300_000])
+            rng = np.random.default_rng(0)
+            np.save(out / "tokens.npy", rng.integers(0, 512, size=(3, 40)).astype(np.int32))
+            np.save(out / "prompt.npy", rng.integers(0, 512, size=(2, 8)).astype(np.int32))
+            (out / "kjv.txt").write_text(_kjv_paragraph())
+            hf_dir = out / "gpt2_tiny"
+            _reference(f"--build={hf_dir}", f"--corpus={corpus}", "--vocab_size=512",
+                       f"--hf_dir={hf_dir}", f"--tokens={out / 'tokens.npy'}",
+                       f"--logits={out / 'logits.npy'}", f"--prompt={out / 'prompt.npy'}",
+                       f"--max_new_tokens={GREEDY_TOKENS}",
+                       f"--generated={out / 'generated.npy'}", f"--text={out / 'kjv.txt'}",
+                       f"--ids={out / 'kjv_ids.npy'}")  # fmt: skip
+            (out / "done").touch()
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    return out
+
+
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory) -> types.SimpleNamespace:
-    """The reference GPT-2 directory, transformers' outputs on it, and its jaxlab import."""
+    """The reference GPT-2 directory, transformers' outputs on it (both shared, read-only), and
+    this worker's jaxlab import of it."""
     usable = (
         os.path.exists(TORCH_PYTHON)
         and subprocess.run(
@@ -67,33 +107,19 @@ def ref(tmp_path_factory) -> types.SimpleNamespace:
     )
     if not usable:
         pytest.skip("needs .venv-torch with torch and transformers: run `make torch-env`")
+    shared = _build_reference(_shared_dir(tmp_path_factory))
     root = tmp_path_factory.mktemp("hf")
-    corpus = root / "corpus.txt"
-    corpus.write_text(data_setup.load_text_corpus("tiny_shakespeare")[:300_000])
-    hf_dir = str(root / "gpt2_tiny")
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, 512, size=(3, 40)).astype(np.int32)
-    prompt = rng.integers(0, 512, size=(2, 8)).astype(np.int32)
-    kjv = _kjv_paragraph()
-    np.save(root / "tokens.npy", tokens)
-    np.save(root / "prompt.npy", prompt)
-    (root / "kjv.txt").write_text(kjv)
-    _reference(f"--build={hf_dir}", f"--corpus={corpus}", "--vocab_size=512",
-               f"--hf_dir={hf_dir}", f"--tokens={root / 'tokens.npy'}",
-               f"--logits={root / 'logits.npy'}", f"--prompt={root / 'prompt.npy'}",
-               f"--max_new_tokens={GREEDY_TOKENS}", f"--generated={root / 'generated.npy'}",
-               f"--text={root / 'kjv.txt'}", f"--ids={root / 'kjv_ids.npy'}")  # fmt: skip
-    workdir = hf_convert.import_hf(hf_dir, str(root / "imported"))
+    hf_dir = str(shared / "gpt2_tiny")
     return types.SimpleNamespace(
         root=root,
         hf_dir=hf_dir,
-        workdir=workdir,
-        tokens=tokens,
-        prompt=prompt,
-        kjv=kjv,
-        logits=np.load(root / "logits.npy"),
-        generated=np.load(root / "generated.npy"),
-        kjv_ids=np.load(root / "kjv_ids.npy"),
+        workdir=hf_convert.import_hf(hf_dir, str(root / "imported")),
+        tokens=np.load(shared / "tokens.npy"),
+        prompt=np.load(shared / "prompt.npy"),
+        kjv=(shared / "kjv.txt").read_text(),
+        logits=np.load(shared / "logits.npy"),
+        generated=np.load(shared / "generated.npy"),
+        kjv_ids=np.load(shared / "kjv_ids.npy"),
     )
 
 
