@@ -2,7 +2,7 @@
 
 A small random GPT-2 (2 layers, width 64, a byte-level BPE trained offline with `tokenizers`) is
 built and saved with `save_pretrained` by tests/hf_reference.py under .venv-torch (PyTorch and
-transformers: `make torch-env`, which `make test` runs), once for the module; the same helper
+transformers: `make torch-env`, which `make test` runs), once per session; the same helper
 computes transformers' logits, greedy generations and token ids. jaxlab never imports either.
 """
 
