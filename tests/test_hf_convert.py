@@ -203,6 +203,18 @@ def test_greedy_decoding_equals_transformers_generate(ref):
     np.testing.assert_array_equal(np.asarray(out), ref.generated)
 
 
+def test_sample_command_runs_on_the_imported_run(ref):
+    """sample.py, unchanged, on the imported workdir: it restores it, continues the prompt with
+    GPT-2's tokenizer and reports the speed."""
+    result = subprocess.run(
+        [sys.executable, "sample.py", f"--workdir={ref.workdir}", "--prompt=ROMEO:",
+         "--num_samples=1", "--max_new_tokens=8", "--temperature=0"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ROMEO:" in result.stdout and "tokens/s" in result.stdout, result.stdout
+
+
 def test_exported_run_loads_in_transformers_with_equal_logits(ref, shakespeare_tokens, tmp_path):
     """A GPT trained by jaxlab (exact GELU, its own width, vocabulary padded to 64, scanned
     layers) exported as GPT-2: GPT2LMHeadModel.from_pretrained and AutoTokenizer load it, and
