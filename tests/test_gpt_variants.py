@@ -43,6 +43,21 @@ VARIANTS = {
     "mqa_rope": dict(num_kv_heads=1, position_embedding="rope"),
     "softcap": dict(attn_logit_softcap=0.5),
     "untied_padded": dict(tie_embeddings=False, vocab_pad_multiple=8),
+    # Combinations: the causality and cache test runs these, so that every value of every
+    # field is compiled once without one compile per variant.
+    "rmsnorm_tanh_qk": dict(
+        norm="rmsnorm", mlp_activation="gelu_tanh", qk_norm=True, position_embedding="rope"
+    ),
+    "relu2_gqa_softcap": dict(
+        mlp_activation="relu2", num_kv_heads=2, attn_logit_softcap=0.5, use_bias=False
+    ),
+    "swiglu_mqa_untied_padded": dict(
+        mlp_activation="swiglu",
+        num_kv_heads=1,
+        position_embedding="rope",
+        tie_embeddings=False,
+        vocab_pad_multiple=8,
+    ),
     "llama": dict(
         use_bias=False,
         position_embedding="rope",
@@ -162,7 +177,17 @@ def _full_and_cached(model: GPT):
     return jax.jit(run)
 
 
-CAUSAL_CASES = [(variant, "auto") for variant in VARIANTS] + [
+# Every field's every value in at least one model (the single-field variants differ from
+# these only position-wise or are GPT-2, which tests/test_gpt.py covers).
+CAUSAL_VARIANTS = (
+    "rmsnorm_tanh_qk",
+    "relu2_gqa_softcap",
+    "swiglu_mqa_untied_padded",
+    "llama",
+    "llama_scanned",
+    "everything",
+)
+CAUSAL_CASES = [(variant, "auto") for variant in CAUSAL_VARIANTS] + [
     ("gqa", "xla"),  # jax.nn.dot_product_attention with fewer kv heads, full and cached
     ("mqa_rope", "xla"),
 ]
@@ -331,29 +356,37 @@ def test_softcap_bounds_scores_and_large_cap_is_off() -> None:
 
 def test_vocab_padding_never_scored_or_sampled() -> None:
     """vocab_pad_multiple pads the embedding and lm_head rows; the logits have vocab_size
-    entries, and padding rows made overwhelmingly likely are still never sampled."""
+    entries, and padding rows that would win every argmax and every sample if they were
+    scored are never sampled."""
     for tied in (True, False):
         model = GPT(**TINY, vocab_pad_multiple=8, tie_embeddings=tied)
         params = _init(model)
+        head = "wte" if tied else "lm_head"
         assert params["wte"]["embedding"].shape == (16, 16)
         if not tied:
             assert params["lm_head"]["kernel"].shape == (16, 16)
         tokens = _tokens(5)
-        # Padding rows that would win every argmax and every sample if they were scored.
         forward = _forward(model)
-        x = forward(params, tokens)
+        before = forward(params, tokens)
+        # ln_f outputs its bias, all ones, so that each output row's logit is the sum of its
+        # weights: 50 * 16 = 800 for the padding rows, about 0 for the real ones.
         boosted = jax.tree.map(lambda a: a, params)
+        boosted["ln_f"] = {"scale": jnp.zeros(16), "bias": jnp.ones(16)}
         if tied:
             boosted["wte"]["embedding"] = params["wte"]["embedding"].at[13:].set(50.0)
         else:
             boosted["lm_head"]["kernel"] = params["lm_head"]["kernel"].at[:, 13:].set(50.0)
+        # Unsliced (the same parameters read as a 16-token vocabulary), padding would win.
+        unsliced = model.clone(vocab_size=16).apply({"params": boosted}, tokens)
+        assert bool(jnp.all(jnp.argmax(unsliced, -1) >= 13)), head
         logits = forward(boosted, tokens)
-        assert logits.shape == (2, 5, 13)
-        if not tied:  # the real rows are untouched, so the real logits are too
-            np.testing.assert_allclose(logits, x, atol=1e-6)
-        if tied:  # generation: the KV-cache path, then the rolling window past block_size
-            out = sampling.generate(model, boosted, tokens, jax.random.key(0), 20, temperature=2.0)
-            assert out.shape == (2, 25) and int(out.max()) < 13
+        assert logits.shape == (2, 5, 13) and float(jnp.max(jnp.abs(logits))) < 1.0
+        if not tied:  # with ln_f restored, the real logits are untouched by the padding rows
+            restored = {**boosted, "ln_f": params["ln_f"]}
+            np.testing.assert_allclose(forward(restored, tokens), before, atol=1e-6)
+        else:  # generation through the KV cache (5 + 11 tokens fill the block)
+            out = sampling.generate(model, boosted, tokens, jax.random.key(0), 11, temperature=2.0)
+            assert out.shape == (2, 16) and int(out.max()) < 13
 
 
 def test_bad_variant_fields_fail_with_one_line_naming_the_field() -> None:
