@@ -3,6 +3,7 @@
 import ml_collections
 
 from configs import base
+from configs.gpt_model import gpt_model
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -16,19 +17,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.task = "lm"
     c.dataset = "tiny_shakespeare"  # stand-in corpus: see the docstring
     c.tokenizer = "byte"
-    c.model = ml_collections.ConfigDict(
-        {
-            "name": "gpt",
-            "vocab_size": 256,  # set from the tokenizer at run time
-            "block_size": 1024,
-            "num_layers": 12,
-            "num_heads": 12,
-            "embed_dim": 768,
-            "dropout_rate": 0.0,
-            "use_bias": False,
-            "remat_policy": "none",  # 'full' or 'dots_saveable' trade compute for memory
-            "scan_layers": False,  # True: layers under nn.scan (compile time flat in depth)
-        }
+    c.model = gpt_model(
+        vocab_size=256,  # set from the tokenizer at run time
+        block_size=1024,
+        num_layers=12,
+        num_heads=12,
+        embed_dim=768,
+        dropout_rate=0.0,
+        use_bias=False,
+        remat_policy="none",  # 'full' or 'dots_saveable' trade compute for memory
+        scan_layers=False,  # True: layers under nn.scan (compile time flat in depth)
     )
     c.dtype = "bfloat16"
     c.batch_size = 32

@@ -3,7 +3,6 @@ untied output) at the CPU scale of shakespeare_char_cpu.py, on the same Tiny Sha
 characters with the same optimiser, batch and schedule: the two differ only in the block."""
 
 import ml_collections
-from ml_collections.config_dict import placeholder
 
 from configs import shakespeare_char_cpu
 
@@ -29,7 +28,6 @@ def get_config() -> ml_collections.ConfigDict:
             "mlp_activation": "swiglu",
             "mlp_hidden_dim": 384,
             "num_kv_heads": 2,
-            "attn_logit_softcap": placeholder(float),  # None: off
             "tie_embeddings": False,
             "vocab_pad_multiple": 1,
         }

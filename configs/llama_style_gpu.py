@@ -3,7 +3,6 @@ untied output) at GPT-2 small's shape for accelerators, in bf16, with gpt2_small
 optimiser, batch and schedule."""
 
 import ml_collections
-from ml_collections.config_dict import placeholder
 
 from configs import gpt2_small
 
@@ -28,7 +27,6 @@ def get_config() -> ml_collections.ConfigDict:
             "mlp_activation": "swiglu",
             "mlp_hidden_dim": 2048,
             "num_kv_heads": 4,
-            "attn_logit_softcap": placeholder(float),  # None: off
             "tie_embeddings": False,
             "vocab_pad_multiple": 128,
             "scan_layers": True,  # compile time independent of depth

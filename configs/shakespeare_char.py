@@ -3,6 +3,7 @@
 import ml_collections
 
 from configs import base
+from configs.gpt_model import gpt_model
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -11,17 +12,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.task = "lm"
     c.dataset = "tiny_shakespeare"
     c.tokenizer = "char"
-    c.model = ml_collections.ConfigDict(
-        {
-            "name": "gpt",
-            "vocab_size": 65,  # set from the tokenizer at run time
-            "block_size": 256,
-            "num_layers": 6,
-            "num_heads": 6,
-            "embed_dim": 384,
-            "dropout_rate": 0.2,
-            "use_bias": False,  # nanoGPT's default
-        }
+    c.model = gpt_model(
+        vocab_size=65,  # set from the tokenizer at run time
+        block_size=256,
+        num_layers=6,
+        num_heads=6,
+        embed_dim=384,
+        dropout_rate=0.2,
+        use_bias=False,  # nanoGPT's default
     )
     c.batch_size = 64
     c.num_train_steps = 5000

@@ -1,4 +1,10 @@
-"""Model output shapes and parameter counts of the classifiers, and the registry."""
+"""Model output shapes and parameter counts of the classifiers, the registry, and GPT configs."""
+
+import importlib
+import inspect
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +14,8 @@ import pytest
 
 import models
 from configs import fashion_mnist_cnn, fashion_mnist_cnn_strong, fashion_mnist_mlp
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _init(config, shape=(4, 28, 28, 1)):
@@ -76,3 +84,46 @@ def test_unknown_model_name_is_rejected_with_the_choices():
     config = ml_collections.ConfigDict({"model": {"name": "resnet"}, "dtype": "float32"})
     with pytest.raises(ValueError, match="cnn.*gpt.*mlp"):
         models.build_model(config)
+
+
+def _gpt_configs() -> list[str]:
+    """The experiment configs (configs/*.py taking no argument) whose model is the GPT."""
+    names = []
+    for file in sorted(os.listdir(os.path.join(REPO, "configs"))):
+        module = importlib.import_module(f"configs.{file[:-3]}") if file.endswith(".py") else None
+        if module is None or not hasattr(module, "get_config") or file == "base.py":
+            continue
+        if inspect.signature(module.get_config).parameters:  # needs an argument (gpt2_finetune)
+            continue
+        if module.get_config().model.name == "gpt":
+            names.append(file[:-3])
+    return names
+
+
+def test_every_gpt_config_exposes_every_gpt_field_to_the_command_line():
+    names = _gpt_configs()
+    assert {"shakespeare_char_cpu", "gpt2_small", "llama_style_cpu"} <= set(names), names
+    fields = models.constructor_fields("gpt") - {"dtype", "decode"}
+    for name in names:
+        config = importlib.import_module(f"configs.{name}").get_config()
+        assert fields <= set(config.model), (name, sorted(fields - set(config.model)))
+    # A variant field on a GPT-2-style config, as typed on a command line, builds that variant.
+    result = subprocess.run(
+        [sys.executable, "-c", _OVERRIDE_SCRIPT, "--config=configs/shakespeare_char_cpu.py",
+         "--config.model.norm=rmsnorm", "--config.model.num_kv_heads=2"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["rmsnorm", "2"], result.stdout
+
+
+_OVERRIDE_SCRIPT = """
+import sys
+from absl import flags
+from ml_collections import config_flags
+import models
+config_flags.DEFINE_config_file("config")
+flags.FLAGS(sys.argv)
+model = models.build_model(flags.FLAGS.config)
+print(model.norm, model.num_kv_heads)
+"""
