@@ -648,6 +648,10 @@ def test_slurm_array_tasks_run_locally_then_summarize(tmp_path, fashion_mnist_re
     wrong = task(6)
     assert wrong.returncode == 2 and "not a run of this sweep (0-5)" in wrong.stderr
 
+    # Run 1 stopped early (a curve to step 5 only): it must not cut the plotted seed mean.
+    os.makedirs(runs[1].workdir)
+    with open(os.path.join(runs[1].workdir, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"step": 5, "train/loss": 9.0}) + "\n")
     summary = _sweep_command(f"--sweep={tmp_path / 'cluster_sweep.py'}",
                              f"--sweep_dir={sweep_dir}", "--summarize", cwd=REPO)  # fmt: skip
     assert summary.returncode == 0, summary.stderr[-3000:]
@@ -665,6 +669,11 @@ def test_slurm_array_tasks_run_locally_then_summarize(tmp_path, fashion_mnist_re
     assert plain.count(" ± 0.0000 | 1/2 |") == 2  # one seed of two finished: std 0
     assert f"- `{runs[5].name}`: new" in table and f"- `{runs[4].name}`: started" in table
     assert (sweep_dir / "plots" / "learning_curves.png").is_file()
+    groups = reporting.group_rows(sweep, reporting.collect_rows(runs))
+    steps, values, n = plots.seed_mean_curve(
+        groups[0], {r.name: r.workdir for r in runs}, "train/loss"
+    )
+    assert n == 1 and steps[-1] == 10 and 9.0 not in values  # run 0 alone, to its end
 
     regenerated = _launch(tmp_path, "slurm")
     assert regenerated.returncode == 0, regenerated.stderr[-3000:]

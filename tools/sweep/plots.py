@@ -38,8 +38,28 @@ def mean_curve(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray,
     return common, np.mean(stacked, axis=0) if stacked else np.array([])
 
 
+def seed_mean_curve(
+    group: Group, workdirs: dict[str, str], panel: str
+) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """(steps, seed-mean values, number of seeds) of one metrics.jsonl series ('train/loss')
+    over the group's finished runs, or None if none logged it. Unfinished runs are left out:
+    their shorter curves would cut the mean at their last step (mean_curve keeps common steps).
+    """
+    curves = [
+        read_curves(workdirs[row["run"]])
+        for row in group.rows
+        if row["run"] in workdirs and row.get("status") == "finished"
+    ]
+    series = [c[panel] for c in curves if panel in c and len(c[panel][0])]
+    if not series:
+        return None
+    steps, values = mean_curve(series)
+    return steps, values, len(series)
+
+
 def plot_learning_curves(groups: list[Group], runs: list[Run], metric: str, path: str) -> bool:
-    """Training loss and the key metric's evaluations against step, one line per setting."""
+    """Training loss and the key metric's evaluations against step, one line per setting (the
+    mean over its finished seeds)."""
     workdirs = {r.name: r.workdir for r in runs}
     panels = ["train/loss", curve_name(metric)]
     plt = _pyplot()
@@ -47,20 +67,19 @@ def plot_learning_curves(groups: list[Group], runs: list[Run], metric: str, path
     colors = plt.get_cmap("tab10" if len(groups) <= 10 else "viridis")
     drawn = False
     for i, group in enumerate(groups):
-        curves = [read_curves(workdirs[row["run"]]) for row in group.rows if row["run"] in workdirs]
         color = colors(i % 10 if len(groups) <= 10 else i / max(len(groups) - 1, 1))
         for ax, panel in zip(axes, panels, strict=True):
-            series = [c[panel] for c in curves if panel in c and len(c[panel][0])]
-            if not series:
+            curve = seed_mean_curve(group, workdirs, panel)
+            if curve is None:
                 continue
-            steps, values = mean_curve(series)
+            steps, values, n = curve
             ax.plot(
                 steps,
                 values,
                 marker="o" if len(steps) < 6 else None,
                 markersize=3,
                 color=color,
-                label=f"{setting_name(group.setting)} (n={len(series)})",
+                label=f"{setting_name(group.setting)} (n={n})",
             )
             drawn = True
     for ax, panel in zip(axes, panels, strict=True):
