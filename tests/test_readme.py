@@ -9,6 +9,7 @@ Optional arguments shown in brackets are passed too.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shlex
@@ -43,13 +44,21 @@ def readme_commands() -> list[list[str]]:
     return commands
 
 
+def _task(config_path: str) -> str:
+    """The task of a config file given as `--config=configs/NAME.py`."""
+    spec = importlib.util.spec_from_file_location("readme_config", os.path.join(REPO, config_path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config().task
+
+
 def _adapted(command: list[str], runs: str) -> list[str]:
     args = [sys.executable] + [
         a.replace("runs/", runs + "/").replace("data/", runs + "/data/") for a in command[1:]
     ]
     if command[1] == "train.py":
         config = next(a for a in command if a.startswith("--config="))
-        lm = "shakespeare" in config or "gpt2" in config
+        lm = _task(config.split("=", 1)[1]) == "lm"
         args += SHRINK + (SHRINK_LM if lm else SHRINK_IMAGES)
         if "--config.mesh_shape.fsdp=8" in command:
             args.append("--cpu_devices=8")  # the 8 devices the command expects
