@@ -36,7 +36,7 @@ _POSITIVE = ("batch_size", "eval_batch_size", "grad_accum_steps", "steps_per_dis
              "keep_checkpoints", "muon_ns_steps", "muon_update_rms")  # fmt: skip
 _POSITIVE_IF_SET = ("num_train_steps", "decay_steps", "eval_steps", "tokenizer_vocab_size")
 _NON_NEGATIVE = ("learning_rate", "min_learning_rate", "warmup_steps", "weight_decay",
-                 "grad_clip_norm", "label_smoothing")  # fmt: skip
+                 "grad_clip_norm", "label_smoothing", "z_loss")  # fmt: skip
 
 
 def _suggest(key: str, known: list[str]) -> str:

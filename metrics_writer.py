@@ -215,15 +215,11 @@ def _truncate_events_after(directory: str, step: int) -> None:
     Each event file is rewritten record by record, aside and renamed, only if it has any."""
     if not os.path.isdir(directory):
         return
-    from tensorboard.backend.event_processing import event_file_loader
-    from tensorboard.compat.proto import event_pb2
-    from tensorboard.summary.writer import record_writer
-
     for name in sorted(os.listdir(directory)):
         path = os.path.join(directory, name)
         if "tfevents" not in name or not os.path.isfile(path):
             continue
-        records = list(event_file_loader.RawEventFileLoader(path).Load())
+        records = _read_records(path)
         kept = [r for r in records if event_pb2.Event.FromString(r).step <= step]
         if len(kept) == len(records):
             continue
@@ -233,6 +229,22 @@ def _truncate_events_after(directory: str, step: int) -> None:
                 writer.write(record)
             writer.flush()
         os.replace(path + ".tmp", path)
+
+
+def _read_records(path: str) -> list[bytes]:
+    """The records of a TFRecord (event) file, read with TensorBoard's TensorFlow-free reader
+    (its `event_file_loader` imports TensorFlow where it is installed); a record cut off by a
+    kill mid-write ends the list."""
+    from tensorboard.compat.tensorflow_stub import errors, pywrap_tensorflow
+
+    reader = pywrap_tensorflow.PyRecordReader_New(path, 0, "", None)
+    records = []
+    while True:
+        try:
+            reader.GetNext()
+        except (errors.OutOfRangeError, errors.DataLossError):
+            return records
+        records.append(reader.record())
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:

@@ -106,7 +106,13 @@ class StepProfiler:
             self.stop(done, state)
 
     def stop(self, done: int, state: Any) -> None:
-        """Finishes the trace (also when the loop ends or fails inside the window)."""
+        """Finishes the trace (also when the loop ends or fails inside the window); at the end
+        of a run that never reached the window, says that nothing was traced."""
+        if self.window is not None and self.started_at is None and not self.done:
+            self.done = True
+            _print(f"config.profile_steps={self.window}: the run ended at step {done}, before "
+                   "the window; nothing traced.")  # fmt: skip
+            return
         if self.started_at is None or self.done:
             return
         jax.block_until_ready(state)

@@ -393,6 +393,7 @@ def test_skip_nonfinite_steps_continues_and_counts_them(tmp_path, capsys):
         ({"learning_rate": "fast"}, "config.learning_rate='fast' has type str; expected float"),
         ({"batch_size": 0}, "config.batch_size=0 must be positive"),
         ({"learning_rate": -1.0}, "config.learning_rate=-1.0 must not be negative"),
+        ({"z_loss": -1.0}, "config.z_loss=-1.0 must not be negative"),
         ({"mesh_shape": {"data": 3}}, "mesh_shape"),
         ({"grad_accum_steps": 3}, "grad_accum_steps=3"),
         ({"optimizer": "adamm"}, "config.optimizer='adamm': choose one of"),

@@ -219,3 +219,24 @@ print("OK", final["val_loss"])
                             text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK" in result.stdout
+
+
+def test_resuming_a_language_model_run_imports_no_tensorflow(tmp_path, tiny_corpus):
+    """With TensorFlow installed, a resumed GPT run (which rewrites its TensorBoard event files
+    past the checkpoint) still never imports it: no TensorFlow start-up cost or log noise."""
+    code = f"""
+import sys
+sys.path.insert(0, {REPO!r}); sys.path.insert(1, {os.path.join(REPO, "tests")!r})
+import conftest, train
+config = conftest._tiny_lm_config({tiny_corpus!r})
+config.num_train_steps = config.decay_steps = 4
+train.train_and_evaluate(config, {str(tmp_path / "run")!r})
+config.num_train_steps = config.decay_steps = 6  # a longer run of the same kind: resumes
+final = train.train_and_evaluate(config, {str(tmp_path / "run")!r})
+assert "tensorflow" not in sys.modules, "TensorFlow was imported"
+print("OK", final["val_loss"])
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK" in result.stdout and "Resum" in result.stdout, result.stdout[-2000:]

@@ -60,6 +60,19 @@ def test_profile_never_includes_the_compiling_call(tiny_lm_config, tmp_path, cap
     assert not glob.glob(str(tmp_path / "run" / "tensorboard" / "plugins"))
 
 
+def test_a_window_past_the_end_of_the_run_says_nothing_was_traced(
+    tiny_lm_config, tmp_path, capsys
+) -> None:
+    """profile_steps beyond the last step (a shortened run) is reported, not silently dropped."""
+    tiny_lm_config.update({"num_train_steps": 4, "decay_steps": 4, "eval_every_steps": 4,
+                           "checkpoint_every_steps": 4, "sample_every_eval": False,
+                           "profile_steps": (100, 5)})  # fmt: skip
+    train.train_and_evaluate(tiny_lm_config, str(tmp_path / "run"))
+    out = capsys.readouterr().out
+    assert "config.profile_steps=(100, 5): the run ended at step 4" in out, out[-2000:]
+    assert not glob.glob(str(tmp_path / "run" / "tensorboard" / "plugins"))
+
+
 @pytest.mark.parametrize("value", [(0, 3), (5,), (2, 0), ("a", 1)])
 def test_bad_profile_steps_fail_in_one_line(tiny_lm_config, value) -> None:
     import config_validation

@@ -773,3 +773,22 @@ def test_cluster_launcher_errors_are_one_line(tmp_path):
         assert len(errors) == 1 and message in errors[0], (args, result.stderr[-3000:])
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "sw").exists()
+
+
+def test_cluster_dry_run_prints_exactly_the_file(tmp_path):
+    """`--dry_run > file` gives a file the scheduler takes: the plan's summary is on stderr."""
+    import yaml
+
+    common = ["--sweep=configs/sweeps/gpt_block_ablation.py", f"--sweep_dir={tmp_path / 'sw'}"]
+    slurm = _sweep_command(*common, "--launcher=slurm", "--dry_run", cwd=REPO)
+    assert slurm.returncode == 0, slurm.stderr[-2000:]
+    assert slurm.stdout.startswith("#!"), slurm.stdout[:200]
+    assert "18 runs" in slurm.stderr
+    k8s = _sweep_command(
+        *common, "--launcher=kubernetes", "--k8s_image=x:1", "--k8s_pvc=sweeps", "--dry_run",
+        cwd=REPO,
+    )  # fmt: skip
+    assert k8s.returncode == 0, k8s.stderr[-2000:]
+    manifest = yaml.safe_load(k8s.stdout)
+    assert set(manifest) == {"apiVersion", "kind", "metadata", "spec"}, sorted(manifest)
+    assert not (tmp_path / "sw").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -197,13 +198,17 @@ def launch_on_cluster(
         what = f"an indexed Job of {len(runs)} completions, job name {manifest['metadata']['name']}"
     else:
         raise ValueError(f"--launcher={launcher!r} is not one of {', '.join(LAUNCHERS)}.")
-    log(
+    header = (
         f"Sweep {sweep.source}: {len(sweep.settings)} setting(s) x {len(sweep.seeds)} seed(s) = "
         f"{len(runs)} runs in {os.path.abspath(sweep_dir)}"
     )
     if dry_run:
+        # Standard output is then exactly the file (`... --dry_run > job.yaml` is submittable);
+        # the plan's summary goes to standard error.
+        print(header, file=sys.stderr)
         log(text)
         return None
+    log(header)
     write_sweep_json(sweep, sweep_dir, extra_flags)
     if launcher == "slurm":  # sbatch does not create the directory of --output
         os.makedirs(os.path.join(sweep_dir, "slurm"), exist_ok=True)
