@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from absl import logging
 from flax import traverse_util
 from optax.contrib import _muon as optax_muon
 
@@ -43,6 +44,14 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) 
     min_lr = float(config.min_learning_rate)
     if config.lr_schedule == "constant":
         return optax.constant_schedule(lr) if warmup == 0 else warmup_schedule
+    if config.decay_steps is not None and int(config.decay_steps) > total_steps:
+        # Legitimate (a run stopped early on purpose), but a shortened preset run otherwise
+        # never decays (e.g. 'wsd' never reaches its cooldown) without a word.
+        logging.warning(
+            "config.decay_steps=%d is past the run's %d steps: the '%s' schedule will not "
+            "finish its decay (--config.decay_steps=%d or None ends it with the run).",
+            int(config.decay_steps), total_steps, config.lr_schedule, total_steps,
+        )  # fmt: skip
     if config.lr_schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(
             init_value=lr / (warmup + 1),

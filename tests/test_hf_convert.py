@@ -137,6 +137,9 @@ def test_imported_logits_equal_transformers(ref):
     ours = _logits(ref.workdir, ref.tokens)
     assert ours.shape == ref.logits.shape == (3, 40, 512)
     np.testing.assert_allclose(ours, ref.logits, atol=1e-5, rtol=0)
+    # The run's config records every GPT field at a real value (fine-tuning may override any).
+    model = experiment.restore_run(ref.workdir).config.model
+    assert model.qk_norm is False and model.attention_impl == "auto", model
 
 
 def test_padded_scanned_import_gives_the_same_logits_and_exports_bit_for_bit(ref, tmp_path):

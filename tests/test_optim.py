@@ -93,6 +93,18 @@ def _schedule(**fields):
     return optim.learning_rate_schedule(config, 104)
 
 
+def test_a_decay_longer_than_the_run_is_warned_about(caplog) -> None:
+    """A preset's decay_steps past a shortened run's end (the cooldown would never happen)
+    is said in a warning naming the fix; decay_steps within the run says nothing."""
+    config = shakespeare_char_cpu.get_config()  # decay_steps=2000
+    config.lr_schedule = "wsd"
+    with caplog.at_level("WARNING"):
+        optim.learning_rate_schedule(config, 2000)
+        assert not caplog.records
+        optim.learning_rate_schedule(config, 30)
+    assert "config.decay_steps=2000 is past the run's 30 steps" in caplog.text
+
+
 def test_linear_schedule() -> None:
     """Warmup as nanoGPT's, then a straight line from lr to min_lr at decay_steps."""
     schedule = _schedule(lr_schedule="linear")

@@ -437,9 +437,8 @@ def jaxlab_config(
     settings of configs/gpt2_small.py, the tokenizer at `tokenizer_path` (a Hugging Face
     tokenizer.json), Tiny Shakespeare as the stand-in dataset (what evaluate.py reads; a
     fine-tuning run names its own), dropout off (nanoGPT's fine-tuning default)."""
-    import ml_collections
-
     from configs import gpt2_small
+    from configs.gpt_model import gpt_model
 
     config = gpt2_small.get_config()
     config.dataset = "tiny_shakespeare"
@@ -466,7 +465,9 @@ def jaxlab_config(
     }
     if shape.n_inner != 4 * shape.n_embd:
         model["mlp_hidden_dim"] = shape.n_inner
-    config.model = ml_collections.ConfigDict(model)
+    # Every GPT field (configs/gpt_model.py), so that the run's config.json records each and
+    # each stays settable from the command line when the run is fine-tuned.
+    config.model = gpt_model(**{k: v for k, v in model.items() if k != "name"})
     return config
 
 
@@ -754,6 +755,10 @@ def export_hf(workdir: str, hf_dir: str, step: int | None = None,
     os.makedirs(hf_dir, exist_ok=True)
     tensors = {f"transformer.{k}": v.astype(np_dtype) for k, v in tensors.items()}
     save_file(tensors, os.path.join(hf_dir, SAFETENSORS), metadata={"format": "pt"})
+    # safetensors writes the file owner-only (0600); give it the mode of the other files.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(os.path.join(hf_dir, SAFETENSORS), 0o666 & ~umask)
     eot = tokenizer.eot_id
     _write_json(
         os.path.join(hf_dir, HF_CONFIG),

@@ -4,8 +4,8 @@ width 128, block 64, batch 12: configs/shakespeare_char_cpu.py). Results in docs
 
 python -m tools.sweep --sweep=configs/sweeps/gpt_block_ablation.py --sweep_dir=runs/sweeps/block
 
-The base config is the Llama-style preset (configs/llama_style_cpu.py), the one CPU config that
-sets every block field, so that each block is a bundle of overrides on it:
+The base config is the Llama-style preset (configs/llama_style_cpu.py), and each block is a
+bundle of overrides on it:
   'gpt2':           LayerNorm + GELU MLP (4 x 128 wide), learned positions, multi-head
                     attention, tied output: exactly configs/shakespeare_char_cpu.py's model
                     (804,096 parameters; tests/test_sweep.py checks the equality);
