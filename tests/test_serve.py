@@ -534,6 +534,12 @@ def test_bad_images_get_a_4xx_naming_the_image(mlp_server, test_images) -> None:
 # ----- shutdown
 
 
+def _held(server: Server) -> int:
+    """Sequences the server holds now: decoding in a slot or waiting for one."""
+    health = server.health()
+    return health["active"] + health["waiting"]
+
+
 def test_sigterm_finishes_in_flight_requests_then_exits(lm_run, tmp_path) -> None:
     """SIGTERM while requests are decoding and waiting: the server stops accepting
     connections, every request already sent gets its whole completion, and the process exits
@@ -550,7 +556,9 @@ def test_sigterm_finishes_in_flight_requests_then_exits(lm_run, tmp_path) -> Non
 
         with concurrent.futures.ThreadPoolExecutor(12) as pool:
             futures = [pool.submit(request, i) for i in range(12)]
-            while not done:  # the first completes: the other ten are in slots or in line
+            # Until the first completes and the server holds every other one (in a slot or in
+            # line): a request still connecting at SIGTERM would be refused, rightly.
+            while not done or _held(server) + len(done) < len(futures):
                 time.sleep(0.01)
             server.proc.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
