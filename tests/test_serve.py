@@ -534,23 +534,18 @@ def test_bad_images_get_a_4xx_naming_the_image(mlp_server, test_images) -> None:
 # ----- shutdown
 
 
-def _held(server: Server) -> int:
-    """Sequences the server holds now: decoding in a slot or waiting for one."""
-    health = server.health()
-    return health["active"] + health["waiting"]
-
-
 def test_sigterm_finishes_in_flight_requests_then_exits(lm_run, tmp_path) -> None:
     """SIGTERM while requests are decoding and waiting: the server stops accepting
     connections, every request it already holds gets its whole completion, and the process
     exits with status 0. (A request still connecting at SIGTERM is refused, rightly.)"""
-    # One slot: the requests decode one after another, so several are held at once even on a
-    # busy machine (where the server accepts connections slowly).
-    server = Server(lm_run, str(tmp_path / "server.log"), "--max_batch_size=1", "--max_queue=32")
+    # One slot and 8 choices a request: 12 requests are 96 sequences decoded one after another,
+    # long enough (seconds) to see several held at once even on a busy machine.
+    choices, requests = 8, 12
+    server = Server(lm_run, str(tmp_path / "server.log"), "--max_batch_size=1", "--max_queue=128")
     try:
-        body = dict(prompt="T", max_tokens=BLOCK, temperature=1.0, seed=0)
+        body = dict(prompt="T", max_tokens=BLOCK, temperature=1.0, n=choices)
         done: list[float] = []
-        # One client for all threads: requests go out at once, not each after building its own.
+        # One client for all threads (and the health polls): no per-call client set-up.
         client = httpx.Client(timeout=120, limits=httpx.Limits(max_connections=16))
 
         def request(i: int) -> httpx.Response:
@@ -558,14 +553,19 @@ def test_sigterm_finishes_in_flight_requests_then_exits(lm_run, tmp_path) -> Non
             done.append(time.monotonic())
             return response
 
-        with concurrent.futures.ThreadPoolExecutor(12) as pool:
-            futures = [pool.submit(request, i) for i in range(12)]
+        def held() -> int:  # sequences decoding in the slot or waiting for it
+            health = client.get(server.url + "/healthz").json()
+            return health["active"] + health["waiting"]
+
+        with concurrent.futures.ThreadPoolExecutor(requests) as pool:
+            futures = [pool.submit(request, i) for i in range(requests)]
             deadline = time.monotonic() + 60
-            held = 0
-            while held < 2:  # the slot busy and at least one request in line
-                held = _held(server)
-                assert time.monotonic() < deadline and len(done) < len(futures), (
-                    "the server never held 2 requests at once"
+            held_at_signal = 0
+            # Three requests' sequences held: at least two requests are wholly in line.
+            while held_at_signal < 3 * choices:
+                held_at_signal = held()
+                assert time.monotonic() < deadline and len(done) < requests, (
+                    "the server never held 3 requests at once"
                 )
             server.proc.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
@@ -578,12 +578,14 @@ def test_sigterm_finishes_in_flight_requests_then_exits(lm_run, tmp_path) -> Non
     refused = [o for o in outcomes if not isinstance(o, httpx.Response)]
     assert all(isinstance(o, httpx.TransportError) for o in refused), refused
     # The two waiting at the signal (at least) decoded after it, and every held one finished.
-    assert sum(t > signalled for t in done) >= 1, "no request was in flight at SIGTERM"
-    assert len(responses) >= held
+    assert sum(t > signalled for t in done) >= 2, "no request was in flight at SIGTERM"
+    assert len(responses) * choices >= held_at_signal
     for response in responses:
         assert response.status_code == 200, response.text
-        (choice,) = response.json()["choices"]
-        assert len(choice["text"]) == BLOCK and choice["finish_reason"] == "length"
+        texts = response.json()["choices"]
+        assert len(texts) == choices
+        for choice in texts:
+            assert len(choice["text"]) == BLOCK and choice["finish_reason"] == "length"
     assert "stopped: in-flight requests finished" in server.log()
     with pytest.raises(httpx.TransportError):
         httpx.get(server.url + "/healthz", timeout=5)
