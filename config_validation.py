@@ -30,6 +30,7 @@ _CHOICES = {
     "decay_shape": ("linear", "1-sqrt"),
     "parallelism": ("jit", "pmap"),
     "dtype": ("float32", "bfloat16", "float16"),
+    "wandb.mode": WANDB_MODES,  # ConfigDict resolves the dotted key
 }
 _POSITIVE = ("batch_size", "eval_batch_size", "grad_accum_steps", "steps_per_dispatch",
              "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
@@ -172,8 +173,6 @@ def validate(
     if not 0 <= config.muon_momentum < 1:
         raise ConfigError(f"config.muon_momentum={config.muon_momentum} must be in [0, 1).")
     _check_profile_steps(config.profile_steps)
-    if config.wandb.mode not in WANDB_MODES:
-        raise ConfigError(f"config.wandb.mode={config.wandb.mode!r}: choose one of {WANDB_MODES}.")
     if config.task == "lm" and not 0 < config.val_fraction < 1:
         raise ConfigError(f"config.val_fraction={config.val_fraction} must be in (0, 1).")
     if config.init_from.mode not in ("params", "state"):

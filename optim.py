@@ -179,15 +179,22 @@ def _muon(
         optax.add_decayed_weights(config.weight_decay, _decay_mask),
         optax.scale_by_learning_rate(schedule),
     )
-    adamw = optax.adamw(
+    adamw = _adamw(config, schedule, config.weight_decay)
+    return optax.multi_transform({"muon": muon, "adamw": adamw}, labels)
+
+
+def _adamw(
+    config: ml_collections.ConfigDict, schedule: optax.Schedule, weight_decay: float
+) -> optax.GradientTransformation:
+    """optax.adamw with the config's betas and eps, decaying matrices only (_decay_mask)."""
+    return optax.adamw(
         schedule,
         b1=config.b1,
         b2=config.b2,
         eps=config.eps,
-        weight_decay=config.weight_decay,
+        weight_decay=weight_decay,
         mask=_decay_mask,
     )
-    return optax.multi_transform({"muon": muon, "adamw": adamw}, labels)
 
 
 def _dims_of(dims: Mapping[str, Any], path: str) -> Any:
@@ -266,14 +273,7 @@ def build_optimizer(
     """
     wd = config.weight_decay
     if config.optimizer in ("adamw", "adam"):
-        tx = optax.adamw(
-            schedule,
-            b1=config.b1,
-            b2=config.b2,
-            eps=config.eps,
-            weight_decay=wd if config.optimizer == "adamw" else 0.0,
-            mask=_decay_mask,
-        )
+        tx = _adamw(config, schedule, wd if config.optimizer == "adamw" else 0.0)
     elif config.optimizer == "lion":
         tx = optax.lion(schedule, b1=config.b1, b2=config.b2, weight_decay=wd, mask=_decay_mask)
     elif config.optimizer == "adafactor":

@@ -5,12 +5,22 @@ passes over a rolling window; one jitted program."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from models.gpt import GPT
+
+
+def _nucleus_cutoff(descending: jax.Array, top_p: jax.Array | float) -> jax.Array:
+    """The smallest logit the nucleus (top-p, Holtzman et al. 2020) keeps, [..., 1], from logits
+    sorted in descending order [..., vocab]: a token is kept while the probability of the
+    tokens more likely than it has not yet reached top_p."""
+    probs = jax.nn.softmax(descending, axis=-1)
+    keep = jnp.cumsum(probs, axis=-1) - probs < top_p
+    return jnp.min(jnp.where(keep, descending, jnp.inf), axis=-1, keepdims=True)
 
 
 def sample_logits(
@@ -34,11 +44,7 @@ def sample_logits(
         kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
     if top_p is not None and top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        # Keep a token if the tokens more likely than it have not yet reached top_p.
-        keep = jnp.cumsum(probs, axis=-1) - probs < top_p
-        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        cutoff = _nucleus_cutoff(jnp.sort(logits, axis=-1)[..., ::-1], top_p)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
@@ -246,13 +252,12 @@ def sample_logits_per_row(
         kth_largest = jnp.take_along_axis(descending, (k - 1)[:, None], axis=-1)
         scaled = jnp.where(use_k & (scaled < kth_largest), -jnp.inf, scaled)
         # Nucleus over what top-k kept, as in sample_logits (rows with top_p = 1 keep all).
-        descending = jnp.sort(scaled, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(descending, axis=-1)
-        keep = jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]
-        cutoff = jnp.min(jnp.where(keep, descending, jnp.inf), axis=-1, keepdims=True)
+        # The masking keeps the sorted order (the dropped values were the tail): no re-sort.
+        descending = jnp.where(use_k & (descending < kth_largest), -jnp.inf, descending)
+        cutoff = _nucleus_cutoff(descending, top_p[:, None])
         return jnp.where(use_p & (scaled < cutoff), -jnp.inf, scaled)
 
-    # The two sorts are most of the sampler's time: skipped when no row filters.
+    # The sort is most of the sampler's time: skipped when no row filters.
     scaled = jax.lax.cond(jnp.any(use_k | use_p), restrict, lambda x: x, scaled)
     sampled = jax.vmap(lambda key, row: jax.random.categorical(key, row[None])[0])(keys, scaled)
     return jnp.where(sampled_rows, sampled.astype(jnp.int32), greedy)
@@ -266,15 +271,20 @@ def token_keys(seeds: jax.Array, token_index: jax.Array) -> jax.Array:
     return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds, token_index)
 
 
+def _map_cache_index(cache: Any, fn: Callable[[jax.Array], jax.Array]) -> Any:
+    """`cache` with fn applied to its `cache_index` leaves (the other leaves unchanged)."""
+
+    def apply(path, leaf):
+        return fn(leaf) if getattr(path[-1], "key", None) == "cache_index" else leaf
+
+    return jax.tree_util.tree_map_with_path(apply, cache)
+
+
 def _set_cache_index(cache: Any, index: jax.Array) -> Any:
     """`cache` with its `cache_index` leaves replaced by `index` (broadcast to their shape)."""
-
-    def replace(path, leaf):
-        name = getattr(path[-1], "key", None)
-        return jnp.broadcast_to(index, leaf.shape).astype(leaf.dtype) if name == "cache_index" \
-            else leaf  # fmt: skip
-
-    return jax.tree_util.tree_map_with_path(replace, cache)
+    return _map_cache_index(
+        cache, lambda leaf: jnp.broadcast_to(index, leaf.shape).astype(leaf.dtype)
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
@@ -339,16 +349,14 @@ def decode_slots(
     """
     decode_model = model.clone(decode=True)
 
-    def park_idle(path, leaf):
-        if getattr(path[-1], "key", None) != "cache_index":
-            return leaf
-        return jnp.where(active.reshape((-1,) + (1,) * (leaf.ndim - 1)), leaf, 0)
+    def park_idle(index):
+        return jnp.where(active.reshape((-1,) + (1,) * (index.ndim - 1)), index, 0)
 
     # Idle slots decode at position 0: a finished slot's index may be block_size, where the
     # position table has no row (the lookup would give NaN) and the cache write would land, as
     # NaN, on its last position, which the next request in the slot would attend to with
     # weight 0 (and 0 * NaN is NaN). Position 0 is always rewritten by the next prefill.
-    cache = jax.tree_util.tree_map_with_path(park_idle, cache)
+    cache = _map_cache_index(cache, park_idle)
 
     def one_slot(slot_cache, token):
         logits, state = decode_model.apply(

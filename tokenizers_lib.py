@@ -392,23 +392,20 @@ class BPETokenizer(Tokenizer):
         return cls(tok.to_str())
 
     @property
-    def serialized(self) -> str:
-        """The tokenizer as Hugging Face's tokenizer.json text (what `__init__` takes)."""
-        return self._json
+    def model_type(self) -> str:
+        """The Hugging Face tokenizer model's type: 'BPE' (GPT-2's), 'WordPiece', 'Unigram'..."""
+        return type(self._tok.model).__name__
 
     def save_hugging_face_files(self, directory: str) -> list[str]:
         """Writes Hugging Face's tokenizer files into directory: tokenizer.json (this
         tokenizer's JSON, unchanged) and, for a BPE model, GPT-2's vocab.json and merges.txt
         (what older loaders read). Returns the file names written."""
-        from tokenizers import Tokenizer as HFTokenizer
-
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, TOKENIZER_JSON), "w", encoding="utf-8") as f:
             f.write(self._json)
         written = [TOKENIZER_JSON]
-        model = HFTokenizer.from_str(self._json).model
-        if type(model).__name__ == "BPE":
-            written += [os.path.basename(p) for p in model.save(directory)]
+        if self.model_type == "BPE":
+            written += [os.path.basename(p) for p in self._tok.model.save(directory)]
         return written
 
     @classmethod

@@ -41,6 +41,7 @@ import experiment
 import finetune
 import metrics_writer
 import preemption
+import profiling
 import sampling
 import tracking
 import workdir_files
@@ -62,65 +63,6 @@ def prefetch_to_device(batches: Iterator[dict], put, size: int = 2) -> Iterator[
         if len(queue) > size:
             yield queue.pop(0)
     yield from queue
-
-
-class StepProfiler:
-    """Captures a jax.profiler trace of the training steps `config.profile_steps` names.
-
-    profile_steps = (first_step, num_steps): steps counted as the state's step counter (the
-    update from step s to s+1 is step s). The trace covers whole compiled calls (with
-    steps_per_dispatch > 1 a call runs several steps), so it widens to the calls holding those
-    steps, and it never includes this process's first call, which compiles the step. It is
-    written where TensorBoard's profile plugin (and XProf) look:
-    <tb_dir>/plugins/profile/<run>/<host>.xplane.pb, with the same trace for Perfetto beside
-    it (perfetto_trace.json.gz) and in the Chrome trace format (<host>.trace.json.gz)."""
-
-    def __init__(self, profile_steps: Any, tb_dir: str, first_step_here: int):
-        self.window = None if profile_steps is None else tuple(int(v) for v in profile_steps)
-        self.tb_dir = tb_dir
-        self.first_step_here = first_step_here  # the first call of this process compiles
-        self.started_at: int | None = None
-        self.done = False
-
-    def before_call(self, step: int, n: int) -> None:
-        """Starts the trace before the call that runs steps [step, step + n) if it is due."""
-        if self.window is None or self.done or self.started_at is not None:
-            return
-        first, count = self.window
-        if step + n <= first or step >= first + count or step == self.first_step_here:
-            if step >= first + count:
-                self.done = True  # resumed past the window, or it held only the compiling call
-                _print(f"config.profile_steps={self.window}: no step of it left to profile "
-                       "after the compiling call of this run; nothing traced.")  # fmt: skip
-            return
-        jax.profiler.start_trace(self.tb_dir, create_perfetto_trace=True)
-        self.started_at = step
-
-    def after_call(self, done: int, state: Any) -> None:
-        """Stops the trace once the call that ends at step `done` holds the window's last
-        step (waiting for the device to finish it)."""
-        if self.started_at is None or self.done:
-            return
-        first, count = self.window
-        if done >= first + count:
-            self.stop(done, state)
-
-    def stop(self, done: int, state: Any) -> None:
-        """Finishes the trace (also when the loop ends or fails inside the window); at the end
-        of a run that never reached the window, says that nothing was traced."""
-        if self.window is not None and self.started_at is None and not self.done:
-            self.done = True
-            _print(f"config.profile_steps={self.window}: the run ended at step {done}, before "
-                   "the window; nothing traced.")  # fmt: skip
-            return
-        if self.started_at is None or self.done:
-            return
-        jax.block_until_ready(state)
-        jax.profiler.stop_trace()
-        self.done = True
-        where = os.path.join(self.tb_dir, "plugins", "profile")
-        _print(f"Profiled steps {self.started_at}-{done - 1} into {where} "
-               "(docs/training.md: TensorBoard, XProf, Perfetto)")  # fmt: skip
 
 
 def evaluate_split(run: experiment.Run, state: Any, split: str) -> dict[str, Any]:
@@ -183,10 +125,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         if config.init_from.workdir:
             state = finetune.init_from(run, state)
     state = compiled.from_global(state)
-    workdir_files.save_config(workdir, config)
-    workdir_files.save_input_spec(workdir, run.input_spec)
-    if run.tokenizer is not None and jax.process_index() == 0:
-        run.tokenizer.save(workdir)
+    workdir_files.save_run_records(workdir, config, run.input_spec, run.tokenizer)
 
     tracker = tracking.start(config, workdir, start_step)  # None unless config.wandb asks
     writer = metrics_writer.MetricsWriter(workdir, resume_step=start_step, tracker=tracker)
@@ -233,8 +172,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         window.extend(_fetch_and_check(unchecked, config, compiled.pmap))
         unchecked.clear()
 
-    profiler = StepProfiler(config.profile_steps, os.path.join(workdir, "tensorboard"), step)
-    with compiled.context(), _finish_saves_on_error(ckpt), _stop_profile_on_exit(profiler):
+    profiler = profiling.StepProfiler(
+        config.profile_steps, os.path.join(workdir, "tensorboard"), step, log=_print
+    )
+    with compiled.context(), _finish_saves_on_error(ckpt), profiler:
         for batch in batches:
             n = compiled.steps_in(batch)
             profiler.before_call(step, n)
@@ -307,18 +248,6 @@ def _log_sample(writer, model, params, tokenizer, config, step: int) -> None:
         tokens = sampling.generate(model, params, prompt, rng, max_new_tokens, 0.8, top_k=200)
     text = tokenizer.decode(distributed.to_host(tokens)[0])
     writer.write_text(step, "samples", "```\n" + text + "\n```")
-
-
-@contextlib.contextmanager
-def _stop_profile_on_exit(profiler: StepProfiler) -> Iterator[None]:
-    """Ends a trace still running when the loop ends inside the profile window (the run's
-    end, a preemption, an error), so the trace is written and the profiler freed."""
-    try:
-        yield
-    finally:
-        if profiler.started_at is not None and not profiler.done:
-            jax.profiler.stop_trace()
-            profiler.done = True
 
 
 @contextlib.contextmanager

@@ -101,6 +101,17 @@ def _write_json_text(workdir: str, name: str, text: str) -> None:
         os.replace(path + ".tmp", path)
 
 
+def save_run_records(
+    workdir: str, config: ml_collections.ConfigDict, input_spec: InputSpec, tokenizer: Any
+) -> None:
+    """Writes what rebuilding a run needs besides its checkpoint: config.json,
+    input_spec.json and (for a language model; None otherwise) the tokenizer, from process 0."""
+    save_config(workdir, config)
+    save_input_spec(workdir, input_spec)
+    if tokenizer is not None and jax.process_index() == 0:
+        tokenizer.save(workdir)
+
+
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Writes the run's config as workdir/config.json."""
     _write_json_text(workdir, CONFIG_FILE, config.to_json_best_effort(indent=2))

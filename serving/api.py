@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import sampling
 from serving import engine as engine_lib
 from serving.classifier import Classifier, ImageError
-from serving.schemas import ClassifyRequest, CompletionRequest
+from serving.schemas import MAX_SEED, ClassifyRequest, CompletionRequest
 
 RETRY_AFTER_S = 1  # the retry hint of a 503
 
@@ -191,8 +191,8 @@ class Service:
                 f"this server takes at most {self.max_waiting} per request",
                 "n",
             )
-        seed = secrets.randbelow(2**31 - total) if body.seed is None else body.seed
-        if seed + total - 1 > 2**31 - 1:
+        seed = secrets.randbelow(MAX_SEED + 2 - total) if body.seed is None else body.seed
+        if seed + total - 1 > MAX_SEED:
             raise ApiError(400, f"seed: seed + {total - 1} (one per choice) must stay below "
                            "2**31", "seed")  # fmt: skip
         sequences, prompt_tokens = [], 0
@@ -356,7 +356,7 @@ def create_app(service: Service) -> FastAPI:
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
-        texts = [[] for _ in sequences]
+        texts = [""] * len(sequences)
         remaining = len(sequences)
         try:
             while remaining:
@@ -368,14 +368,14 @@ def create_app(service: Service) -> FastAPI:
                     if await request.is_disconnected():
                         return JSONResponse({}, status_code=499)  # nobody reads it
                     continue
-                texts[i].append(text)
+                texts[i] += text
                 remaining -= finish is not None
         finally:
             service.engine.cancel(sequences)
         if any(s.finish_reason == "error" for s in sequences):
-            raise RuntimeError("decoding failed: " + "".join(texts[0]))
+            raise RuntimeError("decoding failed: " + texts[0])
         choices = [
-            {"index": i, "text": "".join(t), "logprobs": None, "finish_reason": s.finish_reason}
+            {"index": i, "text": t, "logprobs": None, "finish_reason": s.finish_reason}
             for i, (t, s) in enumerate(zip(texts, sequences, strict=True))
         ]
         return {**head, "choices": choices, "usage": usage()}

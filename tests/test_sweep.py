@@ -670,9 +670,8 @@ def test_slurm_array_tasks_run_locally_then_summarize(tmp_path, fashion_mnist_re
     assert f"- `{runs[5].name}`: new" in table and f"- `{runs[4].name}`: started" in table
     assert (sweep_dir / "plots" / "learning_curves.png").is_file()
     groups = reporting.group_rows(sweep, reporting.collect_rows(runs))
-    steps, values, n = plots.seed_mean_curve(
-        groups[0], {r.name: r.workdir for r in runs}, "train/loss"
-    )
+    curves = plots.finished_curves(groups[0], {r.name: r.workdir for r in runs})
+    steps, values, n = plots.seed_mean_curve(curves, "train/loss")
     assert n == 1 and steps[-1] == 10 and 9.0 not in values  # run 0 alone, to its end
 
     regenerated = _launch(tmp_path, "slurm")

@@ -200,7 +200,7 @@ def read_hf_tokenizer(hf_dir: str, shape: GPT2Shape):
         if os.path.isfile(tokenizer_json):
             source = tokenizer_json
             tokenizer = tokenizers_lib.BPETokenizer.from_file(tokenizer_json)
-            kind = json.loads(tokenizer.serialized).get("model", {}).get("type")
+            kind = tokenizer.model_type
             if kind != "BPE":
                 raise HFConvertError(
                     f"{tokenizer_json} is a {kind} tokenizer, not GPT-2's byte-level BPE; use "
@@ -261,24 +261,24 @@ def _canonical_key(key: str) -> str:
     return key[len("transformer.") :] if key.startswith("transformer.") else key
 
 
-def read_hf_weights(hf_dir: str, shape: GPT2Shape) -> tuple[dict[str, np.ndarray], str]:
-    """The GPT-2 weights {canonical key: float32 array} and the key prefix the file used ('' or
-    'transformer.'). Every key and shape is checked against config.json first, from the file
-    headers (nothing is read until they agree). Raises HFConvertError naming the file and key
-    for a missing, unexpected or misshapen tensor, and for an untied lm_head."""
+def read_hf_weights(hf_dir: str, shape: GPT2Shape) -> dict[str, np.ndarray]:
+    """The GPT-2 weights {canonical key: float32 array}. Every key and shape is checked against
+    config.json first, from the file headers (nothing is read until they agree). Raises
+    HFConvertError naming the file and key for a missing, unexpected or misshapen tensor, and
+    for an untied lm_head."""
     from safetensors import safe_open
-    from safetensors.numpy import load_file
 
     expected = shape.tensor_shapes()
     config_path = os.path.join(hf_dir, HF_CONFIG)
+    files = _safetensors_files(hf_dir)
     found: dict[str, tuple[str, tuple[int, ...]]] = {}  # canonical key -> (file, shape)
-    prefixes = set()
-    for path in _safetensors_files(hf_dir):
+    stored_key: dict[str, str] = {}  # canonical key -> the key in its file
+    for path in files:
         try:
             with safe_open(path, framework="np") as f:
                 for key in f.keys():
                     found[_canonical_key(key)] = (path, tuple(f.get_slice(key).get_shape()))
-                    prefixes.add("transformer." if key.startswith("transformer.") else "")
+                    stored_key[_canonical_key(key)] = key
         except Exception as e:  # safetensors raises its own error types for a damaged header
             raise HFConvertError(f"{path} is not a readable safetensors file ({e}); download "
                                  "it again.") from e  # fmt: skip
@@ -293,7 +293,7 @@ def read_hf_weights(hf_dir: str, shape: GPT2Shape) -> tuple[dict[str, np.ndarray
     missing = [k for k in expected if k not in found]
     if missing:
         raise HFConvertError(
-            f"{_safetensors_files(hf_dir)[0]} lacks {len(missing)} of the {len(expected)} "
+            f"{files[0]} lacks {len(missing)} of the {len(expected)} "
             f"tensors {config_path} calls for (e.g. {missing[:3]}): it is not this GPT-2's "
             "checkpoint (or is incomplete); download it again."
         )
@@ -306,18 +306,21 @@ def read_hf_weights(hf_dir: str, shape: GPT2Shape) -> tuple[dict[str, np.ndarray
             f"{found[extra[0]][0]} holds tensors a GPT-2 of {config_path} has no place for "
             f"(e.g. {extra[:3]}): not a plain GPT2LMHeadModel checkpoint."
         )
+    # Only the tensors a GPT-2 uses (not the attention-mask buffers some files carry).
+    wanted = [k for k in (*expected, "lm_head.weight") if k in found]
     arrays: dict[str, np.ndarray] = {}
-    for path in sorted({p for p, _ in found.values()}):
-        for key, value in load_file(path).items():
-            arrays[_canonical_key(key)] = value
+    for path in sorted({found[k][0] for k in wanted}):
+        with safe_open(path, framework="np") as f:
+            for key in wanted:
+                if found[key][0] == path:
+                    arrays[key] = f.get_tensor(stored_key[key])
     head = arrays.pop("lm_head.weight", None)
     if head is not None and not np.array_equal(head, arrays["wte.weight"]):
         raise HFConvertError(
             f"{found['lm_head.weight'][0]}: lm_head.weight differs from wte.weight (an untied "
             "output layer); jaxlab imports GPT-2 with the output tied to the embedding."
         )
-    weights = {k: np.asarray(arrays[k], np.float32) for k in expected}
-    return weights, prefixes.pop() if len(prefixes) == 1 else "transformer."
+    return {k: np.asarray(arrays[k], np.float32) for k in expected}
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -445,7 +448,6 @@ def jaxlab_config(
     config.tokenizer = tokenizer_path
     config.dtype = dtype
     model = {
-        "name": "gpt",
         "vocab_size": shape.vocab_size,
         "block_size": shape.n_positions,
         "num_layers": shape.n_layer,
@@ -467,7 +469,7 @@ def jaxlab_config(
         model["mlp_hidden_dim"] = shape.n_inner
     # Every GPT field (configs/gpt_model.py), so that the run's config.json records each and
     # each stays settable from the command line when the run is fine-tuned.
-    config.model = gpt_model(**{k: v for k, v in model.items() if k != "name"})
+    config.model = gpt_model(**model)
     return config
 
 
@@ -477,8 +479,8 @@ def _source_stamps(hf_dir: str) -> list[list]:
         n for n in os.listdir(hf_dir)
         if n.endswith((".json", ".safetensors", ".txt")) and os.path.isfile(os.path.join(hf_dir, n))
     )  # fmt: skip
-    return [[n, os.stat(os.path.join(hf_dir, n)).st_size,
-             os.stat(os.path.join(hf_dir, n)).st_mtime_ns] for n in names]  # fmt: skip
+    stats = {n: os.stat(os.path.join(hf_dir, n)) for n in names}
+    return [[n, stats[n].st_size, stats[n].st_mtime_ns] for n in names]
 
 
 def import_hf(
@@ -510,7 +512,7 @@ def import_hf(
 
     shape = read_hf_config(hf_dir)
     tokenizer = read_hf_tokenizer(hf_dir, shape)
-    weights, prefix = read_hf_weights(hf_dir, shape)
+    weights = read_hf_weights(hf_dir, shape)
     vocab_rows = gpt.padded_vocab_size(shape.vocab_size, vocab_pad_multiple)
     params = hf_to_jaxlab(weights, shape, vocab_rows)
     del weights
@@ -527,7 +529,6 @@ def import_hf(
                     f"{workdir} already holds a run (checkpoints {checkpointer.all_steps()}); "
                     "import into a new --workdir."
                 )
-            tokenizer.save(workdir)
             config = jaxlab_config(
                 shape,
                 os.path.join(workdir, tokenizers_lib.BPE_MODEL),
@@ -544,11 +545,9 @@ def import_hf(
             checkpointer.save(0, state, {"step": 0}, force=True)
         finally:
             checkpointer.close()
-        workdir_files.save_config(workdir, run.config)
-        workdir_files.save_input_spec(workdir, spec)
+        workdir_files.save_run_records(workdir, run.config, spec, tokenizer)
         record = {
             "hf_dir": os.path.abspath(hf_dir),
-            "key_prefix": prefix,
             "source_files": _source_stamps(hf_dir),
             "imported": time.strftime("%Y-%m-%d %H:%M:%S"),
             "vocab_pad_multiple": vocab_pad_multiple,
@@ -645,18 +644,18 @@ def gpt2_refusals(model: Any, tokenizer: Any) -> list[str]:
     checks = [
         (model.position_embedding == "learned",
          f"position_embedding={model.position_embedding!r} (GPT-2 learns absolute positions)"),
-        (getattr(model, "tie_embeddings", True),
+        (model.tie_embeddings,
          "tie_embeddings=False (GPT-2's output layer is its token embedding)"),
-        (getattr(model, "norm", "layernorm") == "layernorm",
-         f"norm={getattr(model, 'norm', None)!r} (GPT-2 uses LayerNorm)"),
-        (getattr(model, "mlp_activation", "gelu") in EXPORT_ACTIVATIONS,
-         f"mlp_activation={getattr(model, 'mlp_activation', None)!r} (GPT-2's MLP is "
+        (model.norm == "layernorm",
+         f"norm={model.norm!r} (GPT-2 uses LayerNorm)"),
+        (model.mlp_activation in EXPORT_ACTIVATIONS,
+         f"mlp_activation={model.mlp_activation!r} (GPT-2's MLP is "
          "Dense-GELU-Dense: 'gelu' or 'gelu_tanh')"),
-        (getattr(model, "num_kv_heads", None) in (None, model.num_heads),
-         f"num_kv_heads={getattr(model, 'num_kv_heads', None)} (GPT-2 has one key/value head "
+        (model.num_kv_heads in (None, model.num_heads),
+         f"num_kv_heads={model.num_kv_heads} (GPT-2 has one key/value head "
          "per query head)"),
-        (not getattr(model, "qk_norm", False), "qk_norm=True (GPT-2 has no query/key norm)"),
-        (getattr(model, "attn_logit_softcap", None) is None,
+        (not model.qk_norm, "qk_norm=True (GPT-2 has no query/key norm)"),
+        (model.attn_logit_softcap is None,
          "attn_logit_softcap is set (GPT-2 does not cap attention logits)"),
         (model.use_bias, "use_bias=False (every GPT-2 layer has biases)"),
         (tokenizer is not None and tokenizer.kind == "bpe",
@@ -671,7 +670,7 @@ def gpt2_refusals(model: Any, tokenizer: Any) -> list[str]:
 
 def gpt2_shape_of(model: Any) -> GPT2Shape:
     """The GPT-2 shape of an exportable jaxlab GPT."""
-    hidden = getattr(model, "mlp_hidden_dim", None) or model.mlp_ratio * model.embed_dim
+    hidden = model.mlp_hidden_dim or model.mlp_ratio * model.embed_dim
     return GPT2Shape(
         vocab_size=model.vocab_size,
         n_positions=model.block_size,
@@ -679,8 +678,8 @@ def gpt2_shape_of(model: Any) -> GPT2Shape:
         n_layer=model.num_layers,
         n_head=model.num_heads,
         n_inner=hidden,
-        activation_function=EXPORT_ACTIVATIONS[getattr(model, "mlp_activation", "gelu")],
-        layer_norm_epsilon=float(getattr(model, "norm_epsilon", 1e-5)),
+        activation_function=EXPORT_ACTIVATIONS[model.mlp_activation],
+        layer_norm_epsilon=float(model.norm_epsilon),
     )
 
 
@@ -746,8 +745,8 @@ def export_hf(workdir: str, hf_dir: str, step: int | None = None,
         )
     params = distributed.to_host(restored.params)
     del restored
-    if getattr(model, "scan_layers", False):
-        params = jax.tree.map(np.asarray, gpt.unstack_layers(params))
+    if model.scan_layers:
+        params = gpt.unstack_layers(params)
     shape = gpt2_shape_of(model)
     tensors = jaxlab_to_hf(params, shape)
     if jax.process_index() != 0:

@@ -28,7 +28,6 @@ per setting) and PNG plots under <sweep_dir>/plots.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
 from absl import flags
@@ -77,7 +76,7 @@ LOCAL_FLAGS = ("parallel", "run_timeout")
 
 
 def _options(names: dict[str, str], cls: type) -> SlurmOptions | KubernetesOptions:
-    """The launcher's options from its flags; flags left unset keep the dataclass defaults."""
+    """The launcher's options from its flags (whose defaults are the dataclass's own)."""
     given = {field: FLAGS[flag].value for flag, field in names.items() if FLAGS[flag].present}
     return cls(**given)
 
@@ -122,8 +121,11 @@ def main(argv: Sequence[str]) -> None:
             timeout=FLAGS.run_timeout or None,
         )
         return
-    options = _options(SLURM_FLAGS, SlurmOptions) if launcher == "slurm" else None
-    options = options or _options(K8S_FLAGS, KubernetesOptions)
+    flag_names, options_cls = {
+        "slurm": (SLURM_FLAGS, SlurmOptions),
+        "kubernetes": (K8S_FLAGS, KubernetesOptions),
+    }[launcher]
+    options = _options(flag_names, options_cls)
     try:
         launch_on_cluster(
             sweep, FLAGS.sweep_dir, launcher, options, sets=FLAGS.set, dry_run=FLAGS.dry_run
@@ -151,7 +153,7 @@ if __name__ == "__main__":
     flags.DEFINE_float("run_timeout", 0, "local: kill a run after this many seconds (0: no limit).")
     flags.DEFINE_multi_string("set", [], "Extra fixed override for every run: field=value.")
     # --launcher=slurm
-    flags.DEFINE_string("slurm_job_name", "jaxlab-sweep", "slurm: the job's name.")
+    flags.DEFINE_string("slurm_job_name", SlurmOptions.job_name, "slurm: the job's name.")
     flags.DEFINE_string("slurm_partition", None, "slurm: partition (default: the cluster's).")
     flags.DEFINE_string("slurm_account", None, "slurm: account to charge.")
     flags.DEFINE_string("slurm_time", None, "slurm: time limit per run, e.g. 02:00:00.")
@@ -164,10 +166,14 @@ if __name__ == "__main__":
         "slurm_setup", [], "slurm: a shell line run before train.py (source .venv/bin/activate)."
     )
     flags.DEFINE_string(
-        "slurm_python", sys.executable, "slurm: Python on the compute nodes (default: this one)."
+        "slurm_python",
+        SlurmOptions.python,
+        "slurm: Python on the compute nodes (default: this one).",
     )
     flags.DEFINE_bool(
-        "slurm_only_unfinished", True, "slurm: submit only the runs without final metrics."
+        "slurm_only_unfinished",
+        SlurmOptions.only_unfinished,
+        "slurm: submit only the runs without final metrics.",
     )
     # --launcher=kubernetes
     flags.DEFINE_string("k8s_image", None, "kubernetes: container image holding the repository.")
@@ -175,15 +181,21 @@ if __name__ == "__main__":
     flags.DEFINE_string("k8s_namespace", None, "kubernetes: namespace (default: kubectl's).")
     flags.DEFINE_string("k8s_pvc", None, "kubernetes: PersistentVolumeClaim for the runs.")
     flags.DEFINE_string("k8s_host_path", None, "kubernetes: or a node directory for the runs.")
-    flags.DEFINE_string("k8s_mount_path", "/runs", "kubernetes: where the volume is mounted.")
+    flags.DEFINE_string(
+        "k8s_mount_path", KubernetesOptions.mount_path, "kubernetes: where the volume is mounted."
+    )
     flags.DEFINE_string(
         "k8s_sweep_dir", None, "kubernetes: the sweep dir in the pods (<mount>/<sweep_dir name>)."
     )
-    flags.DEFINE_string("k8s_repo_dir", "/workspace/jaxlab", "kubernetes: repository in the image.")
-    flags.DEFINE_string("k8s_python", "python", "kubernetes: Python in the image.")
+    flags.DEFINE_string(
+        "k8s_repo_dir", KubernetesOptions.repo_dir, "kubernetes: repository in the image."
+    )
+    flags.DEFINE_string("k8s_python", KubernetesOptions.python, "kubernetes: Python in the image.")
     flags.DEFINE_integer("k8s_parallelism", None, "kubernetes: pods at once (default: all).")
     flags.DEFINE_integer(
-        "k8s_backoff_limit_per_index", 1, "kubernetes: retries of each run (resumes)."
+        "k8s_backoff_limit_per_index",
+        KubernetesOptions.backoff_limit_per_index,
+        "kubernetes: retries of each run (resumes).",
     )
     flags.DEFINE_string("k8s_cpu", None, "kubernetes: CPU request per pod, e.g. 4.")
     flags.DEFINE_string("k8s_memory", None, "kubernetes: memory per pod, e.g. 16Gi.")

@@ -333,8 +333,8 @@ def kubernetes_manifest(
     limits: dict[str, Any] = {"memory": options.memory} if options.memory else {}
     if options.gpus:
         limits["nvidia.com/gpu"] = options.gpus
-    env = [{"name": "TF_CPP_MIN_LOG_LEVEL", "value": "2"}]
-    env += [dict(zip(("name", "value"), e.split("=", 1), strict=True)) for e in options.env]
+    # (TF_CPP_MIN_LOG_LEVEL is set by the task script itself, as for SLURM.)
+    env = [dict(zip(("name", "value"), e.split("=", 1), strict=True)) for e in options.env]
     container: dict[str, Any] = {
         "name": "train",
         "image": options.image,

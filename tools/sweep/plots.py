@@ -38,18 +38,19 @@ def mean_curve(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray,
     return common, np.mean(stacked, axis=0) if stacked else np.array([])
 
 
-def seed_mean_curve(
-    group: Group, workdirs: dict[str, str], panel: str
-) -> tuple[np.ndarray, np.ndarray, int] | None:
-    """(steps, seed-mean values, number of seeds) of one metrics.jsonl series ('train/loss')
-    over the group's finished runs, or None if none logged it. Unfinished runs are left out:
-    their shorter curves would cut the mean at their last step (mean_curve keeps common steps).
-    """
-    curves = [
+def finished_curves(group: Group, workdirs: dict[str, str]) -> list[dict]:
+    """read_curves of the group's finished runs. Unfinished runs are left out: their shorter
+    curves would cut the seed mean at their last step (mean_curve keeps common steps)."""
+    return [
         read_curves(workdirs[row["run"]])
         for row in group.rows
         if row["run"] in workdirs and row.get("status") == "finished"
     ]
+
+
+def seed_mean_curve(curves: list[dict], panel: str) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """(steps, seed-mean values, number of seeds) of one metrics.jsonl series ('train/loss')
+    over `curves` (finished_curves of a group), or None if none logged it."""
     series = [c[panel] for c in curves if panel in c and len(c[panel][0])]
     if not series:
         return None
@@ -68,8 +69,9 @@ def plot_learning_curves(groups: list[Group], runs: list[Run], metric: str, path
     drawn = False
     for i, group in enumerate(groups):
         color = colors(i % 10 if len(groups) <= 10 else i / max(len(groups) - 1, 1))
+        curves = finished_curves(group, workdirs)  # read once for both panels
         for ax, panel in zip(axes, panels, strict=True):
-            curve = seed_mean_curve(group, workdirs, panel)
+            curve = seed_mean_curve(curves, panel)
             if curve is None:
                 continue
             steps, values, n = curve
