@@ -1,5 +1,5 @@
 """Start a run from another run's checkpoint (`config.init_from`): pretraining -> fine-tuning.
-The source may also be a Hugging Face GPT-2 directory: it is imported once (tools/hf_convert.py)
+The source may also be a Hugging Face GPT-2 directory: it is imported once (tools/hf/importing.py)
 into a cached workdir and used from there.
 
 The source is restored with `experiment.restore_run`, the same verified path that resuming and
@@ -59,10 +59,10 @@ def init_from(run: experiment.Run, state: train_state.TrainState) -> train_state
     """
     spec = run.config.init_from
     devices = list(run.mesh.devices.flat)
-    # A Hugging Face GPT-2 directory is imported once into a cached workdir (tools/hf_convert.py).
-    from tools import hf_convert
+    # A Hugging Face GPT-2 directory is imported once into a cached workdir (tools/hf/importing.py).
+    from tools.hf import importing
 
-    source_workdir = hf_convert.imported_workdir(spec.workdir)
+    source_workdir = importing.imported_workdir(spec.workdir)
     source = experiment.restore_run(source_workdir, spec.step, devices=devices)
     source_state = distributed.to_host(source.state)
     fresh = distributed.to_host(state)

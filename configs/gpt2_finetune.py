@@ -4,7 +4,7 @@
 
 The part after the colon is the model to start from: a workdir written by
 `python -m tools.hf_convert import` (or any jaxlab GPT run), or a Hugging Face GPT-2 directory
-(imported once into a cache by tools/hf_convert.py). The model's shape, its GPT-2 tokenizer and
+(imported once into a cache by tools/hf/importing.py). The model's shape, its GPT-2 tokenizer and
 `init_from` come from it, so every parameter is copied; the rest is nanoGPT's fine-tuning recipe.
 """
 
@@ -29,9 +29,9 @@ def get_config(source: str | None = None) -> ml_collections.ConfigDict:
             "--config=configs/gpt2_finetune.py:runs/gpt2 (an imported workdir or a Hugging Face "
             "GPT-2 directory)."
         )
-    from tools import hf_convert
+    from tools.hf import importing
 
-    workdir = hf_convert.imported_workdir(os.path.expanduser(source))
+    workdir = importing.imported_workdir(os.path.expanduser(source))
     try:
         pretrained = workdir_files.load_config(workdir)
     except FileNotFoundError as e:

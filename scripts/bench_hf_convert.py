@@ -47,12 +47,12 @@ def write_stand_in(directory: str, size: str, seed: int = 0) -> int:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     import tokenizers_lib
-    from tools import hf_convert
+    from tools.hf import gpt2_files
 
     n_layer, n_head, n_embd = SIZES[size]
     os.makedirs(directory, exist_ok=True)
     rng = np.random.default_rng(seed)
-    shape = hf_convert.GPT2Shape(VOCAB, POSITIONS, n_embd, n_layer, n_head, 4 * n_embd,
+    shape = gpt2_files.GPT2Shape(VOCAB, POSITIONS, n_embd, n_layer, n_head, 4 * n_embd,
                                  "gelu_new", 1e-5)  # fmt: skip
     tensors = {}
     for key, dims in shape.tensor_shapes().items():
@@ -61,7 +61,7 @@ def write_stand_in(directory: str, size: str, seed: int = 0) -> int:
     for n in range(n_layer):
         tensors[f"h.{n}.attn.bias"] = mask
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-    config = hf_convert.hf_config_json(shape, 0.1, VOCAB - 1, "float32")
+    config = gpt2_files.hf_config_json(shape, 0.1, VOCAB - 1, "float32")
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
 

@@ -42,6 +42,10 @@ def _on_event(event: str, duration_secs: float, **kwargs: Any) -> None:
         _compilations += 1
 
 
+def _shardings(tree: Any) -> list[Any]:
+    return [leaf.sharding for leaf in jax.tree.leaves(tree)]
+
+
 def compilations() -> int:
     """How many XLA backend compilations this process has run since this was first called."""
     global _listening
@@ -119,13 +123,18 @@ class LMEngine:
         self.generated_tokens = 0
 
     def _new_cache(self) -> Any:
-        """Empty slot caches, replicated over the parameters' mesh (where the programs return
-        them), so that the first call compiles what every later call runs."""
+        """Empty slot caches, replicated over the parameters' mesh exactly as the programs
+        return them (`P(None, ...)`, one entry per axis: jit keys its cache on the spec, and
+        `P()` would compile every program a second time), so that the first call compiles what
+        every later call runs."""
         cache = sampling.init_slot_cache(self.model, self.num_slots)
         sharding = getattr(jax.tree.leaves(self.params)[0], "sharding", None)
         if isinstance(sharding, jax.sharding.NamedSharding):
-            replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-            cache = jax.device_put(cache, replicated)
+            cache = jax.tree.map(
+                lambda leaf: jax.device_put(leaf, jax.sharding.NamedSharding(
+                    sharding.mesh, jax.sharding.PartitionSpec(*[None] * leaf.ndim))),
+                cache,
+            )  # fmt: skip
         return cache
 
     # ----- control (any thread)
@@ -134,9 +143,10 @@ class LMEngine:
         """Compiles (and runs once) the prefill of every prompt bucket and the decoding step;
         returns the seconds it took. Call before `start`."""
         start = time.perf_counter()
-        # Twice: the first pass takes the cache as created, later calls take the cache the
-        # programs return, whose placement (sharding) may differ and would compile anew.
+        # A second pass only if the programs return the cache placed otherwise than they took
+        # it (a sharded model's mesh may decide so): the next call would compile anew.
         for _ in range(2):
+            taken = _shardings(self._cache)
             for bucket in sampling.prompt_buckets(self.block_size):
                 _, self._cache = sampling.prefill_slot(
                     self.model, self.params, self._cache, np.int32(0),
@@ -144,6 +154,8 @@ class LMEngine:
                     np.float32(1.0), np.int32(0), np.float32(1.0),
                 )  # fmt: skip
             tokens = self._step(np.zeros(self.num_slots, bool))
+            if _shardings(self._cache) == taken:
+                break
         jax.block_until_ready(tokens)
         return time.perf_counter() - start
 

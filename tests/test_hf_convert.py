@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 in and out (tools/hf_convert.py), against `transformers` itself.
+"""Hugging Face GPT-2 in and out (tools/hf_convert.py, tools/hf/), against `transformers` itself.
 
 A small random GPT-2 (2 layers, width 64, a byte-level BPE trained offline with `tokenizers`) is
 built and saved with `save_pretrained` by tests/hf_reference.py under .venv-torch (PyTorch and
@@ -30,7 +30,7 @@ import tokenizers_lib
 import train
 import workdir_files
 from models import gpt
-from tools import hf_convert
+from tools.hf import exporting, gpt2_files, gpt2_layout, importing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_PYTHON = os.path.join(REPO, ".venv-torch", "bin", "python")
@@ -113,7 +113,7 @@ def ref(tmp_path_factory) -> types.SimpleNamespace:
     return types.SimpleNamespace(
         root=root,
         hf_dir=hf_dir,
-        workdir=hf_convert.import_hf(hf_dir, str(root / "imported")),
+        workdir=importing.import_hf(hf_dir, str(root / "imported")),
         tokens=np.load(shared / "tokens.npy"),
         prompt=np.load(shared / "prompt.npy"),
         kjv=(shared / "kjv.txt").read_text(),
@@ -146,7 +146,7 @@ def test_padded_scanned_import_gives_the_same_logits_and_exports_bit_for_bit(ref
     """Imported with the embedding padded (512 rows to 576, vocab_pad_multiple=192) and the
     layers stacked for nn.scan: the same logits over the real vocabulary; exporting it drops
     the padding and gives back the original arrays bit for bit."""
-    workdir = hf_convert.import_hf(ref.hf_dir, str(tmp_path / "padded"), vocab_pad_multiple=192,
+    workdir = importing.import_hf(ref.hf_dir, str(tmp_path / "padded"), vocab_pad_multiple=192,
                                    scan_layers=True)  # fmt: skip
     restored = experiment.restore_run(workdir)
     assert restored.params["wte"]["embedding"].shape == (576, 64)
@@ -155,7 +155,7 @@ def test_padded_scanned_import_gives_the_same_logits_and_exports_bit_for_bit(ref
     logits = np.asarray(restored.model.apply({"params": restored.params}, ref.tokens))
     np.testing.assert_allclose(logits, ref.logits, atol=1e-5, rtol=0)
 
-    out = hf_convert.export_hf(workdir, str(tmp_path / "exported"))
+    out = exporting.export_hf(workdir, str(tmp_path / "exported"))
     original = load_file(os.path.join(ref.hf_dir, "model.safetensors"))
     exported = load_file(os.path.join(out, "model.safetensors"))
     assert sorted(exported) == sorted(original)
@@ -166,7 +166,7 @@ def test_padded_scanned_import_gives_the_same_logits_and_exports_bit_for_bit(ref
 
 def test_import_then_export_reproduces_the_safetensors_bit_for_bit(ref, tmp_path):
     """The plain import exported again: the same keys, dtypes and bytes; the same tokenizer."""
-    out = hf_convert.export_hf(ref.workdir, str(tmp_path / "exported"))
+    out = exporting.export_hf(ref.workdir, str(tmp_path / "exported"))
     original = load_file(os.path.join(ref.hf_dir, "model.safetensors"))
     exported = load_file(os.path.join(out, "model.safetensors"))
     assert sorted(exported) == sorted(original)
@@ -190,8 +190,8 @@ def test_tokenization_equals_transformers_on_kjv(ref, tmp_path):
     shutil.copytree(ref.hf_dir, legacy)
     tokenizer.save_hugging_face_files(str(legacy))  # writes vocab.json and merges.txt
     os.remove(legacy / "tokenizer.json")
-    shape = hf_convert.read_hf_config(str(legacy))
-    from_merges = hf_convert.read_hf_tokenizer(str(legacy), shape)
+    shape = gpt2_files.read_hf_config(str(legacy))
+    from_merges = gpt2_files.read_hf_tokenizer(str(legacy), shape)
     np.testing.assert_array_equal(from_merges.encode(ref.kjv + "<|endoftext|>"),
                                   tokenizer.encode(ref.kjv + "<|endoftext|>"))  # fmt: skip
     assert from_merges.encode("<|endoftext|>").tolist() == [tokenizer.eot_id]
@@ -222,8 +222,8 @@ def test_exported_run_loads_in_transformers_with_equal_logits(ref, shakespeare_t
     """A GPT trained by jaxlab (exact GELU, its own width, vocabulary padded to 64, scanned
     layers) exported as GPT-2: GPT2LMHeadModel.from_pretrained and AutoTokenizer load it, and
     its logits and token ids equal jaxlab's."""
-    config = hf_convert.jaxlab_config(
-        hf_convert.GPT2Shape(512, 64, 32, 2, 2, 128, "gelu", 1e-5),
+    config = importing.jaxlab_config(
+        gpt2_files.GPT2Shape(512, 64, 32, 2, 2, 128, "gelu", 1e-5),
         os.path.join(ref.hf_dir, "tokenizer.json"),
         vocab_pad_multiple=64,
         scan_layers=True,
@@ -236,7 +236,7 @@ def test_exported_run_loads_in_transformers_with_equal_logits(ref, shakespeare_t
                   sample_every_eval=False)  # fmt: skip
     workdir = str(tmp_path / "run")
     train.train_and_evaluate(config, workdir)
-    hf_dir = hf_convert.export_hf(workdir, str(tmp_path / "hf"))
+    hf_dir = exporting.export_hf(workdir, str(tmp_path / "hf"))
     with open(os.path.join(hf_dir, "config.json")) as f:
         exported_config = json.load(f)
     assert exported_config["activation_function"] == "gelu"
@@ -328,8 +328,8 @@ def test_bad_hugging_face_directories_are_refused(ref, tmp_path, edit, remove, m
     """Each broken directory gives an HFConvertError naming the file and the fix, and writes no
     workdir."""
     broken = _broken_copy(ref, tmp_path, edit, remove)
-    with pytest.raises(hf_convert.HFConvertError, match=message) as error:
-        hf_convert.import_hf(broken, str(tmp_path / "out"))
+    with pytest.raises(gpt2_files.HFConvertError, match=message) as error:
+        importing.import_hf(broken, str(tmp_path / "out"))
     assert "\n" not in str(error.value)
     assert not os.path.exists(tmp_path / "out")
 
@@ -339,7 +339,7 @@ def test_command_line_errors_are_one_line(ref, trained_lm_run, tmp_path):
     tokenizer, end in one ERROR line and exit status 1. Importing into a workdir that holds a
     run is refused."""
     with pytest.raises(workdir_files.WorkdirError, match="already holds a run"):
-        hf_convert.import_hf(ref.hf_dir, ref.workdir)
+        importing.import_hf(ref.hf_dir, ref.workdir)
     commands = [
         ["import", f"--hf_dir={tmp_path / 'nothing'}", f"--workdir={tmp_path / 'w'}"],
         ["export", f"--workdir={trained_lm_run}", f"--hf_dir={tmp_path / 'hf'}"],
@@ -373,7 +373,7 @@ def test_models_gpt2_cannot_express_are_refused(ref, fields, reason):
     GPT-2 itself (exact or tanh GELU) has none."""
     bpe = tokenizers_lib.load_tokenizer(ref.workdir)
     base = dict(num_layers=1, num_heads=2, embed_dim=16, vocab_size=bpe.vocab_size)
-    assert hf_convert.gpt2_refusals(gpt.GPT(**base), bpe) == []
-    assert hf_convert.gpt2_refusals(gpt.GPT(**base, mlp_activation="gelu_tanh"), bpe) == []
-    reasons = hf_convert.gpt2_refusals(gpt.GPT(**base, **fields), bpe)
+    assert gpt2_layout.gpt2_refusals(gpt.GPT(**base), bpe) == []
+    assert gpt2_layout.gpt2_refusals(gpt.GPT(**base, mlp_activation="gelu_tanh"), bpe) == []
+    reasons = gpt2_layout.gpt2_refusals(gpt.GPT(**base, **fields), bpe)
     assert len(reasons) == 1 and reason in reasons[0], reasons

@@ -372,7 +372,7 @@ def test_resuming_with_another_optimizer_is_refused(tmp_path) -> None:
     workdir_files.check_resume(str(tmp_path), config, None, 100, 2000)
 
 
-SHARDED_MUON = """
+SHARDED_OPTIMIZER = """
 import sys
 import jax, numpy as np
 sys.path.insert(0, 'tests')
@@ -380,9 +380,14 @@ import conftest, experiment
 
 def losses(mesh, devices):
     config = conftest._tiny_lm_config(sys.argv[1])
-    config.model.update({'embed_dim': 64, 'num_heads': 4})
-    config.update({'optimizer': 'muon', 'num_train_steps': 5, 'mesh_shape': mesh})
+    config.model.update({'embed_dim': int(sys.argv[3]), 'num_heads': 4})
+    config.update({'optimizer': sys.argv[2], 'num_train_steps': 5, 'mesh_shape': mesh})
     run = experiment.build_run(config, devices=devices)
+    if config.optimizer == 'adafactor':  # some second moments are factored (row statistics)
+        rows = [leaf.shape for path, leaf in
+                jax.tree_util.tree_leaves_with_path(run.abstract_state.opt_state)
+                if 'v_row' in jax.tree_util.keystr(path) and leaf.size > 1]
+        assert rows, 'no factored second moment'
     state, out = run.steps.from_global(run.init_state()), []
     with run.steps.context():
         for batch in run.datasets.train_batches(0, 1, run.total_steps):
@@ -397,15 +402,21 @@ np.testing.assert_allclose(sharded, one, rtol=1e-5)
 """
 
 
-def test_muon_sharded_over_fsdp_and_tensor_equals_one_device(tiny_corpus) -> None:
-    """Muon's reshapes and Newton-Schulz iterations on kernels split over fsdp x tensor (4
-    simulated devices) give the losses of one device."""
+# Adafactor at width 128: the MLP kernels ([128, 512]) have two axes of >= 128, so their second
+# moments are factored (a row and a column statistic of the split kernel).
+@pytest.mark.parametrize("optimizer,embed_dim", [("muon", 64), ("adafactor", 128)])
+def test_optimizer_sharded_over_fsdp_and_tensor_equals_one_device(
+    tiny_corpus, optimizer, embed_dim
+) -> None:
+    """Muon's reshapes and Newton-Schulz iterations, and Adafactor's factored statistics, on
+    kernels split over fsdp x tensor (4 simulated devices) give the losses of one device."""
     import os
     import subprocess
     import sys
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    result = subprocess.run([sys.executable, "-c", SHARDED_MUON, tiny_corpus], cwd=repo, env=env,
+    result = subprocess.run([sys.executable, "-c", SHARDED_OPTIMIZER, tiny_corpus, optimizer,
+                             str(embed_dim)], cwd=repo, env=env,
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]

@@ -176,3 +176,25 @@ def test_a_new_model_is_one_file_and_one_config(tmp_path, fashion_mnist_ready):
     )  # fmt: skip
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     assert "accuracy=" in evaluate.stdout
+
+
+def test_a_deprecated_api_called_from_our_code_fails_the_tests(tmp_path):
+    """conftest turns deprecations at our call sites into errors, in tests and in the scripts
+    they start, so that code that would break on the next JAX release fails here first."""
+    import jax
+
+    mesh = jax.make_mesh((1,), ("data",))
+    # `with mesh:` is deprecated in JAX 0.10 (`with jax.set_mesh(mesh):` replaces it).
+    with pytest.raises(DeprecationWarning, match="jax.set_mesh"), mesh:
+        pass
+    script = tmp_path / "old_api.py"
+    script.write_text("import warnings\nwarnings.warn('old API', DeprecationWarning)\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert result.returncode != 0 and "DeprecationWarning: old API" in result.stderr
+    # A library's own internal deprecation (its module, not ours) is not our fault.
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        warnings.warn_explicit("internal", DeprecationWarning, "lib.py", 1, module="orbax.lib")
+    assert len(caught) == 1

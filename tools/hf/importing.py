@@ -1,0 +1,223 @@
+"""A Hugging Face GPT-2 directory imported as a jaxlab workdir (config, tokenizer, a verified
+step-0 checkpoint), once per directory when a fine-tuning run names one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from tools.hf.gpt2_files import (
+    ACTIVATIONS,
+    IMPORT_RECORD,
+    GPT2Shape,
+    is_hugging_face_dir,
+    read_hf_config,
+    read_hf_tokenizer,
+    read_hf_weights,
+)
+from tools.hf.gpt2_layout import hf_to_jaxlab
+
+
+def jaxlab_config(
+    shape: GPT2Shape,
+    tokenizer_path: str,
+    *,
+    dtype: str = "float32",
+    vocab_pad_multiple: int = 1,
+    scan_layers: bool = False,
+):
+    """A jaxlab run config (ml_collections.ConfigDict) for a GPT-2 of `shape`: the training
+    settings of configs/gpt2_small.py, the tokenizer at `tokenizer_path` (a Hugging Face
+    tokenizer.json), Tiny Shakespeare as the stand-in dataset (what evaluate.py reads; a
+    fine-tuning run names its own), dropout off (nanoGPT's fine-tuning default)."""
+    from configs import gpt2_small
+    from configs.gpt_model import gpt_model
+
+    config = gpt2_small.get_config()
+    config.dataset = "tiny_shakespeare"
+    config.tokenizer = tokenizer_path
+    config.dtype = dtype
+    model = {
+        "vocab_size": shape.vocab_size,
+        "block_size": shape.n_positions,
+        "num_layers": shape.n_layer,
+        "num_heads": shape.n_head,
+        "embed_dim": shape.n_embd,
+        "mlp_ratio": 4,
+        "dropout_rate": 0.0,
+        "use_bias": True,
+        "position_embedding": "learned",
+        "norm": "layernorm",
+        "norm_epsilon": shape.layer_norm_epsilon,
+        "mlp_activation": ACTIVATIONS[shape.activation_function],
+        "tie_embeddings": True,
+        "vocab_pad_multiple": vocab_pad_multiple,
+        "remat_policy": "none",
+        "scan_layers": scan_layers,
+    }
+    if shape.n_inner != 4 * shape.n_embd:
+        model["mlp_hidden_dim"] = shape.n_inner
+    # Every GPT field (configs/gpt_model.py), so that the run's config.json records each and
+    # each stays settable from the command line when the run is fine-tuned.
+    config.model = gpt_model(**model)
+    return config
+
+
+def _source_stamps(hf_dir: str) -> list[list]:
+    """[name, size, mtime_ns] of the files an import reads: a changed source is re-imported."""
+    names = sorted(
+        n for n in os.listdir(hf_dir)
+        if n.endswith((".json", ".safetensors", ".txt")) and os.path.isfile(os.path.join(hf_dir, n))
+    )  # fmt: skip
+    stats = {n: os.stat(os.path.join(hf_dir, n)) for n in names}
+    return [[n, stats[n].st_size, stats[n].st_mtime_ns] for n in names]
+
+
+def import_hf(
+    hf_dir: str,
+    workdir: str,
+    *,
+    vocab_pad_multiple: int = 1,
+    scan_layers: bool = False,
+    dtype: str = "float32",
+) -> str:
+    """Writes the Hugging Face GPT-2 in `hf_dir` as a jaxlab workdir (config.json,
+    input_spec.json, tokenizer files, a verified checkpoint at step 0, hf_import.json); returns
+    the workdir's absolute path.
+
+    The parameters are float32 (as every jaxlab run keeps them); `dtype` is the compute dtype
+    written to the config. `vocab_pad_multiple` pads the embedding rows (e.g. 64: 50,257 ->
+    50,304) with zeros that are never scored; `scan_layers` stores the blocks stacked for
+    `nn.scan`. Raises HFConvertError (missing files, not a GPT-2, shapes disagreeing with
+    config.json, a tokenizer of another size) and workdir_files.WorkdirError (the workdir
+    already holds a run, or a live run holds it).
+    """
+    import jax
+
+    import checkpointing
+    import experiment
+    import tokenizers_lib
+    import workdir_files
+    from models import gpt
+
+    shape = read_hf_config(hf_dir)
+    tokenizer = read_hf_tokenizer(hf_dir, shape)
+    weights = read_hf_weights(hf_dir, shape)
+    vocab_rows = gpt.padded_vocab_size(shape.vocab_size, vocab_pad_multiple)
+    params = hf_to_jaxlab(weights, shape, vocab_rows)
+    del weights
+    if scan_layers:
+        params = jax.tree.map(np.asarray, gpt.stack_layers(params, shape.n_layer))
+
+    workdir = os.path.abspath(workdir)
+    checkpointing.check_path(workdir)
+    with workdir_files.claim(workdir):
+        checkpointer = checkpointing.Checkpointer(workdir, async_save=False)
+        try:
+            if checkpointer.all_steps():
+                raise workdir_files.WorkdirError(
+                    f"{workdir} already holds a run (checkpoints {checkpointer.all_steps()}); "
+                    "import into a new --workdir."
+                )
+            config = jaxlab_config(
+                shape,
+                os.path.join(workdir, tokenizers_lib.BPE_MODEL),
+                dtype=dtype,
+                vocab_pad_multiple=vocab_pad_multiple,
+                scan_layers=scan_layers,
+            )
+            spec = workdir_files.InputSpec(np.zeros((1, shape.n_positions), np.int32))
+            run = experiment.build_run(config, input_spec=spec, tokenizer=tokenizer,
+                                       training=False)  # fmt: skip
+            _check_same_tree(params, run.abstract_state.params)
+            state = _initial_state(run, params)
+            del params
+            checkpointer.save(0, state, {"step": 0}, force=True)
+        finally:
+            checkpointer.close()
+        workdir_files.save_run_records(workdir, run.config, spec, tokenizer)
+        record = {
+            "hf_dir": os.path.abspath(hf_dir),
+            "source_files": _source_stamps(hf_dir),
+            "imported": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "vocab_pad_multiple": vocab_pad_multiple,
+            "scan_layers": scan_layers,
+        }
+        with open(os.path.join(workdir, IMPORT_RECORD), "w") as f:
+            json.dump(record, f, indent=1)
+    return workdir
+
+
+def _check_same_tree(params: Any, abstract: Any) -> None:
+    """The converted params have exactly the paths and shapes of the model's (a model whose
+    parameter names changed would otherwise fail deep inside Orbax)."""
+    from flax import traverse_util
+
+    got = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
+    want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract, sep="/").items()}
+    if got != want:
+        differ = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+        raise RuntimeError(
+            f"GPT-2 weights converted to parameters jaxlab's GPT does not have: {differ[:5]} "
+            f"(converted {[got.get(k) for k in differ[:5]]}, "
+            f"model {[want.get(k) for k in differ[:5]]})."
+        )
+
+
+def _initial_state(run: Any, params: Any) -> Any:
+    """The train state at step 0 holding `params` (host numpy), with the optimizer's fresh
+    state, created directly with the run's shardings."""
+    import jax
+    import jax.numpy as jnp
+
+    import train_state
+
+    shardings = jax.tree.map(lambda a: a.sharding, run.abstract_state)
+
+    def make(p: Any) -> train_state.TrainState:
+        return train_state.TrainState(
+            step=jnp.zeros((), jnp.int32), params=p, opt_state=run.tx.init(p), model_state={}
+        )
+
+    return jax.jit(make, out_shardings=shardings)(params)
+
+
+def hf_import_cache_dir() -> str:
+    """Where `imported_workdir` keeps imports: $JAXLAB_HF_CACHE, else <data root>/hf_imports
+    (beside .data/tensorflow_datasets)."""
+    import data_setup
+
+    return os.environ.get("JAXLAB_HF_CACHE") or os.path.join(
+        os.path.dirname(os.path.abspath(data_setup.default_data_dir())), "hf_imports"
+    )
+
+
+def imported_workdir(path: str) -> str:
+    """`path` itself if it is a jaxlab workdir; for a Hugging Face GPT-2 directory, its import
+    (made once, with the defaults, into hf_import_cache_dir(); made again if the directory's
+    files changed). What `config.init_from.workdir` and configs/gpt2_finetune.py accept.
+    Raises HFConvertError as `import_hf` does (another model type than GPT-2, say)."""
+    if not is_hugging_face_dir(path):
+        return path
+    source = os.path.abspath(path)
+    digest = hashlib.sha256(source.encode()).hexdigest()[:8]
+    workdir = os.path.join(hf_import_cache_dir(), f"{os.path.basename(source)}-{digest}")
+    record_path = os.path.join(workdir, IMPORT_RECORD)
+    if os.path.isfile(record_path):
+        with open(record_path) as f:
+            record = json.load(f)
+        if record.get("source_files") == _source_stamps(source):
+            return workdir
+        aside = f"{workdir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(workdir, aside)
+        print(f"{source} changed since it was imported; importing it again (the old import is "
+              f"in {aside}).", flush=True)  # fmt: skip
+    elif os.path.isdir(workdir):  # an import cut off before it finished
+        os.rename(workdir, f"{workdir}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
+    print(f"Importing the Hugging Face GPT-2 in {source} into {workdir} (once).", flush=True)
+    return import_hf(source, workdir)
