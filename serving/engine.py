@@ -27,6 +27,7 @@ import numpy as np
 from absl import logging
 
 import sampling
+from serving.detokenizer import IncrementalText
 
 # XLA compilations in this process (jax.monitoring has no way to unregister a listener, so one
 # listener for the process, registered on first use).
@@ -80,10 +81,15 @@ class Sequence:
     stop: tuple[str, ...]
     on_update: Callable[[str, str | None], None]
     stream: bool = True
-    token_ids: list[int] = dataclasses.field(default_factory=list)
+    output: IncrementalText | None = None  # the generated ids and their text (set by submit)
     emitted: int = 0  # characters of text already handed out
     finish_reason: str | None = None
     cancelled: bool = False
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The ids generated so far (without the end-of-text token)."""
+        return self.output.token_ids if self.output is not None else []
 
 
 class LMEngine:
@@ -183,6 +189,8 @@ class LMEngine:
                     f"{len(self._waiting)} sequences are waiting for one of {self.num_slots} "
                     f"slots (at most {self.max_waiting} may wait)"
                 )
+            for seq in sequences:
+                seq.output = IncrementalText(self.tokenizer, seq.stop)
             self._waiting.extend(sequences)
             self._cv.notify_all()
 
@@ -279,26 +287,20 @@ class LMEngine:
         if self.eot_id is not None and token == self.eot_id:
             finish = "stop"
         else:
-            seq.token_ids.append(token)
-            if len(seq.token_ids) >= seq.max_tokens:
+            seq.output.token_ids.append(token)
+            if len(seq.output.token_ids) >= seq.max_tokens:
                 finish = "length"
         if finish is None and not seq.stream and not seq.stop:
             return  # nothing to hand out or check before the end
-        text = self.tokenizer.decode(seq.token_ids)
-        hits = [i for i in (text.find(s) for s in seq.stop) if i >= 0]
-        if hits:
-            text, finish = text[: min(hits)], "stop"
-        if finish is None:
-            if not seq.stream:
-                return
-            # Hold back what could still become a stop string, or an unfinished UTF-8 sequence.
-            hold = max((len(s) - 1 for s in seq.stop), default=0)
-            safe = len(text) - hold
-            while safe > seq.emitted and text[safe - 1] == "\ufffd":
-                safe -= 1
-            new, seq.emitted = text[seq.emitted : max(safe, seq.emitted)], max(safe, seq.emitted)
-        else:
-            new, seq.emitted = text[seq.emitted :], len(text)
+        output = seq.output
+        output.update(final=finish is not None)
+        if output.stop_at is not None:
+            finish = "stop"
+        if finish is None and not seq.stream:
+            return
+        end = output.stable_length()
+        new, seq.emitted = output.text[seq.emitted : end], max(end, seq.emitted)
+        if finish is not None:
             seq.finish_reason = finish
             with self._cv:
                 self._slots[slot] = None
