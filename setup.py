@@ -35,7 +35,7 @@ setup(
         # serve.py: an ASGI app (FastAPI) on a production server (uvicorn).
         "fastapi>=0.110,<1",
         "uvicorn>=0.30,<1",
-        # tools/hf_convert.py reads and writes Hugging Face checkpoints with NumPy (no PyTorch).
+        # tools/hf/ reads and writes Hugging Face checkpoints with NumPy (no PyTorch).
         "safetensors>=0.4,<1",
         "numpy>=1.26",
     ],

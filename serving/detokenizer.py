@@ -8,7 +8,7 @@ its first part, which stays right for tokenizers whose decoding of a token depen
 before it (SentencePiece drops the space of a text's first piece). A token that ends inside a
 multi-byte UTF-8 character (the decoding ends with U+FFFD) waits for the next one. Stop strings
 are searched for in the new text only (with the overlap a stop string spanning two pieces
-needs).
+needs), so a step's cost does not grow with the text (but for appending to the string).
 """
 
 from __future__ import annotations
@@ -23,12 +23,14 @@ class IncrementalText:
 
     Args:
       tokenizer: a tokenizers_lib tokenizer (`decode(ids) -> str`).
-      stop: strings that end the text before them (the earliest occurrence of any).
+      stop: strings that end the text before them: the first to be completed as tokens arrive
+        (of those completed by the same update, the one that starts first), as OpenAI's API
+        and vLLM stop.
 
     Append ids to `token_ids`, then call `update`. After each update `text` is
     a prefix of `tokenizer.decode(token_ids)` without a trailing incomplete character; after
-    `update(final=True)` it equals that decoding, cut before the first stop string if one
-    occurs (`stop_at`).
+    `update(final=True)` it equals that decoding, cut before the stop string if one occurred
+    (`stop_at`).
     """
 
     def __init__(self, tokenizer: Any, stop: tuple[str, ...] = ()) -> None:
@@ -37,7 +39,7 @@ class IncrementalText:
         self._overlap = max((len(s) - 1 for s in self._stop), default=0)
         self.token_ids: list[int] = []
         self.text = ""
-        self.stop_at: int | None = None  # where the earliest stop string starts, once seen
+        self.stop_at: int | None = None  # where the stop string starts, once one is seen
         self._prefix = 0  # the window starts here (the tokens of the last piece of text)
         self._read = 0  # tokens up to here are in `text`
         self._searched = 0  # characters of `text` already searched for stop strings

@@ -37,16 +37,26 @@ def _project_modules() -> list[str]:
 # on the next JAX release, which removes what this one deprecates (issue 14: jax 0.10 and 0.11).
 # The warning's module is the caller's: libraries' own internal deprecations do not count.
 DEPRECATION_CATEGORIES = ("DeprecationWarning", "FutureWarning")
-_CALLERS = ["__main__", *_project_modules()]
+_CALLERS = ["__main__", *_project_modules(), "conftest", "sharded_driver"]
+# For subprocesses: Python escapes each module name and matches it whole. (Not passed to
+# .venv-torch's reference scripts: PyTorch's deprecations are not ours.)
 os.environ["PYTHONWARNINGS"] = ",".join(
-    f"error::{category}:{module}" for category in DEPRECATION_CATEGORIES for module in _CALLERS
+    [os.environ.get("PYTHONWARNINGS", "")] * bool(os.environ.get("PYTHONWARNINGS"))
+    + [f"error::{category}:{module}" for category in DEPRECATION_CATEGORIES for module in _CALLERS]
 )
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    callers = "|".join(re.escape(m) for m in _CALLERS + ["tests", "test_", "conftest"])
+    """In-process, the same rule as a pytest filter (a regex, matched whole) that also covers
+    the test modules."""
+    names = "|".join(re.escape(m) for m in _CALLERS)
+    callers = rf"({names}|tests(\.\w+)*|test_\w+)\Z"  # no "(?:": the filter splits on ':'
+    # pytest shows other deprecations unless sys.warnoptions is set, as PYTHONWARNINGS sets it
+    # for xdist's workers: keep them shown (later filters take precedence over these).
+    for category in ("DeprecationWarning", "PendingDeprecationWarning"):
+        config.addinivalue_line("filterwarnings", f"always::{category}")
     for category in DEPRECATION_CATEGORIES:
-        config.addinivalue_line("filterwarnings", f"error::{category}:({callers})")
+        config.addinivalue_line("filterwarnings", f"error::{category}:{callers}")
 
 
 @pytest.fixture(scope="session")

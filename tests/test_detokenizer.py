@@ -75,7 +75,8 @@ def test_random_bytes_match_whole_decoding() -> None:
 
 @pytest.mark.parametrize("kind", ["byte", "bpe", "sentencepiece"])
 def test_stop_strings_found_across_pieces(tokenizers, kind) -> None:
-    """The earliest occurrence of any stop string ends the text before it, wherever the pieces
+    """A stop string ends the text before it (here the first to complete is also the first to
+    start, as in most uses), wherever the pieces
     split it, and nothing past it was ever shown."""
     tokenizer = tokenizers[kind]
     ids = tokenizer.encode(TEXT)

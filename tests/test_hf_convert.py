@@ -34,6 +34,8 @@ from tools.hf import exporting, gpt2_files, gpt2_layout, importing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_PYTHON = os.path.join(REPO, ".venv-torch", "bin", "python")
+# Without conftest's deprecation-as-error rule: PyTorch's and transformers' are not ours.
+_TORCH_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
 REFERENCE = os.path.join(REPO, "tests", "hf_reference.py")
 GREEDY_TOKENS = 50
 
@@ -41,7 +43,7 @@ GREEDY_TOKENS = 50
 def _reference(*args: str) -> None:
     """Runs tests/hf_reference.py under PyTorch's environment."""
     result = subprocess.run([TORCH_PYTHON, REFERENCE, *args], capture_output=True, text=True,
-                            timeout=600)  # fmt: skip
+                            timeout=600, env=_TORCH_ENV)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -101,7 +103,9 @@ def ref(tmp_path_factory) -> types.SimpleNamespace:
     usable = (
         os.path.exists(TORCH_PYTHON)
         and subprocess.run(
-            [TORCH_PYTHON, "-c", "import transformers, torch"], capture_output=True
+            [TORCH_PYTHON, "-c", "import transformers, torch"],
+            capture_output=True,
+            env=_TORCH_ENV,
         ).returncode
         == 0
     )

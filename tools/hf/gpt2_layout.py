@@ -1,6 +1,5 @@
 """GPT-2's weights in jaxlab's GPT layout and back, and which jaxlab GPTs GPT-2 can express.
 
-
 Layouts (E = n_embd, H = n_head, D = E / H, I = n_inner or 4E, V = vocabulary, P = positions):
 
     Hugging Face GPT-2 (Conv1D weights are [in, out])   jaxlab GPT (models/gpt.py)
