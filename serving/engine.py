@@ -240,8 +240,10 @@ class LMEngine:
                                 self._slots[slot] = seq
                                 admitted.append(slot)
             try:
-                for slot in admitted:
-                    self._prefill(slot)
+                # Every prefill is dispatched before the host waits for the first token.
+                first_tokens = [self._prefill(slot) for slot in admitted]
+                for slot, token in zip(admitted, first_tokens, strict=True):
+                    self._advance(slot, int(token))
                 active = np.array([s is not None for s in self._slots])
                 if active.any():
                     self._deliver(np.asarray(self._step(active)), active)
@@ -252,8 +254,9 @@ class LMEngine:
     def _busy(self) -> bool:
         return any(s is not None for s in self._slots)
 
-    def _prefill(self, slot: int) -> None:
-        """Writes the slot's prompt into its cache and hands out its first token."""
+    def _prefill(self, slot: int) -> jax.Array:
+        """Writes the slot's prompt into its cache; returns its first token (on device, not
+        waited for)."""
         seq = self._slots[slot]
         prompt_len = len(seq.prompt_ids)
         padded = np.zeros((1, sampling.bucket_for(prompt_len, self.block_size)), np.int32)
@@ -268,7 +271,7 @@ class LMEngine:
         self._top_p[slot] = seq.top_p
         self._seeds[slot] = seq.seed
         self._token_index[slot] = 0
-        self._advance(slot, int(token))
+        return token
 
     def _step(self, active: np.ndarray) -> jax.Array:
         """One decoding step of every slot: the next token of each (garbage for idle slots)."""
