@@ -40,10 +40,10 @@ DEPRECATION_CATEGORIES = ("DeprecationWarning", "FutureWarning")
 _CALLERS = ["__main__", *_project_modules(), "conftest", "sharded_driver"]
 # For subprocesses: Python escapes each module name and matches it whole. (Not passed to
 # .venv-torch's reference scripts: PyTorch's deprecations are not ours.)
-os.environ["PYTHONWARNINGS"] = ",".join(
-    [os.environ.get("PYTHONWARNINGS", "")] * bool(os.environ.get("PYTHONWARNINGS"))
-    + [f"error::{category}:{module}" for category in DEPRECATION_CATEGORIES for module in _CALLERS]
-)
+_OURS = [f"error::{c}:{module}" for c in DEPRECATION_CATEGORIES for module in _CALLERS]
+# Idempotent: xdist workers and the scripts that import conftest inherit the variable already set.
+_KEPT = [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w and w not in _OURS]
+os.environ["PYTHONWARNINGS"] = ",".join(_KEPT + _OURS)
 
 
 def pytest_configure(config: pytest.Config) -> None:
