@@ -254,15 +254,12 @@ class Checkpointer:
 
     def _warn_about_unfinished_saves(self) -> None:
         """Names the saves cut off mid-write (Orbax ignores them and replaces them on re-save)."""
-        if not os.path.isdir(self.directory):
-            return
-        for name in sorted(os.listdir(self.directory)):
-            if ".orbax-checkpoint-tmp" in name:
-                logging.warning(
-                    "%s is a checkpoint save that never finished (cut off mid-write, or still "
-                    "being written by another job); it is ignored.",
-                    os.path.join(self.directory, name),
-                )
+        for name in unfinished_saves(self.directory):
+            logging.warning(
+                "%s is a checkpoint save that never finished (cut off mid-write, or still "
+                "being written by another job); it is ignored.",
+                os.path.join(self.directory, name),
+            )
 
     def _set_aside(self, steps: list[int]) -> None:
         """Moves damaged step directories to workdir/damaged_checkpoints/ (nothing is deleted)."""
@@ -287,6 +284,28 @@ class Checkpointer:
         """Waits for pending saves and releases the manager."""
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def unfinished_saves(directory: str) -> list[str]:
+    """Names of the step directories in `directory` that Orbax does not count as finished saves
+    (still being written, or cut off mid-write), by Orbax's own test: a temporary name where
+    saves are renamed into place (local disks), no commit marker where they are not (object
+    stores). Empty if the directory does not exist."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(ocp.path.step.tmp_checkpoints(directory))
+
+
+def finished_steps(directory: str) -> list[int]:
+    """Steps in `directory` whose saves Orbax counts as finished, oldest first (without opening a
+    manager: for watching a run from another process)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(
+        int(name)
+        for name in os.listdir(directory)
+        if name.isdigit() and ocp.path.step.is_checkpoint_finalized(os.path.join(directory, name))
+    )
 
 
 def check_path(workdir: str) -> None:

@@ -58,6 +58,31 @@ def initialize(
     )
 
 
+_GPU_PLUGINS = ("jax_cuda13_plugin", "jax_cuda12_plugin", "jax_rocm7_plugin")
+
+
+def describe_devices() -> str:
+    """One line naming what JAX runs on, e.g. 'JAX 0.12.0.1 on gpu: 8 devices (NVIDIA H100 80GB
+    HBM3), 1 process', with a warning appended when a GPU plugin is installed but JAX fell back to
+    the CPU (a driver JAX cannot load, or JAX_PLATFORMS=cpu), which would otherwise be silent."""
+    devices = jax.devices()
+    platform = devices[0].platform
+    kinds = ", ".join(sorted({d.device_kind for d in devices}))
+    processes = jax.process_count()
+    line = (
+        f"JAX {jax.__version__} on {platform}: {len(devices)} device"
+        f"{'s' if len(devices) != 1 else ''} ({kinds}), {processes} process"
+        f"{'es' if processes != 1 else ''}"
+    )
+    plugins = [p for p in _GPU_PLUGINS if importlib.util.find_spec(p) is not None]
+    if platform == "cpu" and plugins:
+        line += (
+            f". WARNING: {plugins[0]} is installed but JAX runs on the CPU: check that the GPU is "
+            "visible (nvidia-smi) and JAX_PLATFORMS is unset, and read JAX's start-up warnings."
+        )
+    return line
+
+
 def to_host(tree: Any) -> Any:
     """Fetches a (possibly sharded, multi-process) pytree to host numpy arrays, whole on every
     process."""

@@ -1,4 +1,11 @@
-"""jaxlab's dependencies, with the version ranges we test against (and extras).
+"""jaxlab's dependencies: the version ranges it runs on, and extras for accelerators and development.
+
+The declared ranges admit every version jaxlab is tested on: jax 0.11.2 (the floor, tested without
+TensorFlow on the language-model path) up to the pins in `constraints.txt` (the tested default,
+which `make` installs with `pip install -c constraints.txt`). Extras:
+  cuda  JAX's CUDA 13 plugin (NVIDIA GPUs): `pip install -c constraints.txt -e '.[cuda]'`
+  tpu   libtpu (TPU VMs):                     `pip install -c constraints.txt -e '.[tpu]'`
+  dev   tests and linting, plus libtpu for compiling TPU programs on any machine (tools/aot.py)
 
 jaxlab is run from the repository root (`python train.py ...`, `python -m tools.bench ...`),
 as Flax's examples are, so installing it adds dependencies only: no top-level module of ours
@@ -12,12 +19,13 @@ setup(
     name="jaxlab",
     version="0.1.0",
     description="A JAX/Flax research codebase for scalable models.",
-    python_requires=">=3.10",
+    python_requires=">=3.12",  # JAX 0.11 dropped Python 3.11
     # Nothing to install but the dependencies (see the docstring).
     py_modules=[],
     packages=[],
     install_requires=[
-        "jax>=0.10.2,<0.11",
+        "jax>=0.11.2,<0.13",
+        "jaxlib>=0.11.2,<0.13",
         "flax>=0.12.8,<0.13",
         "optax>=0.2.8,<0.3",
         "orbax-checkpoint>=0.12.8,<0.13",
@@ -40,6 +48,10 @@ setup(
         "numpy>=1.26",
     ],
     extras_require={
+        # The plugin that matches the installed jax (CUDA 13, as current NVIDIA drivers ship).
+        "cuda": ["jax[cuda13]>=0.11.2,<0.13"],
+        # A TPU VM: jax with the libtpu it was built against.
+        "tpu": ["jax[tpu]>=0.11.2,<0.13"],
         "dev": [
             "pytest>=8",
             "pytest-xdist>=3.5",
@@ -48,8 +60,9 @@ setup(
             "httpx>=0.27",  # tests/scripts call serve.py's HTTP API
             "wandb>=0.17",  # tests/test_tracking.py logs in offline mode (optional for users)
             # libtpu at the matching version: tools/aot.py compiles for TPU topologies on any
-            # machine (tests/test_aot.py); the range is install_requires' jax range.
-            "jax[tpu]>=0.10.2,<0.11",
+            # machine (tests/test_aot.py). Without constraints.txt, a jax whose libtpu the index
+            # lacks makes pip fall back quietly to an older jax; the pins avoid that.
+            "jax[tpu]>=0.11.2,<0.13",
         ],
     },
 )

@@ -22,9 +22,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import jax_utils
 from flax import linen as nn
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import optim
 import sharding
@@ -225,6 +224,20 @@ def effective_steps_per_dispatch(config: ml_collections.ConfigDict) -> int:
     )
 
 
+def replicate_per_device(tree: Any) -> Any:
+    """One copy of every leaf per local device, stacked on a new leading axis sharded over them:
+    what `jax.pmap` takes for an argument it does not split. Each device gets its copy directly
+    (no [devices, ...] stack is ever built on one device)."""
+    devices = jax.local_devices()
+    stacked = NamedSharding(Mesh(np.array(devices), ("device",)), PartitionSpec("device"))
+
+    def put(x: jax.Array) -> jax.Array:
+        copies = [jax.device_put(x, d)[None] for d in devices]
+        return jax.make_array_from_single_device_arrays((len(devices),) + x.shape, stacked, copies)
+
+    return jax.tree.map(put, tree)
+
+
 class CompiledSteps:
     """The steps compiled for one run, and the placement of what they take.
 
@@ -283,11 +296,11 @@ class CompiledSteps:
 
     def from_global(self, state: TrainState) -> TrainState:
         """Global (mesh-sharded) state -> the steps' layout (replicated per device for pmap)."""
-        return jax_utils.replicate(state) if self.pmap else state
+        return replicate_per_device(state) if self.pmap else state
 
     def to_global(self, state: TrainState) -> TrainState:
         """The steps' layout -> one global copy, for checkpoints and metrics."""
-        return jax_utils.unreplicate(state) if self.pmap else state
+        return jax.tree.map(lambda x: x[0], state) if self.pmap else state
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Process-local numpy batch -> what eval_step and predict_step take (a global jax.Array

@@ -96,6 +96,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    _print(distributed.describe_devices())  # a run that fell back to the CPU says so first
     run = experiment.build_run(config)  # validates a copy of `config`, loads the data
     config, datasets, compiled = run.config, run.datasets, run.steps
     total_steps = run.total_steps

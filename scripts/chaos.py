@@ -30,10 +30,10 @@ sys.path.insert(0, REPO)
 
 from absl import flags  # noqa: E402
 
+import checkpointing  # noqa: E402
 import cli  # noqa: E402
 
 RUN_TIMEOUT = 600  # seconds any one run may take before the script gives up on it
-TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
 def run_flags(steps: int) -> list[str]:
@@ -85,20 +85,15 @@ def resumed_from(log_path: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def checkpoint_names(workdir: str) -> list[str]:
-    """Entries of workdir/checkpoints (complete steps and unfinished saves)."""
-    directory = os.path.join(workdir, "checkpoints")
-    return os.listdir(directory) if os.path.isdir(directory) else []
-
-
 def complete_steps(workdir: str) -> list[int]:
-    """Steps with a committed checkpoint directory (Orbax renames a save into place at commit)."""
-    return sorted(int(n) for n in checkpoint_names(workdir) if n.isdigit())
+    """Steps with a finished checkpoint, by Orbax's own test."""
+    return checkpointing.finished_steps(os.path.join(workdir, "checkpoints"))
 
 
 def saving_at_or_after(workdir: str, step: int) -> bool:
     """True while an asynchronous save of a step >= `step` is being written."""
-    return any(TMP_SUFFIX in n and int(n.split(".")[0]) >= step for n in checkpoint_names(workdir))
+    unfinished = checkpointing.unfinished_saves(os.path.join(workdir, "checkpoints"))
+    return any(int(n.split(".")[0]) >= step for n in unfinished)
 
 
 def _mtime(path: str) -> float:
@@ -155,8 +150,8 @@ def one_fault(
     time.sleep(rng.uniform(0, 0.02))  # not always right at the poll
     # Saves this attempt began (Orbax recreates a leftover tmp directory when it saves that step).
     directory = os.path.join(chaos_dir, "checkpoints")
-    in_flight = [n for n in checkpoint_names(chaos_dir)
-                 if TMP_SUFFIX in n and _mtime(os.path.join(directory, n)) >= started]  # fmt: skip
+    in_flight = [n for n in checkpointing.unfinished_saves(directory)
+                 if _mtime(os.path.join(directory, n)) >= started]  # fmt: skip
     if process.poll() is None:
         process.send_signal(signal.SIGKILL)
     process.wait(timeout=RUN_TIMEOUT)

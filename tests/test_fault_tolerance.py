@@ -208,8 +208,8 @@ def test_sigkill_during_a_save_then_sigterm_then_rerun_matches_uninterrupted(ref
     logs = [str(tmp_path / f"{i}.log") for i in (1, 2, 3)]
 
     def saving_after_step_20() -> bool:
-        names = os.listdir(checkpoints) if os.path.isdir(checkpoints) else []
-        saving = any(".orbax-checkpoint-tmp" in n and int(n.split(".")[0]) >= 20 for n in names)
+        unfinished = checkpointing.unfinished_saves(checkpoints)
+        saving = any(int(n.split(".")[0]) >= 20 for n in unfinished)
         return saving or progress(logs[0]) >= 35
 
     # 1. SIGKILL: no chance to clean up. A complete checkpoint must survive it.
