@@ -1,10 +1,10 @@
-"""The prepared GPU check (issue 14): one command that measures what jaxlab does on a GPU.
+"""The GPU check: one command that measures what jaxlab does on a GPU.
 
     python3 scripts/gpu_check.py --corpus=PATH/input.txt --exported=DIR --out=$OUT
     python scripts/gpu_check.py --dry_run [--out=DIR]   # the same parts on the CPU, tiny shapes
     python scripts/gpu_check.py --prepare_export=DIR    # (on the CPU) the artifact --exported runs
 
-Writes `gpu_check.json` (every figure, per part, and a summary with the issue's targets) and
+Writes `gpu_check.json` (every figure, per part, and a summary with its targets) and
 `gpu_check.log` (everything the parts printed) into --out (default: $OUT, else ./gpu_check_out),
 rewritten after every part so that a command stopped early still leaves what it measured.
 
@@ -69,7 +69,7 @@ PARTS = (
     ("decode", 150, 45),
     ("baby_gpt", 300, 120),
 )
-DATASHEET_BF16_FLOPS = 989e12  # H100 SXM / H200 dense bf16 (the issue's figure)
+DATASHEET_BF16_FLOPS = 989e12  # H100 SXM / H200 dense bf16 (NVIDIA datasheets)
 # HBM bandwidth by device_kind substring (bytes/s; datasheets), for the decoding ceiling.
 HBM_BANDWIDTH = (("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100", 2.0e12))
 BABY_TARGET_LOSS = 1.47  # nanoGPT's shakespeare_char best validation loss is 1.4697
@@ -501,7 +501,7 @@ def part_exported(part: Part) -> None:
 def _datasheet_peak(device_kind: str) -> float | None:
     try:
         from tools.bench import PEAK_FLOPS
-    except Exception:  # the table only: fall back to the issue's figure on a GPU
+    except Exception:  # the table only: fall back to the H100/H200 datasheet figure on a GPU
         return DATASHEET_BF16_FLOPS if _on_gpu() else None
     for name, value in PEAK_FLOPS:
         if name.lower() in device_kind.lower():
@@ -933,7 +933,7 @@ def _option_flags(options: dict[str, Any]) -> list[str]:
 
 
 def summarize(parts: dict[str, Any], dry_run: bool) -> dict[str, Any]:
-    """The headline figures and the issue's targets, from the parts' reports."""
+    """The headline figures and the targets, from the parts' reports."""
 
     def get(part: str, *keys: str) -> Any:
         node: Any = parts.get(part, {})

@@ -34,7 +34,7 @@ def _project_modules() -> list[str]:
 
 # An API deprecated by JAX (or any library) and called from jaxlab's own code fails the test
 # that calls it, here and in the scripts tests start (`__main__`), so that the code keeps running
-# on the next JAX release, which removes what this one deprecates (issue 14: jax 0.10 and 0.11).
+# on the next JAX release, which removes what this one deprecates.
 # The warning's module is the caller's: libraries' own internal deprecations do not count.
 DEPRECATION_CATEGORIES = ("DeprecationWarning", "FutureWarning")
 _CALLERS = ["__main__", *_project_modules(), "conftest", "sharded_driver"]

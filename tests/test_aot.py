@@ -118,6 +118,16 @@ def test_scan_layers_and_two_slices() -> None:
     )
 
 
+def test_tpu7x_two_devices_per_chip() -> None:
+    """The newest generation (Ironwood, `tpu7x:2x2x1`): 4 chips whose two TensorCores are two
+    devices each, so each device gets half a chip's HBM and peak; a tiny GPT compiles over all 8."""
+    topo = aot.get_topology("tpu7x:2x2x1")
+    assert (len(topo.devices), topo.num_chips, topo.devices_per_chip) == (8, 4, 2)
+    assert topo.hbm_per_device == 96 * 2**30 and topo.peak_flops_per_device == 2307e12 / 2
+    result = _analyze(_tiny_gpt(), "tpu7x:2x2x1", fsdp=8)
+    assert result["num_devices"] == 8 and result["fits"]
+
+
 def test_cnn_compiles_with_steps_per_dispatch() -> None:
     """The CNN (a classifier on uint8 pixels, 20 steps per compiled call) compiles too."""
     from configs import fashion_mnist_cnn

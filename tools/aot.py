@@ -78,7 +78,7 @@ GIB = 2**30
 @dataclasses.dataclass(frozen=True)
 class Chip:
     """One TPU generation: what a chip holds and computes (Google Cloud's TPU pages: the v4,
-    v5e, v5p and v6e system architecture documents)."""
+    v5e, v5p, v6e and TPU7x system architecture documents)."""
 
     name: str  # the topology names' prefix, e.g. 'v5e' in 'v5e:2x2'
     device_kinds: tuple[str, ...]  # jax's device_kind of its devices
@@ -93,9 +93,11 @@ CHIPS = (
     Chip("v5e", ("TPU v5 lite", "TPU v5e"), 16 * GIB, 197e12, "v5litepod-{}", 1),
     Chip("v5p", ("TPU v5", "TPU v5p"), 95 * GIB, 459e12, "v5p-{}", 2),
     Chip("v6e", ("TPU v6 lite", "TPU v6e"), 32 * GIB, 918e12, "v6e-{}", 1),
+    # Ironwood: two TensorCores per chip, each its own JAX device; 2,307 TFLOP/s bf16 (4,614 fp8).
+    Chip("tpu7x", ("TPU7x",), 192 * GIB, 2307e12, "tpu7x-{}", 2),
 )
 CHIPS_SOURCE = "Google Cloud's TPU pages (HBM and dense bf16 peak per chip)"
-TOPOLOGY_EXAMPLES = "v5e:2x2, v5e:4x4, v5p:2x2x1, v5p:4x4x4, v6e:2x2, v4:2x2x1"
+TOPOLOGY_EXAMPLES = "v5e:2x2, v5e:4x4, v5p:2x2x1, v5p:4x4x4, v6e:2x2, v4:2x2x1, tpu7x:2x2x1"
 MFU = 0.5  # the utilisation the implied step time assumes
 
 _TOPOLOGY_RE = re.compile(r"^(?P<gen>[a-z0-9]+):(?P<dims>\d+(?:x\d+)*)$")
@@ -117,7 +119,7 @@ class Topology:
     num_slices: int
     devices: list[Any]
     chip: Chip
-    devices_per_chip: int  # 2 for v4 (its two TensorCores appear as two devices), else 1
+    devices_per_chip: int  # 2 for v4 and TPU7x (two TensorCores, two devices), else 1
 
     @property
     def num_chips(self) -> int:

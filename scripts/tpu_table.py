@@ -1,0 +1,114 @@
+"""Reproduces docs/tpu.md's batch-32 table: GPT-2 small to XL compiled for TPU topologies here.
+
+    python scripts/tpu_table.py                                  # every model x topology x remat
+    python scripts/tpu_table.py --models=small,xl --topologies=tpu7x:2x2x1 --remats=full
+
+Each cell is one `python -m tools.aot ... --noeval` in its own process (so one compilation's
+memory is freed before the next): the train step at global batch 32, block 1024, vocabulary
+50,304, bf16 compute with float32 AdamW state, FSDP over the chips of a slice, with remat `none`
+or `full`. Cells are appended to --out (JSON lines) as they finish, and cells already there are
+not compiled again, so an interrupted table resumes. Prints a line per cell, then the Markdown
+table: per-chip GiB and the train step's compile time, or "no (N)" where XLA refused the program
+(N GiB being what it counted).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GIB = 2**30
+
+# GPT-2 small's shape through gpt2_medium.py (which scans its layers), as docs/tpu.md's SMALL.
+MODELS = {
+    "small": ["--config=configs/gpt2_medium.py", "--config.model.num_layers=12",
+              "--config.model.num_heads=12", "--config.model.embed_dim=768"],
+    "medium": ["--config=configs/gpt2_medium.py"],
+    "large": ["--config=configs/gpt2_large.py"],
+    "xl": ["--config=configs/gpt2_xl.py"],
+}  # fmt: skip
+# Topology column -> tools.aot flags. "v5e:2x2x2s" is two v5e:2x2 slices (data over slices).
+TOPOLOGIES = {
+    "v5p:2x2x1": ["--topology=v5p:2x2x1"],
+    "v5e:2x2": ["--topology=v5e:2x2"],
+    "v6e:2x2": ["--topology=v6e:2x2"],
+    "tpu7x:2x2x1": ["--topology=tpu7x:2x2x1"],
+    "v5e:2x2x2s": ["--topology=v5e:2x2", "--num_slices=2", "--config.mesh_shape.data=2",
+                   "--config.mesh_shape.fsdp=-1"],
+}  # fmt: skip
+
+flags.DEFINE_list("models", list(MODELS), f"Of {list(MODELS)}.")
+flags.DEFINE_list("topologies", list(TOPOLOGIES), f"Of {list(TOPOLOGIES)}.")
+flags.DEFINE_list("remats", ["none", "full"], "Remat policies.")
+flags.DEFINE_integer("batch_size", 32, "Global batch.")
+flags.DEFINE_string("out", "runs/tpu_table.jsonl", "JSON lines, one per cell (resumable).")
+flags.DEFINE_integer("timeout_s", 1800, "Longest one compilation may take.")
+FLAGS = flags.FLAGS
+
+
+def run_cell(model: str, topology: str, remat: str) -> dict:
+    """One tools.aot run; its JSON result with the cell's names and the wall time added."""
+    command = [sys.executable, "-m", "tools.aot", *MODELS[model], *TOPOLOGIES[topology],
+               f"--config.model.remat_policy={remat}", f"--config.batch_size={FLAGS.batch_size}",
+               "--noeval"]  # fmt: skip
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    started = time.time()
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                          timeout=FLAGS.timeout_s, env=env)  # fmt: skip
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{proc.stderr[-2000:]}")
+    result = json.loads(lines[-1])
+    result.update(cell_model=model, cell_topology=topology, cell_remat=remat,
+                  cell_wall_s=round(time.time() - started, 1))  # fmt: skip
+    return result
+
+
+def cell_text(result: dict) -> str:
+    """'14.76 GiB, 41 s' or 'no (33.4)'."""
+    if result.get("train_total_bytes") is None:
+        needed = result.get("train_needed_gib_per_device")
+        return f"no ({needed:.1f})" if needed is not None else "no"
+    text = f"{result['train_total_bytes'] / GIB:.2f} GiB, {result['train_compile_s']:.0f} s"
+    return text if result["train_fits"] else f"{text} (over HBM)"
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    done = {}
+    if os.path.exists(FLAGS.out):
+        with open(FLAGS.out) as f:
+            for line in f:
+                r = json.loads(line)
+                done[(r["cell_model"], r["cell_topology"], r["cell_remat"])] = r
+    for model in FLAGS.models:
+        for topology in FLAGS.topologies:
+            for remat in FLAGS.remats:
+                key = (model, topology, remat)
+                if key not in done:
+                    done[key] = run_cell(*key)
+                    with open(FLAGS.out, "a") as f:
+                        f.write(json.dumps(done[key]) + "\n")
+                print(f"{model:6} {topology:12} remat {remat:5}: {cell_text(done[key])} "
+                      f"(wall {done[key]['cell_wall_s']} s)", flush=True)  # fmt: skip
+    import importlib.metadata
+
+    versions = {p: importlib.metadata.version(p) for p in ("jax", "libtpu")}
+    print(f"\njax {versions['jax']}, libtpu {versions['libtpu']}, batch {FLAGS.batch_size}")
+    print("| model | topology | " + " | ".join(f"remat {r}" for r in FLAGS.remats) + " |")
+    print("|---|---|" + "---|" * len(FLAGS.remats))
+    for model in FLAGS.models:
+        for topology in FLAGS.topologies:
+            cells = [cell_text(done[(model, topology, r)]) for r in FLAGS.remats]
+            print(f"| {model} | {topology} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    app.run(main)
