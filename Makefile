@@ -51,7 +51,7 @@ test: setup lint torch-env floor-env
 # files of that path; tests/test_environment.py checks the environment is what it claims.
 FLOOR := .venv-floor
 FLOOR_PACKAGES := jax==0.11.2 jaxlib==0.11.2 flax optax orbax-checkpoint ml-collections absl-py \
-	numpy sentencepiece tokenizers safetensors tensorboard tqdm pytest pytest-xdist
+	numpy sentencepiece tokenizers safetensors tensorboard tqdm flatbuffers pytest pytest-xdist
 FLOOR_TESTS := tests/test_environment.py tests/test_gpt.py tests/test_sampling.py tests/test_gpu_check.py
 floor-env: $(FLOOR)/.installed
 $(FLOOR)/.installed: Makefile constraints.txt

@@ -45,6 +45,9 @@ setup(
         "uvicorn>=0.30,<1",
         # tools/hf/ reads and writes Hugging Face checkpoints with NumPy (no PyTorch).
         "safetensors>=0.4,<1",
+        # jax.export's serialization (tools/export.py, scripts/gpu_check.py) needs it; jax does
+        # not declare it, and only TensorFlow brings it in otherwise.
+        "flatbuffers>=24",
         "numpy>=1.26",
     ],
     extras_require={

@@ -802,6 +802,8 @@ def run_part(name: str, result_path: str, dry_run: bool, options: dict[str, Any]
         part.report["traceback"] = traceback.format_exc()[-4000:]
     except Exception as e:
         part.report["error"] = _error_text(e)
+        if isinstance(e, ImportError) and "flatbuffers" in str(e):  # jax.export's serializer
+            part.report["error"] += " (carry the flatbuffers wheel: docs/gpu.md)"
         part.report["traceback"] = traceback.format_exc()[-4000:]
         status = 1
     part.report["seconds"] = time.perf_counter() - start
