@@ -366,27 +366,22 @@ def _tiny_shakespeare_from_tfds(data_dir: str) -> str:
 
 
 def load_tiny_shakespeare(data_dir: str | None = None, shared_dir: str | None = None) -> str:
-    """Returns the full original Tiny Shakespeare text, from TFDS if prepared, else the file."""
+    """Returns the full original Tiny Shakespeare text (sha256-checked): the shared input.txt
+    where it is (no TensorFlow needed: the language-model path runs without it), else the
+    prepared TFDS dataset's splits concatenated. DatasetUnavailableError if neither is here."""
     data_dir = data_dir or default_data_dir()
     source = tiny_shakespeare_source_path(shared_dir)
+    if os.path.isfile(source):
+        _check_tiny_shakespeare_file(source)
+        return _read_text_file(source)
     if is_prepared("tiny_shakespeare", data_dir):
         text = _tiny_shakespeare_from_tfds(data_dir)
-        if os.path.isfile(source):
-            if text != _read_text_file(source):
-                raise RuntimeError(
-                    f"The TFDS tiny_shakespeare splits in {data_dir} do not concatenate to "
-                    f"{source}; delete {os.path.join(data_dir, 'tiny_shakespeare')} and run "
-                    f"`make data` again."
-                )
-        elif hashlib.sha256(text.encode("utf-8")).hexdigest() != TINY_SHAKESPEARE_SHA256:
+        if hashlib.sha256(text.encode("utf-8")).hexdigest() != TINY_SHAKESPEARE_SHA256:
             raise RuntimeError(
                 f"The TFDS tiny_shakespeare splits in {data_dir} are not the original text; "
                 f"delete {os.path.join(data_dir, 'tiny_shakespeare')} and run `make data` again."
             )
         return text
-    if os.path.isfile(source):
-        _check_tiny_shakespeare_file(source)
-        return _read_text_file(source)
     raise DatasetUnavailableError(_tiny_shakespeare_howto(source))
 
 

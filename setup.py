@@ -1,4 +1,4 @@
-"""jaxlab's dependencies: the version ranges it runs on, and extras for accelerators and development.
+"""jaxlab's dependencies: the version ranges it runs on, and extras for accelerators and tests.
 
 The declared ranges admit every version jaxlab is tested on: jax 0.11.2 (the floor, tested without
 TensorFlow on the language-model path) up to the pins in `constraints.txt` (the tested default,
