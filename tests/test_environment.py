@@ -66,3 +66,22 @@ def test_setup_py_admits_both_ends():
         text = f.read()
     spec = Requirement(re.search(r'"(jax[<>=][^"]*)"', text).group(1)).specifier
     assert spec.contains(FLOOR_JAX) and spec.contains(_pins()["jax"])
+
+
+def test_start_up_line_names_the_platform_and_a_cpu_fallback(monkeypatch):
+    """train.py's first line: what JAX runs on; a GPU plugin installed while JAX runs on the CPU
+    (a driver it could not load) is said out loud."""
+    import jax
+
+    import distributed
+
+    line = distributed.describe_devices()
+    assert line.startswith(f"JAX {jax.__version__} on cpu: ") and "WARNING" not in line
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: object() if name == "jax_cuda13_plugin" else real(name, *a),
+    )
+    warned = distributed.describe_devices()
+    assert "jax_cuda13_plugin is installed but JAX runs on the CPU" in warned

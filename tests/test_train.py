@@ -115,7 +115,7 @@ def _unigram_cross_entropy(text: str) -> float:
     return -float(np.mean([log_p[c] for c in text[split:]]))
 
 
-def test_gpt_loss_falls_on_a_slice_of_shakespeare(tmp_path):
+def test_gpt_loss_falls_on_a_slice_of_shakespeare(tmp_path, capsys):
     from configs import shakespeare_char_cpu
 
     text = data_setup.load_text_corpus("tiny_shakespeare")[:50_000]
@@ -133,6 +133,7 @@ def test_gpt_loss_falls_on_a_slice_of_shakespeare(tmp_path):
     config.log_every_steps = 50
     config.async_checkpointing = False
     final = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert capsys.readouterr().out.startswith("JAX ")  # the platform, before anything else
     # The reference is computed here, not remembered: the best predictor that ignores context,
     # the training split's character frequencies (add-one smoothed), scored on the validation
     # split (3.19 nats on this slice; uniform guessing is ln 65 = 4.17). Beating it means the
