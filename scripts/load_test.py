@@ -8,7 +8,7 @@ completion requests back to back (--max_tokens new tokens after --prompt, sample
 --temperature, a different seed each) for --duration_s seconds or until --max_requests have
 been sent, and the script prints requests/s, generated tokens/s, p50 and p99 latency and the
 number of errors. Then a soak at the highest concurrency for --soak_s seconds prints the
-server's resident memory (RSS, from /proc) at its start and end. Last, the issue's targets:
+server's resident memory (RSS, from /proc) at its start and end. Last, the serving targets:
 tokens/s at the highest concurrency at least 8x one client's, its p99 latency within 3x one
 client's p50, memory within 50 MB over the soak. Only loopback addresses are accepted: this is
 a measurement of our server, not a tool to load anyone else's.

@@ -1,4 +1,4 @@
-"""Every computation matches its definition (issue 13, kind 4): gradient accumulation with
+"""Every computation matches its definition: gradient accumulation with
 BatchNorm, the random language-model windows, weight-decay groups, the logged learning rate."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A workdir is one run's faithful record (issue 13, kinds 1 and 2): a live run holds it, a rerun
+"""A workdir is one run's faithful record: a live run holds it, a rerun
 cannot change what the run is, a restart leaves only the new run's records, a path the storage
 cannot round-trip is refused, and options that select by name fail when the name matches
 nothing."""
