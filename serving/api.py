@@ -364,7 +364,7 @@ def create_app(service: Service) -> FastAPI:
                 # that hung up frees the slots its sequences hold.
                 try:
                     i, text, finish = await asyncio.wait_for(updates.get(), timeout=1.0)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     if await request.is_disconnected():
                         return JSONResponse({}, status_code=499)  # nobody reads it
                     continue
