@@ -20,9 +20,13 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import cli  # noqa: E402
+
 GIB = 2**30
 
 # GPT-2 small's shape through gpt2_medium.py (which scans its layers), as docs/tpu.md's SMALL.
@@ -43,13 +47,17 @@ TOPOLOGIES = {
                    "--config.mesh_shape.fsdp=-1"],
 }  # fmt: skip
 
-flags.DEFINE_list("models", list(MODELS), f"Of {list(MODELS)}.")
-flags.DEFINE_list("topologies", list(TOPOLOGIES), f"Of {list(TOPOLOGIES)}.")
-flags.DEFINE_list("remats", ["none", "full"], "Remat policies.")
-flags.DEFINE_integer("batch_size", 32, "Global batch.")
-flags.DEFINE_string("out", "runs/tpu_table.jsonl", "JSON lines, one per cell (resumable).")
-flags.DEFINE_integer("timeout_s", 1800, "Longest one compilation may take.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags (defined only when run as a script)."""
+    flags.DEFINE_list("models", list(MODELS), f"Of {list(MODELS)}.")
+    flags.DEFINE_list("topologies", list(TOPOLOGIES), f"Of {list(TOPOLOGIES)}.")
+    flags.DEFINE_list("remats", ["none", "full"], "Remat policies.")
+    flags.DEFINE_integer("batch_size", 32, "Global batch.")
+    flags.DEFINE_string("out", "runs/tpu_table.jsonl", "JSON lines, one per cell (resumable).")
+    flags.DEFINE_integer("timeout_s", 1800, "Longest one compilation may take.")
 
 
 def run_cell(model: str, topology: str, remat: str) -> dict:
@@ -80,7 +88,15 @@ def cell_text(result: dict) -> str:
 
 
 def main(argv: list[str]) -> None:
+    """absl entry point: every cell not yet in --out, then the table."""
     del argv
+    unknown = sorted(set(FLAGS.models) - set(MODELS)) + sorted(
+        set(FLAGS.topologies) - set(TOPOLOGIES)
+    )
+    if unknown:
+        raise cli.UserError(
+            f"unknown {unknown}: models are {list(MODELS)}, topologies {list(TOPOLOGIES)}"
+        )
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     done = {}
     if os.path.exists(FLAGS.out):
@@ -111,4 +127,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    cli.run(main)
