@@ -28,7 +28,7 @@ $(VENV)/.installed: setup.py constraints.txt
 
 data: $(VENV)/.installed
 	bash scripts/install_system_data.sh
-	$(PY) data_setup.py
+	$(PY) -m data
 
 train: setup
 	$(PY) train.py --config=$(CONFIG) --workdir=$(WORKDIR)

@@ -17,8 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-import cli
-import distributed
+from runtime import cli, distributed
 
 
 class CheckpointMismatchError(cli.UserError, ValueError):

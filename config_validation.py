@@ -9,10 +9,10 @@ from typing import Any
 import jax
 import ml_collections
 
-import cli
 import models
 import sharding
 from configs import base
+from runtime import cli
 
 
 class ConfigError(cli.UserError, ValueError):

@@ -25,11 +25,10 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-import cli
 import config_validation
-import distributed
-import evaluation_metrics
+import evaluation
 import experiment
+from runtime import cli, distributed
 
 
 def classifier_log_probs(
@@ -65,8 +64,8 @@ def classification_report(log_probs: np.ndarray, labels: np.ndarray) -> dict[str
         "accuracy": float((predicted == labels).mean()),
         "num_examples": int(n),
     }
-    report.update(evaluation_metrics.classification_metrics(confusion))
-    report.update(evaluation_metrics.roc_auc_ovr(np.exp(log_probs), labels))
+    report.update(evaluation.classification_metrics(confusion))
+    report.update(evaluation.roc_auc_ovr(np.exp(log_probs), labels))
     return report
 
 
@@ -82,7 +81,7 @@ def lm_report(
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     if totals is None:
         raise cli.UserError("The split produced no evaluation batches.")
-    return evaluation_metrics.from_sums(compiled.sums_to_host(totals), 0, tokenizer)
+    return evaluation.from_sums(compiled.sums_to_host(totals), 0, tokenizer)
 
 
 def _splits(config: ml_collections.ConfigDict, datasets: Any) -> list[str]:
@@ -160,7 +159,7 @@ def evaluate_checkpoint(
         report["report_path"] = path
         if "confusion_matrix" in metrics:
             confusion = np.array(metrics["confusion_matrix"])
-            image = evaluation_metrics.confusion_matrix_image(confusion)
+            image = evaluation.confusion_matrix_image(confusion)
             png = os.path.splitext(path)[0] + "_confusion.png"
             import matplotlib.pyplot as plt  # after confusion_matrix_image chose the Agg backend
 

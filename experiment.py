@@ -25,12 +25,13 @@ from jax.sharding import Mesh
 
 import checkpointing
 import config_validation
+import data
 import models
 import optim
 import sharding
 import steps
 import train_state
-import workdir_files
+from runtime import workdir_files
 
 
 @dataclasses.dataclass
@@ -42,9 +43,9 @@ class Run:
     """
 
     config: ml_collections.ConfigDict  # validated, with model.vocab_size set from the tokenizer
-    input_spec: workdir_files.InputSpec
-    tokenizer: Any  # language models: the run's tokenizer (tokenizers_lib); else None
-    datasets: Any  # input_pipeline.Datasets, or None
+    input_spec: data.InputSpec
+    tokenizer: Any  # language models: the run's tokenizer (data.tokenization); else None
+    datasets: Any  # data.Datasets, or None
     model: nn.Module
     total_steps: int
     schedule: optax.Schedule
@@ -78,7 +79,7 @@ def build_run(
     config: ml_collections.ConfigDict,
     *,
     datasets: Any = None,
-    input_spec: workdir_files.InputSpec | None = None,
+    input_spec: data.InputSpec | None = None,
     tokenizer: Any = None,
     devices: Sequence[Any] | None = None,
     training: bool = True,
@@ -198,9 +199,9 @@ def restore_run(
         config.mesh_shape = ml_collections.ConfigDict(INFERENCE_MESH)
     tokenizer = None
     if config.task == "lm":
-        import tokenizers_lib
+        from data import tokenization
 
-        tokenizer = tokenizers_lib.load_tokenizer(workdir)
+        tokenizer = tokenization.load_tokenizer(workdir)
     if load_data:
         run = build_run(config, devices=devices, training=False)
         if tokenizer is not None and run.tokenizer != tokenizer:

@@ -1,5 +1,5 @@
 """Start a run from another run's checkpoint (`config.init_from`): pretraining -> fine-tuning.
-The source may also be a Hugging Face GPT-2 directory: it is imported once (tools/hf/importing.py)
+The source may also be a Hugging Face GPT-2 directory: it is imported once (hf/importing.py)
 into a cached workdir and used from there.
 
 The source is restored with `experiment.restore_run`, the same verified path that resuming and
@@ -18,9 +18,9 @@ from absl import logging
 from flax import traverse_util
 
 import config_validation
-import distributed
 import experiment
 import train_state
+from runtime import distributed
 
 
 def merge_params(
@@ -59,8 +59,8 @@ def init_from(run: experiment.Run, state: train_state.TrainState) -> train_state
     """
     spec = run.config.init_from
     devices = list(run.mesh.devices.flat)
-    # A Hugging Face GPT-2 directory is imported once into a cached workdir (tools/hf/importing.py).
-    from tools.hf import importing
+    # A Hugging Face GPT-2 directory is imported once into a cached workdir (hf/importing.py).
+    from hf import importing
 
     source_workdir = importing.imported_workdir(spec.workdir)
     source = experiment.restore_run(source_workdir, spec.step, devices=devices)

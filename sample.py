@@ -16,10 +16,9 @@ import jax
 import numpy as np
 from absl import flags
 
-import cli
-import distributed
 import experiment
 import sampling
+from runtime import cli, distributed
 
 FLAGS = flags.FLAGS
 

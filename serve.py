@@ -20,8 +20,8 @@ from collections.abc import Sequence
 
 from absl import flags
 
-import cli
 import experiment
+from runtime import cli
 
 FLAGS = flags.FLAGS
 

@@ -38,12 +38,12 @@ setup(
         "importlib_resources>=6",
         "sentencepiece>=0.2",
         "tokenizers>=0.20,<1",  # byte-level BPE (Hugging Face)
-        "tqdm>=4.60",  # prepare_data.py's progress bar
+        "tqdm>=4.60",  # data/prepare.py's progress bar
         "matplotlib>=3.8",
         # serve.py: an ASGI app (FastAPI) on a production server (uvicorn).
         "fastapi>=0.110,<1",
         "uvicorn>=0.30,<1",
-        # tools/hf/ reads and writes Hugging Face checkpoints with NumPy (no PyTorch).
+        # hf/ reads and writes Hugging Face checkpoints with NumPy (no PyTorch).
         "safetensors>=0.4,<1",
         # jax.export's serialization (tools/export.py, scripts/gpu_check.py) needs it; jax does
         # not declare it, and only TensorFlow brings it in otherwise.

@@ -11,7 +11,7 @@ restore) -> loop of (step, log, evaluate, checkpoint) -> final evaluation -> fin
 
 from __future__ import annotations
 
-import host_allocator
+from runtime import host_allocator
 
 # First, before jax and TensorFlow start their threads: reuse freed host memory instead of
 # unmapping it after every step (faster XLA:CPU steps; see host_allocator.py).
@@ -34,17 +34,11 @@ from flax import linen as nn
 from ml_collections import config_flags
 
 import checkpointing
-import cli
-import distributed
-import evaluation_metrics
+import evaluation
 import experiment
 import finetune
-import metrics_writer
-import preemption
-import profiling
 import sampling
-import tracking
-import workdir_files
+from runtime import cli, distributed, metrics_writer, preemption, profiling, tracking, workdir_files
 
 # Random numbers that do not depend on how arrays are sharded (same dropout on 1 or 8 devices).
 jax.config.update("jax_threefry_partitionable", True)
@@ -73,7 +67,7 @@ def evaluate_split(run: experiment.Run, state: Any, split: str) -> dict[str, Any
         for batch in run.datasets.eval_batches(split):
             sums = compiled.eval_step(state, compiled.put_batch(batch))
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    return evaluation_metrics.from_sums(
+    return evaluation.from_sums(
         compiled.sums_to_host(totals), run.input_spec.num_classes, run.tokenizer
     )
 
@@ -132,7 +126,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     writer = metrics_writer.MetricsWriter(workdir, resume_step=start_step, tracker=tracker)
     if start_step == 0:
         writer.write_text(0, "config", "```\n" + config.to_json_best_effort(indent=2) + "\n```")
-        writer.write_hparams(evaluation_metrics.flat_hparams(config))
+        writer.write_hparams(evaluation.flat_hparams(config))
     num_params = run.num_params
     logging.info("Model %s: %s parameters; %d steps.", config.model.name, f"{num_params:,}",
                  total_steps)  # fmt: skip
@@ -222,12 +216,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     save(total_steps, force=True)
     ckpt.close()
     watcher.close()
-    final = evaluation_metrics.final_report(config, results, total_steps, num_params)
+    final = evaluation.final_report(config, results, total_steps, num_params)
     final["train_seconds_this_run"] = train_seconds
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
             json.dump(final, f, indent=2)
-        evaluation_metrics.log_images(writer, total_steps, results)
+        evaluation.log_images(writer, total_steps, results)
     writer.write_summary(final)
     writer.close()
     return final

@@ -14,10 +14,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Task and data.
     c.task = "classification"  # 'classification' (images -> class) or 'lm' (next token)
-    # A TFDS image set; for 'lm' a prepared token directory (prepare_data.py), a corpus name
+    # A TFDS image set; for 'lm' a prepared token directory (data/prepare.py), a corpus name
     # ('tiny_shakespeare', 'kjv', 'tfds:NAME') or a text path, prepared on first use.
     c.dataset = "fashion_mnist"
-    c.data_dir = placeholder(str)  # TFDS data dir; None: data_setup.default_data_dir()
+    c.data_dir = placeholder(str)  # TFDS data dir; None: sources.default_data_dir()
     c.tokenizer = "char"  # lm: 'char', 'byte', 'sentencepiece', 'bpe' or a tokenizer.json path
     c.tokenizer_vocab_size = placeholder(int)  # sentencepiece only; None: its default size
     c.val_fraction = 0.1  # lm only: the last 10% of the corpus is validation (as nanoGPT)

@@ -12,8 +12,7 @@ import os
 
 import ml_collections
 
-import cli
-import workdir_files
+from runtime import cli, workdir_files
 
 
 def get_config(source: str | None = None) -> ml_collections.ConfigDict:
@@ -29,7 +28,7 @@ def get_config(source: str | None = None) -> ml_collections.ConfigDict:
             "--config=configs/gpt2_finetune.py:runs/gpt2 (an imported workdir or a Hugging Face "
             "GPT-2 directory)."
         )
-    from tools.hf import importing
+    from hf import importing
 
     workdir = importing.imported_workdir(os.path.expanduser(source))
     try:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-import cli
+from runtime import cli
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "plain")
 NORMS = ("layernorm", "rmsnorm")

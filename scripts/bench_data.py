@@ -30,17 +30,17 @@ sys.path.insert(0, REPO)
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
-import cli  # noqa: E402
+from runtime import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 
 
 def _kjv_files(work: str) -> tuple[str, int]:
-    import data_setup
+    from data import sources
 
-    source = data_setup.default_bible_path()
+    source = sources.default_bible_path()
     if not os.path.isfile(source):
-        data_setup.write_bible_text(source)
+        sources.write_bible_text(source)
     directory = os.path.join(work, "kjv8")
     os.makedirs(directory, exist_ok=True)
     for i in range(8):
@@ -50,7 +50,7 @@ def _kjv_files(work: str) -> tuple[str, int]:
 
 def prepare_throughput(work: str) -> dict[str, float]:
     """MB of text per second per tokenizer and worker count (a fresh output each time)."""
-    import prepare_data
+    from data import prepare
 
     directory, nbytes = _kjv_files(work)
     results = {}
@@ -59,7 +59,7 @@ def prepare_throughput(work: str) -> dict[str, float]:
             out = os.path.join(work, f"prep-{kind}-{workers}")
             shutil.rmtree(out, ignore_errors=True)
             start = time.perf_counter()
-            prepare_data.prepare(f"{directory}/*.txt", kind, out, vocab_size=4096,
+            prepare.prepare(f"{directory}/*.txt", kind, out, vocab_size=4096,
                                  workers=workers, progress=False)  # fmt: skip
             seconds = time.perf_counter() - start
             results[f"prepare_{kind}_{workers}proc_MB_per_s"] = nbytes / 1e6 / seconds
@@ -71,17 +71,16 @@ def prepare_throughput(work: str) -> dict[str, float]:
 
 def synthetic_corpus(out: str, gigabytes: float, shards: int = 8) -> str:
     """A prepared directory of random byte-level tokens (uint16), `gigabytes` GB in all."""
-    import prepare_data
-    import tokenizers_lib
+    from data import prepare, tokenization
 
-    if os.path.isfile(os.path.join(out, prepare_data.MANIFEST)):
+    if os.path.isfile(os.path.join(out, prepare.MANIFEST)):
         return out
-    os.makedirs(os.path.join(out, prepare_data.SHARDS), exist_ok=True)
+    os.makedirs(os.path.join(out, prepare.SHARDS), exist_ok=True)
     per_shard = int(gigabytes * 1e9 / 2 / shards)
     rng = np.random.default_rng(0)
     records = []
     for i in range(shards):
-        path = os.path.join(out, prepare_data.SHARDS, f"{i:05d}.bin")
+        path = os.path.join(out, prepare.SHARDS, f"{i:05d}.bin")
         digest = hashlib.sha256()
         with open(path, "wb") as f:
             for start in range(0, per_shard, 1 << 26):
@@ -89,27 +88,27 @@ def synthetic_corpus(out: str, gigabytes: float, shards: int = 8) -> str:
                 data = chunk.tobytes()
                 f.write(data)
                 digest.update(data)
-        records.append({"file": f"{prepare_data.SHARDS}/{i:05d}.bin", "tokens": per_shard,
+        records.append({"file": f"{prepare.SHARDS}/{i:05d}.bin", "tokens": per_shard,
                         "sha256": digest.hexdigest()})  # fmt: skip
-    tokenizers_lib.ByteTokenizer().save(out)
+    tokenization.ByteTokenizer().save(out)
     total = per_shard * shards
     manifest = {
-        "format": prepare_data.FORMAT, "source": "synthetic", "dtype": "uint16",
+        "format": prepare.FORMAT, "source": "synthetic", "dtype": "uint16",
         "tokenizer": {"kind": "byte", "argument": "byte", "vocab_size": 256, "files": []},
         "document_separator": None, "num_tokens": total, "val_fraction": 0.1,
         "splits": {"train": [0, int(total * 0.9)], "val": [int(total * 0.9), total]},
         "shards": records,
     }  # fmt: skip
-    with open(os.path.join(out, prepare_data.MANIFEST), "w") as f:
+    with open(os.path.join(out, prepare.MANIFEST), "w") as f:
         json.dump(manifest, f)
     return out
 
 
 def loader_throughput(directory: str, batches: int = 300) -> float:
     """Tokens per second of 64 x 1025-token windows from the memmap loader, on one core."""
-    import text_data
+    from data import text_windows
 
-    splits = text_data.TextSplits(directory, 1024)
+    splits = text_windows.TextSplits(directory, 1024)
     iterator = splits.train_batches(seed=0, global_batch=64)
     next(iterator)
     start = time.perf_counter()
@@ -166,10 +165,10 @@ def main(argv: list[str]) -> None:
     print(f"peak RSS: {rss_big:.0f} MB on {FLAGS.big_gb:g} GB of tokens, {rss_small:.0f} MB on "
           f"Tiny Shakespeare (difference {rss_big - rss_small:+.0f} MB)", flush=True)  # fmt: skip
 
-    import text_data
+    from data import text_windows
 
     start = time.perf_counter()
-    text_data.TextSplits(small, 64)  # checksums already cached by the runs above
+    text_windows.TextSplits(small, 64)  # checksums already cached by the runs above
     open_s = time.perf_counter() - start
     _, first_step, _ = _train(small, os.path.join(work, "run-startup"), steps=2)
     results.update(startup_open_data_s=open_s, startup_command_to_step1_s=first_step)

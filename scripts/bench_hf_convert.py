@@ -31,7 +31,7 @@ sys.path.insert(0, REPO)
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
-import cli  # noqa: E402
+from runtime import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 # The GPT-2 family's shapes (n_layer, n_head, n_embd), as Hugging Face's config.json files.
@@ -46,8 +46,8 @@ def write_stand_in(directory: str, size: str, seed: int = 0) -> int:
     from safetensors.numpy import save_file
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    import tokenizers_lib
-    from tools.hf import gpt2_files
+    from data import tokenization
+    from hf import gpt2_files
 
     n_layer, n_head, n_embd = SIZES[size]
     os.makedirs(directory, exist_ok=True)
@@ -76,12 +76,12 @@ def write_stand_in(directory: str, size: str, seed: int = 0) -> int:
             tokens.append(a + b)
             known.add(a + b)
     vocab = {t: i for i, t in enumerate(tokens)}
-    vocab[tokenizers_lib.END_OF_TEXT] = len(vocab)
+    vocab[tokenization.END_OF_TEXT] = len(vocab)
     tok = Tokenizer(models.BPE(vocab, merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([tokenizers_lib.END_OF_TEXT])
-    tokenizers_lib.BPETokenizer(tok.to_str()).save_hugging_face_files(directory)
+    tok.add_special_tokens([tokenization.END_OF_TEXT])
+    tokenization.BPETokenizer(tok.to_str()).save_hugging_face_files(directory)
     return sum(int(np.prod(d)) for d in shape.tensor_shapes().values())
 
 

@@ -31,7 +31,7 @@ sys.path.insert(0, REPO)
 from absl import flags  # noqa: E402
 
 import checkpointing  # noqa: E402
-import cli  # noqa: E402
+from runtime import cli  # noqa: E402
 
 RUN_TIMEOUT = 600  # seconds any one run may take before the script gives up on it
 

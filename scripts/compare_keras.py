@@ -28,8 +28,7 @@ sys.path.insert(0, REPO_ROOT)
 
 from absl import flags  # noqa: E402
 
-import cli  # noqa: E402
-import host_allocator  # noqa: E402
+from runtime import cli, host_allocator  # noqa: E402
 
 host_allocator.keep_freed_memory_mapped()  # before TensorFlow and jax start threads
 
@@ -40,8 +39,8 @@ def run_jaxlab(name: str, epochs: int, batch_size: int, workdir: str) -> dict[st
     """Trains the jaxlab config for `name` with train_and_evaluate; returns rate and accuracy."""
     import importlib
 
-    import metrics_writer
     import train
+    from runtime import metrics_writer
 
     config = importlib.import_module(f"configs.{CONFIGS[name]}").get_config()
     config.num_epochs = float(epochs)

@@ -35,8 +35,7 @@ sys.path.insert(0, REPO_ROOT)
 
 from absl import flags  # noqa: E402
 
-import cli  # noqa: E402
-import host_allocator  # noqa: E402
+from runtime import cli, host_allocator  # noqa: E402
 
 host_allocator.keep_freed_memory_mapped()  # before TensorFlow and jax start threads
 
@@ -67,8 +66,8 @@ def run_torch(python: str, *args: str, timeout: int = 3600) -> dict[str, Any]:
 
 def speed(torch_python: str, iters: int) -> dict[str, Any]:
     """Steady-state time per iteration of each loop, measured one after the other."""
-    import metrics_writer
     import train
+    from runtime import metrics_writer
     from tools import bench
 
     torch_result = run_torch(torch_python, f"--max_iters={iters}",
@@ -113,8 +112,8 @@ def lockstep(torch_python: str, iters: int) -> dict[str, Any]:
     import numpy as np
     from flax import traverse_util
 
-    import distributed
     import experiment
+    from runtime import distributed
 
     config = _config()
     config.steps_per_dispatch = 1  # one step per call, to read every step's loss

@@ -55,7 +55,8 @@ sys.path.insert(0, REPO)
 
 from absl import flags  # noqa: E402
 
-import cli  # noqa: E402  (absl only: no JAX, no ml_collections)
+import data  # noqa: E402
+from runtime import cli  # noqa: E402  (absl only: no JAX, no ml_collections)
 
 RESULT_FILE, LOG_FILE = "gpu_check.json", "gpu_check.log"
 # (part, time limit in seconds, reserve: seconds kept for it while earlier parts run)
@@ -329,10 +330,9 @@ def _build_without_data(config, training: bool = True):
     import numpy as np
 
     import experiment
-    import workdir_files
 
     block = int(config.model.block_size)
-    spec = workdir_files.InputSpec(np.zeros((1, block), np.int32), 0, 10**9)
+    spec = data.InputSpec(np.zeros((1, block), np.int32), 0, 10**9)
     return experiment.build_run(config, input_spec=spec, training=training)
 
 
@@ -689,8 +689,8 @@ def part_baby_gpt(part: Part) -> None:
         words = ["the", "king", "and", "thou", "art", "my", "lord", "speak", "of", "love"]
         with open(corpus, "w") as f:
             f.write("\n".join(" ".join(rng.choice(words, 8)) for _ in range(400)) + "\n")
-    import metrics_writer
     import train
+    from runtime import metrics_writer
 
     overrides: dict[str, Any] = {"dataset": os.path.abspath(corpus),
                                  "dtype": part.options.get("baby_dtype") or "bfloat16"}  # fmt: skip

@@ -11,7 +11,7 @@ sudo=""
 if command -v apt-get >/dev/null 2>&1; then
   echo "Installing Debian packages: ${missing[*]}"
   $sudo apt-get update -qq && $sudo apt-get install -y -qq "${missing[@]}" >/dev/null \
-    || echo "WARNING: could not install ${missing[*]}; data_setup.py will say what is missing." >&2
+    || echo "WARNING: could not install ${missing[*]}; `make data` will say what is missing." >&2
 else
   echo "WARNING: apt-get not found; install ${missing[*]} by hand or let TFDS download the data." >&2
 fi

@@ -23,8 +23,8 @@ import numpy as np  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 from absl import flags  # noqa: E402
 
-import cli  # noqa: E402
-import data_setup  # noqa: E402
+from data import sources  # noqa: E402
+from runtime import cli  # noqa: E402
 
 MODELS = ("mlp", "cnn")
 
@@ -49,7 +49,7 @@ class EpochTimer(keras.callbacks.Callback):
 
 def load_fashion_mnist(data_dir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Returns (x_train, y_train, x_test, y_test) from TFDS, images float32 in [0, 1]."""
-    data_setup.prepare_fashion_mnist(data_dir)
+    sources.prepare_fashion_mnist(data_dir)
     arrays = []
     for split in ("train", "test"):
         ds = tfds.load("fashion_mnist", split=split, data_dir=data_dir, batch_size=-1)
@@ -127,7 +127,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("epochs", 10, "Training epochs (the first is not timed).")
     flags.DEFINE_integer("batch_size", 128, "Training batch size.")
     flags.DEFINE_integer("seed", 0, "Keras's random seed.")
-    flags.DEFINE_string("data_dir", None, "TFDS data dir (default: data_setup's)")
+    flags.DEFINE_string("data_dir", None, "TFDS data dir (default: data.sources')")
 
 
 def main(argv: list[str]) -> int:
@@ -139,8 +139,8 @@ def main(argv: list[str]) -> int:
         print("Note: with --epochs=1 there is no steady-state epoch to time.", file=sys.stderr)
 
     try:
-        data = load_fashion_mnist(FLAGS.data_dir or data_setup.default_data_dir())
-    except data_setup.DatasetUnavailableError as e:
+        data = load_fashion_mnist(FLAGS.data_dir or sources.default_data_dir())
+    except sources.DatasetUnavailableError as e:
         print(e, file=sys.stderr)
         return 1
     names = MODELS if FLAGS.model == "both" else (FLAGS.model,)

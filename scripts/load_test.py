@@ -31,7 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-import cli  # noqa: E402
+from runtime import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}

@@ -24,12 +24,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ml_collections  # noqa: E402
 from absl import flags  # noqa: E402
 
-import cli  # noqa: E402
 import evaluate  # noqa: E402
 import experiment  # noqa: E402
-import metrics_writer  # noqa: E402
 import train  # noqa: E402
 from configs import shakespeare_char_cpu  # noqa: E402
+from runtime import (
+    cli,  # noqa: E402
+    metrics_writer,  # noqa: E402
+)
 
 FLAGS = flags.FLAGS
 

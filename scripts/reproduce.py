@@ -20,7 +20,7 @@ from absl import flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import cli  # noqa: E402
+from runtime import cli  # noqa: E402
 
 # name -> (config file, metric in final_metrics.json, target, 'max' if higher is better)
 EXPERIMENTS = {

@@ -25,7 +25,7 @@ from absl import flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import cli  # noqa: E402
+from runtime import cli  # noqa: E402
 
 GIB = 2**30
 

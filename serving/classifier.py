@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-import distributed
+from runtime import distributed
 
 
 class ImageError(ValueError):

@@ -22,7 +22,7 @@ class IncrementalText:
     """The text of a growing token sequence, and the first stop string in it.
 
     Args:
-      tokenizer: a tokenizers_lib tokenizer (`decode(ids) -> str`).
+      tokenizer: a data.tokenization tokenizer (`decode(ids) -> str`).
       stop: strings that end the text before them: the first to be completed as tokens arrive
         (of those completed by the same update, the one that starts first), as OpenAI's API
         and vLLM stop.

@@ -98,7 +98,7 @@ class LMEngine:
     Args:
       model: the run's GPT (its `decode=False` form; decoding clones it).
       params: its parameters (device arrays).
-      tokenizer: the run's tokenizer (tokenizers_lib): decodes the generated ids.
+      tokenizer: the run's tokenizer (data.tokenization): decodes the generated ids.
       num_slots: sequences decoded together (the compiled batch).
       max_waiting: sequences allowed to wait for a slot; beyond it `submit` raises
         OverloadedError.

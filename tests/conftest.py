@@ -13,7 +13,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import cli  # noqa: E402
+from runtime import cli  # noqa: E402
 
 cli.quiet_libtpu_without_tpu()  # before any test starts JAX's backends (subprocesses inherit it)
 
@@ -62,10 +62,10 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def fashion_mnist_ready() -> str:
     """Prepares Fashion-MNIST in the default data dir once per session; returns the dir."""
-    import data_setup
+    from data import sources
 
-    data_dir = data_setup.default_data_dir()
-    data_setup.prepare_fashion_mnist(data_dir)
+    data_dir = sources.default_data_dir()
+    sources.prepare_fashion_mnist(data_dir)
     return data_dir
 
 

@@ -99,13 +99,13 @@ _LOAD_IMAGE_SPLIT = None
 
 
 def cached_image_loader() -> Any:
-    """image_data._load_image_split memoised: the test runs read Fashion-MNIST once per
+    """images._load_image_split memoised: the test runs read Fashion-MNIST once per
     process instead of once per run (the arrays are never modified)."""
     global _LOAD_IMAGE_SPLIT
     if _LOAD_IMAGE_SPLIT is None:
-        import image_data
+        from data import images
 
-        _LOAD_IMAGE_SPLIT = functools.lru_cache(maxsize=4)(image_data._load_image_split)
+        _LOAD_IMAGE_SPLIT = functools.lru_cache(maxsize=4)(images._load_image_split)
     return _LOAD_IMAGE_SPLIT
 
 
@@ -116,7 +116,7 @@ RTOL, ATOL = 1e-5, 1e-6
 
 def train_losses(workdir: str) -> np.ndarray:
     """The per-step training losses a run logged to metrics.jsonl (log_every_steps=1)."""
-    import metrics_writer
+    from runtime import metrics_writer
 
     rows = metrics_writer.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     return np.array([r["train/loss"] for r in rows if "train/loss" in r])
@@ -237,9 +237,9 @@ def main(argv: list[str]) -> int:
     """Runs every case of the JSON list argv[1], printing one RESULT line per case."""
     import jax
 
-    import image_data
+    from data import images
 
-    image_data._load_image_split = cached_image_loader()
+    images._load_image_split = cached_image_loader()
     cases = json.loads(argv[1])
     print("RESULT " + json.dumps({"devices": jax.device_count()}), flush=True)
     for case in cases:

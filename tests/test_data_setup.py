@@ -1,4 +1,4 @@
-"""Tests for data_setup: offline Fashion-MNIST, Tiny Shakespeare and text corpora."""
+"""Tests for data.sources: offline Fashion-MNIST, Tiny Shakespeare and text corpora."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import data_setup  # noqa: E402
+from data import prepare, sources  # noqa: E402
 
 NANOGPT_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
@@ -23,46 +23,46 @@ NANOGPT_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvw
 @pytest.fixture(scope="session")
 def data_dir() -> str:
     """Prepares the datasets in default_data_dir() (a no-op after `make data`) and returns it."""
-    path = data_setup.default_data_dir()
-    data_setup.prepare_fashion_mnist(path)
-    data_setup.prepare_tiny_shakespeare(path)
+    path = sources.default_data_dir()
+    sources.prepare_fashion_mnist(path)
+    sources.prepare_tiny_shakespeare(path)
     return path
 
 
 @pytest.fixture(scope="session")
 def shakespeare(data_dir: str) -> str:
     """Returns the Tiny Shakespeare text, read through TFDS."""
-    return data_setup.load_text_corpus("tiny_shakespeare", data_dir)
+    return sources.load_text_corpus("tiny_shakespeare", data_dir)
 
 
 def test_default_dirs_follow_env(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
     """JAXLAB_DATA_DIR / JAXLAB_SHARED_DIR override the defaults next to the repository."""
     monkeypatch.delenv("JAXLAB_DATA_DIR", raising=False)
     monkeypatch.delenv("JAXLAB_SHARED_DIR", raising=False)
-    repo = os.path.dirname(os.path.abspath(data_setup.__file__))
-    assert data_setup.default_data_dir() == os.path.join(repo, ".data", "tensorflow_datasets")
-    assert data_setup.shared_data_dir() == os.path.normpath(os.path.join(repo, "../shared/data"))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(sources.__file__)))
+    assert sources.default_data_dir() == os.path.join(repo, ".data", "tensorflow_datasets")
+    assert sources.shared_data_dir() == os.path.normpath(os.path.join(repo, "../shared/data"))
     monkeypatch.setenv("JAXLAB_DATA_DIR", str(tmp_path / "tfds"))
     monkeypatch.setenv("JAXLAB_SHARED_DIR", str(tmp_path / "shared"))
-    assert data_setup.default_data_dir() == str(tmp_path / "tfds")
-    assert data_setup.shared_data_dir() == str(tmp_path / "shared")
-    assert data_setup.default_bible_path() == str(tmp_path / "text" / "kjv.txt")
+    assert sources.default_data_dir() == str(tmp_path / "tfds")
+    assert sources.shared_data_dir() == str(tmp_path / "shared")
+    assert sources.default_bible_path() == str(tmp_path / "text" / "kjv.txt")
 
 
 def test_dataset_versions_match_tfds(data_dir: str) -> None:
     """is_prepared() looks for the versions that the installed TFDS builders produce."""
     import tensorflow_datasets as tfds
 
-    for name, version in data_setup.DATASET_VERSIONS.items():
+    for name, version in sources.DATASET_VERSIONS.items():
         assert str(tfds.builder(name, data_dir=data_dir).version) == version
-        assert data_setup.is_prepared(name, data_dir)
+        assert sources.is_prepared(name, data_dir)
 
 
 def test_tiny_shakespeare_is_the_original_text(shakespeare: str) -> None:
     """The text read through TFDS is karpathy's input.txt, byte for byte."""
-    assert len(shakespeare) == data_setup.TINY_SHAKESPEARE_NUM_CHARS == 1_115_394
+    assert len(shakespeare) == sources.TINY_SHAKESPEARE_NUM_CHARS == 1_115_394
     digest = hashlib.sha256(shakespeare.encode("utf-8")).hexdigest()
-    assert digest == data_setup.TINY_SHAKESPEARE_SHA256
+    assert digest == sources.TINY_SHAKESPEARE_SHA256
     assert shakespeare.startswith("First Citizen:\nBefore we proceed any further, hear me speak.")
 
 
@@ -80,7 +80,7 @@ def test_tiny_shakespeare_splits_match_nanogpt(shakespeare: str, data_dir: str) 
     train, val = shakespeare[: int(n * 0.9)], shakespeare[int(n * 0.9) :]
     assert (len(train), len(val)) == (1_003_854, 111_540)
     splits = {}
-    for split in data_setup.TINY_SHAKESPEARE_SPLITS:
+    for split in sources.TINY_SHAKESPEARE_SPLITS:
         ds = tfds.load("tiny_shakespeare", split=split, data_dir=data_dir, download=False)
         splits[split] = "".join(ex["text"].decode("utf-8") for ex in tfds.as_numpy(ds))
     assert splits["train"] == train
@@ -92,42 +92,42 @@ def test_tiny_shakespeare_falls_back_to_shared_file(
 ) -> None:
     """Without a prepared TFDS copy the shared input.txt is read directly."""
     empty_data_dir = str(tmp_path / "tfds")
-    assert not data_setup.is_prepared("tiny_shakespeare", empty_data_dir)
-    assert data_setup.load_text_corpus("tiny_shakespeare", empty_data_dir) == shakespeare
+    assert not sources.is_prepared("tiny_shakespeare", empty_data_dir)
+    assert sources.load_text_corpus("tiny_shakespeare", empty_data_dir) == shakespeare
 
 
 def test_tiny_shakespeare_missing_or_corrupt(tmp_path: pathlib.Path) -> None:
     """A missing or altered input.txt gives DatasetUnavailableError saying what to do."""
     shared = tmp_path / "shared"
-    with pytest.raises(data_setup.DatasetUnavailableError, match="input.txt") as info:
-        data_setup.prepare_tiny_shakespeare(
+    with pytest.raises(sources.DatasetUnavailableError, match="input.txt") as info:
+        sources.prepare_tiny_shakespeare(
             str(tmp_path / "tfds"), shared_dir=str(shared), allow_download=False
         )
-    assert data_setup.TINY_SHAKESPEARE_URL in str(info.value)
+    assert sources.TINY_SHAKESPEARE_URL in str(info.value)
     assert "make data" in str(info.value)
     (shared / "tinyshakespeare").mkdir(parents=True)
     (shared / "tinyshakespeare" / "input.txt").write_text("not shakespeare\n")
-    with pytest.raises(data_setup.DatasetUnavailableError, match="sha256"):
-        data_setup.prepare_tiny_shakespeare(str(tmp_path / "tfds"), shared_dir=str(shared))
+    with pytest.raises(sources.DatasetUnavailableError, match="sha256"):
+        sources.prepare_tiny_shakespeare(str(tmp_path / "tfds"), shared_dir=str(shared))
 
 
 def test_prepare_is_idempotent(data_dir: str) -> None:
     """Preparing again leaves the prepared datasets untouched."""
     infos = {
         name: os.path.join(data_dir, name, version, "dataset_info.json")
-        for name, version in data_setup.DATASET_VERSIONS.items()
+        for name, version in sources.DATASET_VERSIONS.items()
     }
     before = {name: os.stat(path).st_mtime_ns for name, path in infos.items()}
-    data_setup.prepare_fashion_mnist(data_dir)
-    data_setup.prepare_tiny_shakespeare(data_dir)
+    sources.prepare_fashion_mnist(data_dir)
+    sources.prepare_tiny_shakespeare(data_dir)
     assert {name: os.stat(path).st_mtime_ns for name, path in infos.items()} == before
-    assert data_setup.split_sizes("fashion_mnist", data_dir) == {"train": 60000, "test": 10000}
+    assert sources.split_sizes("fashion_mnist", data_dir) == {"train": 60000, "test": 10000}
 
 
 def test_fashion_mnist_unavailable_message(tmp_path: pathlib.Path) -> None:
     """Without the Debian files and without downloading, the error says how to get the data."""
-    with pytest.raises(data_setup.DatasetUnavailableError) as info:
-        data_setup.prepare_fashion_mnist(
+    with pytest.raises(sources.DatasetUnavailableError) as info:
+        sources.prepare_fashion_mnist(
             str(tmp_path / "tfds"), source_dir=str(tmp_path / "nothing"), allow_download=False
         )
     message = str(info.value)
@@ -138,10 +138,10 @@ def test_fashion_mnist_unavailable_message(tmp_path: pathlib.Path) -> None:
 
 
 def test_command_reports_ready(data_dir: str) -> None:
-    """`python data_setup.py --data_dir=...` on prepared data exits 0 with one ready line per
+    """`python -m data --data_dir=...` on prepared data exits 0 with one ready line per
     dataset, and a positional argument is refused."""
-    repo = os.path.dirname(os.path.abspath(data_setup.__file__))
-    command = [sys.executable, os.path.join(repo, "data_setup.py")]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(sources.__file__)))
+    command = [sys.executable, "-m", "data"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     result = subprocess.run(
         [*command, f"--data_dir={data_dir}"],
@@ -165,9 +165,9 @@ def test_command_reports_ready(data_dir: str) -> None:
 def test_command_exit_status_when_a_dataset_is_unavailable(
     data_dir: str, tmp_path: pathlib.Path
 ) -> None:
-    """`python data_setup.py` exits 1 and prints the how-to when Tiny Shakespeare cannot be
+    """`python -m data` exits 1 and prints the how-to when Tiny Shakespeare cannot be
     prepared (here: a corrupt shared input.txt; Fashion-MNIST is linked in, already prepared)."""
-    repo = os.path.dirname(os.path.abspath(data_setup.__file__))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(sources.__file__)))
     tfds_dir = tmp_path / "tfds"
     tfds_dir.mkdir()
     (tfds_dir / "fashion_mnist").symlink_to(os.path.join(data_dir, "fashion_mnist"))
@@ -176,7 +176,7 @@ def test_command_exit_status_when_a_dataset_is_unavailable(
     (shared / "tinyshakespeare" / "input.txt").write_text("not shakespeare\n")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "JAXLAB_SHARED_DIR": str(shared)}
     result = subprocess.run(
-        [sys.executable, os.path.join(repo, "data_setup.py"), f"--data_dir={tfds_dir}"],
+        [sys.executable, "-m", "data", f"--data_dir={tfds_dir}"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -191,7 +191,7 @@ def test_command_exit_status_when_a_dataset_is_unavailable(
 
 def test_prepare_all_reports_ready(data_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
     """prepare_all (the command's work) on prepared data returns 0 with one line per dataset."""
-    assert data_setup.prepare_all(data_dir) == 0
+    assert prepare.prepare_all(data_dir) == 0
     out = capsys.readouterr().out
     assert "fashion_mnist: ready (60000 train / 10000 test)" in out
     assert "tiny_shakespeare: ready (1115394 chars" in out
@@ -202,11 +202,11 @@ def test_prepare_all_fails_without_fashion_mnist(
 ) -> None:
     """Without Fashion-MNIST (no Debian files, no network) the command's prepare_all returns 1
     (its exit status) with the how-to."""
-    monkeypatch.setattr(data_setup, "DEBIAN_FASHION_MNIST_DIR", str(tmp_path / "nothing"))
-    monkeypatch.setattr(data_setup, "_unreachable_reason", lambda url: "offline (test)")
-    monkeypatch.setattr(data_setup, "prepare_tiny_shakespeare", lambda data_dir: None)
-    monkeypatch.setattr(data_setup, "BIBLE_COMMAND", "no-such-bible-command")
-    assert data_setup.prepare_all(str(tmp_path / "tfds")) == 1
+    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST_DIR", str(tmp_path / "nothing"))
+    monkeypatch.setattr(sources, "_unreachable_reason", lambda url: "offline (test)")
+    monkeypatch.setattr(sources, "prepare_tiny_shakespeare", lambda data_dir: None)
+    monkeypatch.setattr(sources, "BIBLE_COMMAND", "no-such-bible-command")
+    assert prepare.prepare_all(str(tmp_path / "tfds")) == 1
     err = capsys.readouterr().err
     assert "sudo apt-get install dataset-fashion-mnist" in err
     assert "offline (test)" in err
@@ -230,7 +230,7 @@ def test_fashion_mnist_loads(data_dir: str) -> None:
 
 @pytest.mark.skipif(
     not os.path.isfile(
-        os.path.join(data_setup.DEBIAN_FASHION_MNIST_DIR, data_setup.FASHION_MNIST_FILES[2])
+        os.path.join(sources.DEBIAN_FASHION_MNIST_DIR, sources.FASHION_MNIST_FILES[2])
     ),
     reason="Debian dataset-fashion-mnist not installed",
 )
@@ -238,7 +238,7 @@ def test_fashion_mnist_matches_debian_files(data_dir: str) -> None:
     """The TFDS test split holds the same (label, image) pairs as the Debian IDX files."""
     import tensorflow_datasets as tfds
 
-    source = data_setup.DEBIAN_FASHION_MNIST_DIR
+    source = sources.DEBIAN_FASHION_MNIST_DIR
     with gzip.open(os.path.join(source, "t10k-images-idx3-ubyte.gz")) as f:
         raw_images = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 784)
     with gzip.open(os.path.join(source, "t10k-labels-idx1-ubyte.gz")) as f:
@@ -258,14 +258,14 @@ def test_text_file_corpus(tmp_path: pathlib.Path) -> None:
     text = "Ünïcode line\r\nsecond line\n\tend 🙂"
     path = tmp_path / "corpus.txt"
     path.write_bytes(text.encode("utf-8"))
-    assert data_setup.load_text_corpus(str(path)) == text
+    assert sources.load_text_corpus(str(path)) == text
 
 
 def test_missing_corpus_path(tmp_path: pathlib.Path) -> None:
     """A path that does not exist gives DatasetUnavailableError naming it and the known corpora."""
     missing = str(tmp_path / "no_such_corpus.txt")
-    with pytest.raises(data_setup.DatasetUnavailableError) as info:
-        data_setup.load_text_corpus(missing)
+    with pytest.raises(sources.DatasetUnavailableError) as info:
+        sources.load_text_corpus(missing)
     message = str(info.value)
     assert missing in message
     assert "tiny_shakespeare" in message and "kjv" in message
@@ -276,23 +276,23 @@ def test_empty_corpus_file(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "empty.txt"
     path.write_text("")
     with pytest.raises(ValueError, match="empty"):
-        data_setup.load_text_corpus(str(path))
+        sources.load_text_corpus(str(path))
 
 
 @pytest.mark.skipif(shutil.which("bible") is None, reason="Debian bible-kjv-text not installed")
 def test_kjv_corpus(tmp_path: pathlib.Path) -> None:
     """'kjv' and 'bible' generate the King James Bible text at <data_dir>/../text/kjv.txt."""
     data_dir = str(tmp_path / "tensorflow_datasets")
-    text = data_setup.load_text_corpus("kjv", data_dir)
+    text = sources.load_text_corpus("kjv", data_dir)
     assert os.path.isfile(tmp_path / "text" / "kjv.txt")
     assert len(text) == 4_404_412
     assert text.startswith("Ge1:1 In the beginning God created the heaven and the earth.\n")
     assert text.rstrip().endswith("The grace of our Lord Jesus Christ be with you all. Amen.")
-    assert data_setup.load_text_corpus("bible", data_dir) == text
+    assert sources.load_text_corpus("bible", data_dir) == text
 
 
 def test_bible_command_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
     """Without the `bible` command the error names the Debian package."""
-    monkeypatch.setattr(data_setup, "BIBLE_COMMAND", "no-such-bible-command")
-    with pytest.raises(data_setup.DatasetUnavailableError, match="bible-kjv-text"):
-        data_setup.write_bible_text(str(tmp_path / "kjv.txt"))
+    monkeypatch.setattr(sources, "BIBLE_COMMAND", "no-such-bible-command")
+    with pytest.raises(sources.DatasetUnavailableError, match="bible-kjv-text"):
+        sources.write_bible_text(str(tmp_path / "kjv.txt"))

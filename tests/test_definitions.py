@@ -11,12 +11,11 @@ import numpy as np
 import optax
 import pytest
 
-import data_setup
+import data
 import experiment
 import optim
-import text_data
-import workdir_files
 from configs import fashion_mnist_cnn_strong, shakespeare_char_cpu
+from data import sources, text_windows
 
 
 def _bn_config(k: int):
@@ -37,7 +36,7 @@ def test_accumulation_updates_batchnorm_statistics_once_per_step():
         "inputs": rng.integers(0, 256, (32, 28, 28, 1), dtype=np.uint8),
         "targets": rng.integers(0, 10, (32,), dtype=np.int32),
     }
-    spec = workdir_files.InputSpec(np.zeros((1, 28, 28, 1), np.uint8), 10, 60_000)
+    spec = data.InputSpec(np.zeros((1, 28, 28, 1), np.uint8), 10, 60_000)
     stats = {}
     for k in (1, 4):
         run = experiment.build_run(_bn_config(k), input_spec=spec)
@@ -61,15 +60,14 @@ def _prepared(directory, train_tokens: int, val_tokens: int = 20) -> str:
     import hashlib
     import json
 
-    import prepare_data
-    import tokenizers_lib
+    from data import prepare, tokenization
 
     tokens = np.arange(train_tokens + val_tokens, dtype=np.uint16)
     os.makedirs(os.path.join(directory, "shards"))
     tokens.tofile(os.path.join(directory, "shards", "00000.bin"))
-    tokenizers_lib.ByteTokenizer().save(str(directory))
+    tokenization.ByteTokenizer().save(str(directory))
     manifest = {
-        "format": prepare_data.FORMAT, "dtype": "uint16", "val_fraction": 0.1,
+        "format": prepare.FORMAT, "dtype": "uint16", "val_fraction": 0.1,
         "tokenizer": {"kind": "byte", "argument": "byte", "vocab_size": 256, "files": []},
         "splits": {"train": [0, train_tokens], "val": [train_tokens, len(tokens)]},
         "shards": [{"file": "shards/00000.bin", "tokens": len(tokens),
@@ -82,7 +80,7 @@ def _prepared(directory, train_tokens: int, val_tokens: int = 20) -> str:
 
 def _window_starts(tmp_path, train_tokens: int, block_size: int, steps: int = 400):
     """The first token (= the start) of every training window drawn over `steps` steps."""
-    splits = text_data.TextSplits(_prepared(tmp_path / "data", train_tokens), block_size)
+    splits = text_windows.TextSplits(_prepared(tmp_path / "data", train_tokens), block_size)
     batches = splits.train_batches(seed=0, global_batch=16, stop_step=steps)
     return np.concatenate([b["inputs"][:, 0] for b in batches])
 
@@ -100,7 +98,7 @@ def test_every_valid_window_start_is_drawn_with_equal_probability(tmp_path):
 
 
 def test_a_split_shorter_than_one_window_is_refused(tmp_path):
-    with pytest.raises(data_setup.DatasetUnavailableError, match="too few for one window of 9"):
+    with pytest.raises(sources.DatasetUnavailableError, match="too few for one window of 9"):
         _window_starts(tmp_path, 8, 8)
 
 
@@ -112,7 +110,7 @@ def test_weight_decay_never_touches_biases_or_norms_whatever_their_rank():
                          "num_heads": 2})  # fmt: skip
     config.weight_decay, config.learning_rate, config.warmup_steps = 0.5, 0.1, 0
     config.lr_schedule = "constant"
-    spec = workdir_files.InputSpec(np.zeros((1, 8), np.int32), 0, 1000)
+    spec = data.InputSpec(np.zeros((1, 8), np.int32), 0, 1000)
     run = experiment.build_run(config, input_spec=spec)
     state = jax.device_get(run.init_state())
     zero = jax.tree.map(jnp.zeros_like, state.params)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import tokenizers_lib
+from data import tokenization
 from serving.detokenizer import IncrementalText
 
 TEXT = (
@@ -17,12 +17,12 @@ TEXT = (
 
 
 @pytest.fixture(scope="module")
-def tokenizers() -> dict[str, tokenizers_lib.Tokenizer]:
+def tokenizers() -> dict[str, tokenization.Tokenizer]:
     return {
-        "byte": tokenizers_lib.ByteTokenizer(),
-        "char": tokenizers_lib.CharTokenizer.from_text(TEXT),
-        "bpe": tokenizers_lib.BPETokenizer.train(iter([TEXT] * 4), vocab_size=300),
-        "sentencepiece": tokenizers_lib.SentencePieceTokenizer.train(TEXT * 4, vocab_size=400),
+        "byte": tokenization.ByteTokenizer(),
+        "char": tokenization.CharTokenizer.from_text(TEXT),
+        "bpe": tokenization.BPETokenizer.train(iter([TEXT] * 4), vocab_size=300),
+        "sentencepiece": tokenization.SentencePieceTokenizer.train(TEXT * 4, vocab_size=400),
     }
 
 
@@ -56,7 +56,7 @@ def test_grown_text_is_the_whole_decoding(tokenizers, kind, every) -> None:
 def test_random_bytes_match_whole_decoding() -> None:
     """A byte model may generate any bytes: invalid sequences become U+FFFD exactly as decoding
     the whole sequence makes them, and an incomplete character at the end is held back."""
-    tokenizer = tokenizers_lib.ByteTokenizer()
+    tokenizer = tokenization.ByteTokenizer()
     rng = np.random.default_rng(0)
     for _ in range(50):
         ids = rng.integers(0, 256, size=int(rng.integers(1, 40)))

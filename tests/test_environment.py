@@ -73,7 +73,7 @@ def test_start_up_line_names_the_platform_and_a_cpu_fallback(monkeypatch):
     (a driver it could not load) is said out loud."""
     import jax
 
-    import distributed
+    from runtime import distributed
 
     line = distributed.describe_devices()
     assert line.startswith(f"JAX {jax.__version__} on cpu: ") and "WARNING" not in line

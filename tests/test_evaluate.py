@@ -1,4 +1,4 @@
-"""Tests for evaluate.py and the ROC AUC in evaluation_metrics."""
+"""Tests for evaluate.py and the ROC AUC in evaluation."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-import cli
 import evaluate
-import evaluation_metrics
+import evaluation
+from runtime import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +34,7 @@ def _random_scores(n: int, classes: int, seed: int, decimals: int | None = None)
 def test_roc_auc_matches_sklearn(decimals):
     """Macro and per-class one-vs-rest AUC equal scikit-learn's, with and without tied scores."""
     scores, labels = _random_scores(600, 5, seed=0, decimals=decimals)
-    ours = evaluation_metrics.roc_auc_ovr(scores, labels)
+    ours = evaluation.roc_auc_ovr(scores, labels)
     expected = roc_auc_score(labels, scores, multi_class="ovr", average="macro")
     assert ours["roc_auc_macro"] == pytest.approx(expected, abs=1e-12)
     for c in range(5):
@@ -46,11 +46,11 @@ def test_roc_auc_edge_cases():
     """Perfect ranking gives 1, reversed 0; a class absent from the labels is NaN and skipped."""
     labels = np.array([0, 0, 1, 1])
     perfect = np.array([[0.9, 0.1, 0], [0.8, 0.2, 0], [0.3, 0.7, 0], [0.1, 0.9, 0]])
-    out = evaluation_metrics.roc_auc_ovr(perfect, labels)
+    out = evaluation.roc_auc_ovr(perfect, labels)
     assert out["roc_auc_per_class"][:2] == [1.0, 1.0]
     assert math.isnan(out["roc_auc_per_class"][2]) and out["roc_auc_macro"] == 1.0
     reversed_scores = perfect[:, [1, 0, 2]]
-    assert evaluation_metrics.roc_auc_ovr(reversed_scores, labels)["roc_auc_macro"] == 0.0
+    assert evaluation.roc_auc_ovr(reversed_scores, labels)["roc_auc_macro"] == 0.0
 
 
 def test_classification_report_counts_and_loss():

@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import distributed
 import experiment
-import tokenizers_lib
+from data import tokenization
+from runtime import distributed
 from tools import export
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +28,7 @@ def test_exported_lm_matches_jax_model(trained_lm_run, tmp_path):
     assert written["input_shape"][0] == "batch"
     assert written["platforms"] == meta["platforms"] == ["cpu", "cuda", "tpu"]
     assert export.load(str(tmp_path)).platforms == ("cpu", "cuda", "tpu")
-    tokenizer = tokenizers_lib.load_tokenizer(str(tmp_path))  # served next to the model
+    tokenizer = tokenization.load_tokenizer(str(tmp_path))  # served next to the model
     restored = experiment.restore_run(trained_lm_run)
     model, params = restored.model, distributed.to_host(restored.params)
     block = restored.config.model.block_size

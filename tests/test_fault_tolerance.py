@@ -33,13 +33,10 @@ import pytest  # noqa: E402
 
 import checkpointing  # noqa: E402
 import config_validation  # noqa: E402
-import data_setup  # noqa: E402
 import experiment  # noqa: E402
-import image_data  # noqa: E402
-import metrics_writer  # noqa: E402
-import preemption  # noqa: E402
 import train  # noqa: E402
-import workdir_files  # noqa: E402
+from data import images, sources  # noqa: E402
+from runtime import metrics_writer, preemption, workdir_files  # noqa: E402
 
 # The run the tests reproduce: 60 steps, each logged, checkpointed (asynchronously) every 10.
 RUN = {
@@ -162,10 +159,10 @@ def stop_at(monkeypatch, step: int) -> None:
 @pytest.fixture(scope="module", autouse=True)
 def _load_each_image_split_once():
     """Speed only: this module trains a dozen times in-process; read the TFDS splits once."""
-    original = image_data._load_image_split
-    image_data._load_image_split = functools.lru_cache(maxsize=4)(original)
+    original = images._load_image_split
+    images._load_image_split = functools.lru_cache(maxsize=4)(original)
     yield
-    image_data._load_image_split = original
+    images._load_image_split = original
 
 
 @pytest.fixture(scope="module")
@@ -427,7 +424,7 @@ def test_a_batch_that_does_not_divide_over_the_devices_is_refused():
 
 def test_a_missing_dataset_says_how_to_get_it(tmp_path):
     config = make_config(dataset="no_such_dataset_anywhere", data_dir=str(tmp_path / "tfds"))
-    with pytest.raises(data_setup.DatasetUnavailableError, match="no_such_dataset_anywhere") as e:
+    with pytest.raises(sources.DatasetUnavailableError, match="no_such_dataset_anywhere") as e:
         train.train_and_evaluate(config, str(tmp_path / "run"))
     assert "fashion_mnist" in str(e.value)  # what to use instead
     assert not os.path.exists(tmp_path / "run" / "checkpoints")

@@ -16,7 +16,7 @@ import config_validation
 import experiment
 import finetune
 import train
-import workdir_files
+from runtime import workdir_files
 
 
 def _source_config(workdir: str):

@@ -9,6 +9,7 @@ import optax
 import pytest
 from flax import linen as nn
 
+import data
 import sharding
 from models.gpt import (
     GPT,
@@ -385,13 +386,12 @@ def test_scan_layers_checkpoint_refused_by_other_layout(tmp_path) -> None:
     reverse): one clear CheckpointMismatchError naming the arrays that differ."""
     import checkpointing
     import experiment
-    import workdir_files
     from configs import shakespeare_char_cpu
 
     config = shakespeare_char_cpu.get_config()
     config.model.update(num_layers=2, num_heads=2, embed_dim=16, block_size=16, vocab_size=13)
     config.batch_size = config.eval_batch_size = 4
-    spec = workdir_files.InputSpec(np.zeros((1, 16), np.int32), 0, 1000)
+    spec = data.InputSpec(np.zeros((1, 16), np.int32), 0, 1000)
     runs = {}
     for scan in (False, True):
         config.model.scan_layers = scan

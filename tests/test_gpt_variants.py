@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+import data
 import sampling
 from models.gpt import (
     GPT,
@@ -392,7 +393,7 @@ def test_vocab_padding_never_scored_or_sampled() -> None:
 def test_bad_variant_fields_fail_with_one_line_naming_the_field() -> None:
     """Invalid combinations raise GPTConfigError (a ValueError and a cli.UserError: one
     `ERROR:` line) naming the field."""
-    import cli
+    from runtime import cli
 
     cases = {
         "num_kv_heads": dict(num_kv_heads=3),
@@ -420,7 +421,6 @@ def _tiny_run(z_loss: float, grad_accum_steps: int = 1):
     import sharded_driver
 
     import experiment
-    import workdir_files
 
     config = sharded_driver.tiny_config(
         "gpt", mesh_shape={"data": 1, "fsdp": 1, "tensor": 1}, z_loss=z_loss
@@ -432,7 +432,7 @@ def _tiny_run(z_loss: float, grad_accum_steps: int = 1):
     example = np.zeros((1, config.model.block_size), np.int32)
     tokens = np.random.default_rng(0).integers(0, 32, (32, 17), dtype=np.int32)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-    spec = workdir_files.InputSpec(example, num_classes=0, num_train_examples=320)
+    spec = data.InputSpec(example, num_classes=0, num_train_examples=320)
     run = experiment.build_run(config, input_spec=spec, devices=jax.devices()[:1])
     state = run.init_state()
     initial = jax.device_get(state.params)
@@ -479,9 +479,9 @@ def test_llama_style_cpu_trains_on_tiny_shakespeare(tmp_path) -> None:
     and validation loss in 60 steps; the run's parameter count is the formula's."""
     import json
 
-    import metrics_writer
     import train
     from configs import llama_style_cpu
+    from runtime import metrics_writer
 
     config = llama_style_cpu.get_config()
     config.num_train_steps = config.decay_steps = 60

@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 in and out (tools/hf_convert.py, tools/hf/), against `transformers` itself.
+"""Hugging Face GPT-2 in and out (tools/hf_convert.py, hf/), against `transformers` itself.
 
 A small random GPT-2 (2 layers, width 64, a byte-level BPE trained offline with `tokenizers`) is
 built and saved with `save_pretrained` by tests/hf_reference.py under .venv-torch (PyTorch and
@@ -22,15 +22,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-import data_setup
 import experiment
-import prepare_data
 import sampling
-import tokenizers_lib
 import train
-import workdir_files
+from data import prepare, sources, tokenization
+from hf import exporting, gpt2_files, gpt2_layout, importing
 from models import gpt
-from tools.hf import exporting, gpt2_files, gpt2_layout, importing
+from runtime import workdir_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_PYTHON = os.path.join(REPO, ".venv-torch", "bin", "python")
@@ -49,7 +47,7 @@ def _reference(*args: str) -> None:
 
 def _kjv_paragraph() -> str:
     """John 1:1-14 of the King James Bible (Debian's bible-kjv-text), verse numbers stripped."""
-    text = data_setup.load_text_corpus("kjv")
+    text = sources.load_text_corpus("kjv")
     start = text.index("In the beginning was the Word")
     return text[start : start + 1500]
 
@@ -77,7 +75,7 @@ def _build_reference(shared: pathlib.Path) -> pathlib.Path:
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir()
             corpus = out / "corpus.txt"
-            corpus.write_text(data_setup.load_text_corpus("tiny_shakespeare")[:300_000])
+            corpus.write_text(sources.load_text_corpus("tiny_shakespeare")[:300_000])
             rng = np.random.default_rng(0)
             np.save(out / "tokens.npy", rng.integers(0, 512, size=(3, 40)).astype(np.int32))
             np.save(out / "prompt.npy", rng.integers(0, 512, size=(2, 8)).astype(np.int32))
@@ -132,7 +130,7 @@ def shakespeare_tokens(ref) -> str:
     """Tiny Shakespeare prepared with the reference's tokenizer (in the test's own folder)."""
     out = str(ref.root / "shakespeare_tokens")
     tokenizer = os.path.join(ref.hf_dir, "tokenizer.json")
-    prepare_data.prepare("tiny_shakespeare", tokenizer, out, progress=False)
+    prepare.prepare("tiny_shakespeare", tokenizer, out, progress=False)
     return out
 
 
@@ -185,7 +183,7 @@ def test_import_then_export_reproduces_the_safetensors_bit_for_bit(ref, tmp_path
 def test_tokenization_equals_transformers_on_kjv(ref, tmp_path):
     """The imported tokenizer (from tokenizer.json) and one built from vocab.json + merges.txt
     alone give transformers' AutoTokenizer ids on a KJV paragraph, and decode back to it."""
-    tokenizer = tokenizers_lib.load_tokenizer(ref.workdir)
+    tokenizer = tokenization.load_tokenizer(ref.workdir)
     ids = tokenizer.encode(ref.kjv)
     np.testing.assert_array_equal(ids, ref.kjv_ids)
     assert tokenizer.decode(ids) == ref.kjv
@@ -375,7 +373,7 @@ def test_command_line_errors_are_one_line(ref, trained_lm_run, tmp_path):
 def test_models_gpt2_cannot_express_are_refused(ref, fields, reason):
     """Every variant outside GPT-2's architecture is named as the reason for refusing export;
     GPT-2 itself (exact or tanh GELU) has none."""
-    bpe = tokenizers_lib.load_tokenizer(ref.workdir)
+    bpe = tokenization.load_tokenizer(ref.workdir)
     base = dict(num_layers=1, num_heads=2, embed_dim=16, vocab_size=bpe.vocab_size)
     assert gpt2_layout.gpt2_refusals(gpt.GPT(**base), bpe) == []
     assert gpt2_layout.gpt2_refusals(gpt.GPT(**base, mlp_activation="gelu_tanh"), bpe) == []

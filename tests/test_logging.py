@@ -109,7 +109,7 @@ def test_writer_events_read_back_as_tensorboard_shows_them(tmp_path):
     events after its step."""
     import matplotlib.pyplot as plt
 
-    import metrics_writer
+    from runtime import metrics_writer
 
     writer = metrics_writer.MetricsWriter(str(tmp_path))
     writer.write_text(0, "config", "a `config`")

@@ -23,7 +23,7 @@ if TESTS_DIR not in sys.path:
 
 import sharded_driver  # noqa: E402
 
-import metrics_writer  # noqa: E402
+from runtime import metrics_writer  # noqa: E402
 
 TIMEOUT_S = 300  # minutes when the machine is shared; seconds when it is not
 # The tiny MLP of tests/sharded_driver.py, as command-line overrides of the default config.

@@ -289,10 +289,10 @@ def test_weight_decay_reaches_matrices_only(name: str) -> None:
 
 @pytest.fixture(scope="module")
 def shakespeare_slice(tmp_path_factory) -> str:
-    import data_setup
+    from data import sources
 
     path = tmp_path_factory.mktemp("corpus") / "slice.txt"
-    path.write_text(data_setup.load_text_corpus("tiny_shakespeare")[:30_000])
+    path.write_text(sources.load_text_corpus("tiny_shakespeare")[:30_000])
     return str(path)
 
 
@@ -361,7 +361,7 @@ def test_resuming_with_another_optimizer_is_refused(tmp_path) -> None:
     """A run trained with AdamW cannot continue under Muon (its state would not even fit):
     workdir_files.check_resume, which train.py calls before restoring, names the field and the
     way out."""
-    import workdir_files
+    from runtime import workdir_files
 
     config = shakespeare_char_cpu.get_config()
     workdir_files.save_config(str(tmp_path), config)

@@ -13,10 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-import data_setup
-import prepare_data
-import text_data
-import tokenizers_lib
+from data import prepare, sources, text_windows, tokenization
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def shakespeare_files(tmp_path_factory) -> str:
     """Tiny Shakespeare cut into 4 files (a glob source of several documents)."""
-    with open(data_setup.tiny_shakespeare_file()) as f:
+    with open(sources.tiny_shakespeare_file()) as f:
         text = f.read()
     directory = tmp_path_factory.mktemp("corpus")
     quarter = len(text) // 4
@@ -34,8 +31,8 @@ def shakespeare_files(tmp_path_factory) -> str:
 
 
 def _tokens(out: str) -> np.ndarray:
-    manifest = prepare_data.read_manifest(out)
-    stream = text_data.TokenStream(out, manifest)
+    manifest = prepare.read_manifest(out)
+    stream = text_windows.TokenStream(out, manifest)
     return stream.windows(np.asarray([0]), stream.size)[0]
 
 
@@ -44,9 +41,9 @@ def test_round_trip_through_shards(kind, shakespeare_files, tmp_path):
     """decode(the shards) == the documents, each followed by the end-of-text token where the
     vocabulary has one (BPE trained here has <|endoftext|>; bytes have none)."""
     out = str(tmp_path / kind)
-    manifest = prepare_data.prepare(f"{shakespeare_files}/*.txt", kind, out, vocab_size=600,
+    manifest = prepare.prepare(f"{shakespeare_files}/*.txt", kind, out, vocab_size=600,
                                     unit_bytes=100_000, progress=False)  # fmt: skip
-    tokenizer = tokenizers_lib.load_tokenizer(out)
+    tokenizer = tokenization.load_tokenizer(out)
     files = sorted(os.listdir(shakespeare_files))
     documents = []
     for name in files:
@@ -55,8 +52,8 @@ def test_round_trip_through_shards(kind, shakespeare_files, tmp_path):
     text = tokenizer.decode(_tokens(out))
     if kind == "bpe":
         assert manifest["document_separator"] == tokenizer.eot_id is not None
-        assert text.count(tokenizers_lib.END_OF_TEXT) == len(manifest["shards"])
-        text = text.replace(tokenizers_lib.END_OF_TEXT, "")
+        assert text.count(tokenization.END_OF_TEXT) == len(manifest["shards"])
+        text = text.replace(tokenization.END_OF_TEXT, "")
     assert text == "".join(documents)
     assert manifest["dtype"] == "uint16" and len(manifest["shards"]) > 4  # files were cut
     train, val = manifest["splits"]["train"], manifest["splits"]["val"]
@@ -71,38 +68,38 @@ def test_an_interrupted_prepare_resumes_to_the_same_shards(shakespeare_files, tm
     temporary file): the rerun redoes only what is missing and ends with the shards of an
     uninterrupted run. Array slices write the manifest when the last one finishes."""
     source = f"{shakespeare_files}/*.txt"
-    whole = prepare_data.prepare(source, "char", str(tmp_path / "whole"), unit_bytes=100_000,
+    whole = prepare.prepare(source, "char", str(tmp_path / "whole"), unit_bytes=100_000,
                                  progress=False)  # fmt: skip
     out = str(tmp_path / "sliced")
-    assert prepare_data.prepare(source, "char", out, num_shards=2, shard_index=0,
+    assert prepare.prepare(source, "char", out, num_shards=2, shard_index=0,
                                 unit_bytes=100_000, progress=False) is None  # fmt: skip
     os.remove(os.path.join(out, "shards", "00002.json"))  # cut off before it completed
     with open(os.path.join(out, "shards", "00002.bin.tmp123"), "wb") as f:
         f.write(b"partial")
-    assert prepare_data.prepare(source, "char", out, num_shards=2, shard_index=1,
+    assert prepare.prepare(source, "char", out, num_shards=2, shard_index=1,
                                 unit_bytes=100_000, progress=False) is None  # fmt: skip
-    resumed = prepare_data.prepare(source, "char", out, unit_bytes=100_000, progress=False)
+    resumed = prepare.prepare(source, "char", out, unit_bytes=100_000, progress=False)
     assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in whole["shards"]]
 
 
 def test_the_command_line_prepares_a_jsonl_source(tmp_path):
-    """prepare_data.py as a command: JSONL documents with a text field."""
+    """`python -m data.prepare` as a command: JSONL documents with a text field."""
     source = tmp_path / "docs.jsonl"
     source.write_text("\n".join(json.dumps({"body": f"document number {i}. " * 20})
                                 for i in range(200)))  # fmt: skip
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "prepare_data.py", f"--source={source}",
+    result = subprocess.run([sys.executable, "-m", "data.prepare", f"--source={source}",
                              "--tokenizer=byte", f"--out={out}", "--text_field=body"],
                             cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert "tokens (uint16) in 1 shards, byte tokenizer of 256" in result.stdout
-    assert prepare_data.read_manifest(str(out))["num_tokens"] > 200 * 20 * 10
+    assert prepare.read_manifest(str(out))["num_tokens"] > 200 * 20 * 10
 
 
-def _splits(tmp_path, block_size: int = 32) -> text_data.TextSplits:
+def _splits(tmp_path, block_size: int = 32) -> text_windows.TextSplits:
     out = str(tmp_path / "ts")
-    shutil.copytree(os.path.join(data_setup.default_tokens_dir(), "tiny_shakespeare-char"), out)
-    return text_data.TextSplits(out, block_size)
+    shutil.copytree(os.path.join(sources.default_tokens_dir(), "tiny_shakespeare-char"), out)
+    return text_windows.TextSplits(out, block_size)
 
 
 def test_resumed_training_sees_the_same_batches(tmp_path):
@@ -137,32 +134,32 @@ def test_a_vocabulary_past_uint16_is_stored_as_uint32(tmp_path):
     text = "".join(chr(0x10000 + i) for i in range(70_000))
     (tmp_path / "wide.txt").write_text(text)
     out = str(tmp_path / "out")
-    manifest = prepare_data.prepare(str(tmp_path / "wide.txt"), "char", out, progress=False)
+    manifest = prepare.prepare(str(tmp_path / "wide.txt"), "char", out, progress=False)
     assert manifest["dtype"] == "uint32"
-    assert tokenizers_lib.load_tokenizer(out).decode(_tokens(out)) == text
+    assert tokenization.load_tokenizer(out).decode(_tokens(out)) == text
 
 
 def test_a_file_that_is_not_utf8_is_named_with_its_byte_offset(tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"good text\n" * 10 + b"caf\xe9\n")
-    with pytest.raises(prepare_data.PrepareError, match=r"bad.txt is not UTF-8 text: byte 103"):
-        prepare_data.prepare(str(tmp_path / "bad.txt"), "byte", str(tmp_path / "out"),
+    with pytest.raises(prepare.PrepareError, match=r"bad.txt is not UTF-8 text: byte 103"):
+        prepare.prepare(str(tmp_path / "bad.txt"), "byte", str(tmp_path / "out"),
                              progress=False)  # fmt: skip
 
 
 def test_a_corpus_too_short_for_one_window_says_so_with_the_numbers(tmp_path):
     (tmp_path / "short.txt").write_text("x" * 50)
     out = str(tmp_path / "out")
-    prepare_data.prepare(str(tmp_path / "short.txt"), "byte", out, progress=False)
+    prepare.prepare(str(tmp_path / "short.txt"), "byte", out, progress=False)
     with pytest.raises(
-        data_setup.DatasetUnavailableError, match="has 45 tokens, too few for one window of 65"
+        sources.DatasetUnavailableError, match="has 45 tokens, too few for one window of 65"
     ):
-        text_data.TextSplits(out, 64)
+        text_windows.TextSplits(out, 64)
 
 
 def test_an_empty_corpus_is_refused(tmp_path):
     (tmp_path / "empty.txt").write_text("")
-    with pytest.raises(prepare_data.PrepareError, match="empty"):
-        prepare_data.prepare(str(tmp_path / "empty.txt"), "char", str(tmp_path / "out"),
+    with pytest.raises(prepare.PrepareError, match="empty"):
+        prepare.prepare(str(tmp_path / "empty.txt"), "char", str(tmp_path / "out"),
                              progress=False)  # fmt: skip
 
 
@@ -174,18 +171,16 @@ def test_a_damaged_or_missing_shard_is_named(tmp_path):
         f.seek(1000)
         f.write(b"\xff\xff")
     with pytest.raises(
-        data_setup.DatasetUnavailableError, match="00000.bin does not match its checksum"
+        sources.DatasetUnavailableError, match="00000.bin does not match its checksum"
     ):
-        text_data.TextSplits(splits.directory, 32)
+        text_windows.TextSplits(splits.directory, 32)
     with open(shard, "r+b") as f:
         f.truncate(100)
-    with pytest.raises(
-        data_setup.DatasetUnavailableError, match="00000.bin is 100 bytes, expected"
-    ):
-        text_data.TextSplits(splits.directory, 32)
+    with pytest.raises(sources.DatasetUnavailableError, match="00000.bin is 100 bytes, expected"):
+        text_windows.TextSplits(splits.directory, 32)
     os.remove(shard)
-    with pytest.raises(data_setup.DatasetUnavailableError, match="00000.bin is missing"):
-        text_data.TextSplits(splits.directory, 32)
+    with pytest.raises(sources.DatasetUnavailableError, match="00000.bin is missing"):
+        text_windows.TextSplits(splits.directory, 32)
 
 
 def test_a_prepared_directory_must_match_the_config(tiny_lm_config):
@@ -193,7 +188,7 @@ def test_a_prepared_directory_must_match_the_config(tiny_lm_config):
     import config_validation
     import input_pipeline
 
-    tiny_lm_config.dataset = os.path.join(data_setup.default_tokens_dir(), "tiny_shakespeare-char")
+    tiny_lm_config.dataset = os.path.join(sources.default_tokens_dir(), "tiny_shakespeare-char")
     tiny_lm_config.tokenizer = "byte"
     with pytest.raises(
         config_validation.ConfigError, match="config.tokenizer='byte' \\(the data's is 'char'\\)"

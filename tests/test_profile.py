@@ -10,8 +10,8 @@ import os
 
 import pytest
 
-import metrics_writer
 import train
+from runtime import metrics_writer
 
 # Per-step figures that depend on the clock, not on the training.
 TIMINGS = ("steps_per_sec", "examples_per_sec", "tokens_per_sec")

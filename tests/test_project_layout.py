@@ -4,6 +4,7 @@ file plus one config, and every command reports a user's mistake as one ERROR li
 from __future__ import annotations
 
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -11,15 +12,18 @@ import textwrap
 
 import pytest
 
-import data_setup
+from data import sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOT_MODULES = sorted(
     name[:-3] for name in os.listdir(REPO) if name.endswith(".py") and name != "setup.py"
 )
-COMMAND_MODULES = ["train", "evaluate", "sample", "serve", "data_setup", "prepare_data",
+COMMAND_MODULES = ["train", "evaluate", "sample", "serve", "data.__main__", "data.prepare",
                    "tools.bench", "tools.quantize", "tools.export", "tools.aot", "tools.hf_convert",
                    "tools.sweep.__main__"]  # fmt: skip
+PACKAGES = sorted(
+    name for name in os.listdir(REPO) if os.path.isfile(os.path.join(REPO, name, "__init__.py"))
+)
 SCRIPTS = sorted(n for n in os.listdir(os.path.join(REPO, "scripts")) if n.endswith(".py"))
 
 
@@ -32,7 +36,7 @@ def test_installing_adds_no_top_level_module_of_ours(tmp_path):
     """From outside the repository (the venv has jaxlab installed, editable), none of our
     modules or packages is importable: `import distributed` or `import evaluate` finds another
     package or nothing, never ours."""
-    names = ROOT_MODULES + ["models", "configs", "tools", "tests"]
+    names = ROOT_MODULES + PACKAGES + ["tests"]
     code = f"import importlib.util; print([n for n in {names!r} if importlib.util.find_spec(n)])"
     result = _python(code, cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr
@@ -42,7 +46,7 @@ def test_installing_adds_no_top_level_module_of_ours(tmp_path):
 def test_importing_a_command_defines_no_flag():
     """Every command defines its flags under __main__, so commands import one another freely.
     (Libraries they import, absl's logging or TensorFlow, define flags of their own.)"""
-    ours = ROOT_MODULES + ["models", "configs", "tools"]
+    ours = ROOT_MODULES + PACKAGES
     code = textwrap.dedent(f"""
         import importlib
         from absl import flags
@@ -159,7 +163,7 @@ def test_a_new_model_is_one_file_and_one_config(tmp_path, fashion_mnist_ready):
     shutil.copytree(REPO, repo, ignore=ignore)
     (repo / "models" / "logistic_regression.py").write_text(MODEL_FILE)
     (repo / "configs" / "logistic_regression.py").write_text(CONFIG_FILE)
-    env = {**os.environ, "JAXLAB_DATA_DIR": data_setup.default_data_dir()}
+    env = {**os.environ, "JAXLAB_DATA_DIR": sources.default_data_dir()}
     workdir = str(tmp_path / "run")
     train = subprocess.run(
         [sys.executable, "train.py", "--config=configs/logistic_regression.py",
@@ -195,8 +199,108 @@ def test_a_deprecated_api_called_from_our_code_fails_the_tests(tmp_path):
     # such as click.core or setuptools for cli and setup) are errors.
     import warnings
 
-    for module in ("models.gpt", "train", "tools.hf.importing", "test_train"):
+    for module in ("models.gpt", "train", "hf.importing", "test_train"):
         with pytest.raises(DeprecationWarning):
             warnings.warn_explicit("old API", DeprecationWarning, "x.py", 1, module=module)
     for module in ("orbax.lib", "click.core", "setuptools.dist", "trainer", "cli_tools"):
         warnings.warn_explicit("internal", DeprecationWarning, "x.py", 1, module=module)
+
+
+# ----------------------------------------------------------------------------- the house's shape
+
+# The root holds what a researcher reads to follow an update, the user commands and the design
+# card's modules; everything else lives in a package (data/, runtime/, hf/, serving/, tools/).
+ROOT_TRAINING_PATH = {
+    "train", "steps", "experiment", "optim", "sharding", "train_state", "checkpointing",
+    "config_validation", "input_pipeline", "evaluation", "finetune", "sampling",
+    "evaluate", "sample", "serve",
+}  # fmt: skip
+MAX_MODULE_LINES = 600
+
+
+def _project_files() -> dict[str, str]:
+    """Dotted module name -> path, for every module of the project but the tests."""
+    found = {}
+    for root, dirs, files in os.walk(REPO):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("runs", "tests")
+                   and not d.endswith(".egg-info") and d != "__pycache__"]  # fmt: skip
+        for name in files:
+            if name.endswith(".py") and name != "setup.py":
+                path = os.path.join(root, name)
+                module = os.path.relpath(path, REPO)[:-3].replace(os.sep, ".")
+                found[module.removesuffix(".__init__")] = path
+    return found
+
+
+def _imports(path: str, module: str, modules: set[str]) -> set[str]:
+    """The project modules `module` imports, anywhere in the file (functions included) but under
+    `if TYPE_CHECKING:`, which never runs."""
+    import ast
+
+    tree = ast.parse(pathlib.Path(path).read_text())
+    skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+               and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}  # fmt: skip
+    package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
+            for alias in node.names:
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
+    return {name for name in found if name in modules and name != module}
+
+
+def _import_graph() -> dict[str, set[str]]:
+    files = _project_files()
+    return {module: _imports(path, module, set(files)) for module, path in files.items()}
+
+
+def test_no_import_cycle():
+    """No module imports, directly or through others, a module that imports it back."""
+    graph = _import_graph()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(module: str) -> list[str] | None:
+        state[module] = 1
+        path.append(module)
+        for dependency in sorted(graph[module]):
+            if state.get(dependency) == 1:
+                return path[path.index(dependency) :] + [dependency]
+            if dependency not in state and (cycle := visit(dependency)):
+                return cycle
+        path.pop()
+        state[module] = 2
+        return None
+
+    for module in sorted(graph):
+        if module not in state and (cycle := visit(module)):
+            pytest.fail("import cycle: " + " -> ".join(cycle))
+
+
+def test_nothing_below_tools_imports_tools():
+    """tools/ and scripts/ are commands; the library they use never imports them back."""
+    offenders = {module: sorted(d for d in deps if d.split(".")[0] == "tools")
+                 for module, deps in _import_graph().items()
+                 if module.split(".")[0] not in ("tools", "scripts")}  # fmt: skip
+    assert {m: d for m, d in offenders.items() if d} == {}
+
+
+def test_the_root_holds_the_training_path_and_the_commands():
+    """A new root module is a deliberate change to this list: plumbing goes into a package."""
+    assert set(ROOT_MODULES) == ROOT_TRAINING_PATH
+
+
+def test_no_module_is_too_long_to_read():
+    """Outside scripts/ (one-off measurements) and tests/, a module fits in one sitting."""
+    lengths = {module: len(pathlib.Path(path).read_text().splitlines())
+               for module, path in _project_files().items()
+               if not module.startswith("scripts.")}  # fmt: skip
+    assert {m: n for m, n in lengths.items() if n > MAX_MODULE_LINES} == {}

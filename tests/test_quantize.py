@@ -12,10 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import cli
-import distributed
 import experiment
 import sampling
+from runtime import cli, distributed
 from tools import quantize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

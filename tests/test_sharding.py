@@ -24,6 +24,8 @@ for _path in (REPO, TESTS_DIR):
 import sharded_driver  # noqa: E402
 from sharded_driver import ATOL, RTOL  # noqa: E402
 
+import data  # noqa: E402
+
 ONE_DEVICE = {"mesh_shape": {"data": 1, "fsdp": 1, "tensor": 1}}
 MESHES: dict[str, dict[str, Any]] = {
     "data8": {"mesh_shape": {"data": 8, "fsdp": 1, "tensor": 1}},
@@ -126,9 +128,9 @@ def run_driver(cases: list[dict[str, Any]], devices: int = 8, timeout: float = 6
 @pytest.fixture
 def cached_images(monkeypatch: pytest.MonkeyPatch, fashion_mnist_ready: str) -> None:
     """Reads Fashion-MNIST from disk once per test process instead of once per run."""
-    import image_data
+    from data import images
 
-    monkeypatch.setattr(image_data, "_load_image_split", sharded_driver.cached_image_loader())
+    monkeypatch.setattr(images, "_load_image_split", sharded_driver.cached_image_loader())
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn", "gpt"])
@@ -241,7 +243,6 @@ def test_grad_accumulation_equals_whole_batch(model: str) -> None:
     import jax
 
     import experiment
-    import workdir_files
 
     config = sharded_driver.tiny_config(model, **ONE_DEVICE)
     rng = np.random.default_rng(0)
@@ -255,7 +256,7 @@ def test_grad_accumulation_equals_whole_batch(model: str) -> None:
             "inputs": rng.random((32,) + example.shape[1:], dtype=np.float32),
             "targets": rng.integers(0, 10, (32,), dtype=np.int32),
         }
-    spec = workdir_files.InputSpec(example, num_classes=10, num_train_examples=320)
+    spec = data.InputSpec(example, num_classes=10, num_train_examples=320)
     results = {}
     for k in (1, 4):
         config.grad_accum_steps = k

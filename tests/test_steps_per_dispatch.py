@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import checkpointing
-import metrics_writer
 import steps
 import train
+from runtime import metrics_writer
 
 
 def _logged(workdir: str) -> dict[int, dict[str, float]]:
@@ -57,9 +57,9 @@ def test_effective_steps_per_dispatch_divides_every_interval(tiny_mlp_config) ->
 def test_step_stacks_start_on_multiples_and_cover_each_step_once(start, k, stop, expected):
     """The iterator's stacks, from a make_stack that returns its steps: aligned to multiples of
     k, a shorter first and last stack, nothing at all for an empty range, unstacked for k=1."""
-    import image_data
+    from data import images
 
-    stacks = image_data._step_batches(lambda steps: {"steps": steps}, start, k, stop)
+    stacks = images._step_batches(lambda steps: {"steps": steps}, start, k, stop)
     assert [s["steps"].tolist() for s in stacks] == expected
 
 

@@ -1,4 +1,4 @@
-"""Tests for tokenizers_lib: char, byte and SentencePiece tokenizers and their persistence."""
+"""Tests for data.tokenization: char, byte and SentencePiece tokenizers and their persistence."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import data_setup  # noqa: E402
-import tokenizers_lib  # noqa: E402
+from data import (
+    sources,  # noqa: E402
+    tokenization,  # noqa: E402
+)
 
 NANOGPT_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 NON_ASCII = "Ça va? naïve café — 日本語 🙂\n  two  spaces\ttab\r\nend "
@@ -22,24 +24,24 @@ SP_TRAIN_CHARS = 300_000
 @pytest.fixture(scope="session")
 def shakespeare() -> str:
     """Returns the Tiny Shakespeare text (prepared in default_data_dir() if needed)."""
-    data_dir = data_setup.default_data_dir()
-    data_setup.prepare_tiny_shakespeare(data_dir)
-    return data_setup.load_text_corpus("tiny_shakespeare", data_dir)
+    data_dir = sources.default_data_dir()
+    sources.prepare_tiny_shakespeare(data_dir)
+    return sources.load_text_corpus("tiny_shakespeare", data_dir)
 
 
 @pytest.fixture(scope="session", params=["bpe", "unigram"])
 def sp_tokenizer(
     request: pytest.FixtureRequest, shakespeare: str
-) -> tokenizers_lib.SentencePieceTokenizer:
+) -> tokenization.SentencePieceTokenizer:
     """Returns a SentencePiece tokenizer trained on part of Tiny Shakespeare."""
-    return tokenizers_lib.SentencePieceTokenizer.train(
+    return tokenization.SentencePieceTokenizer.train(
         shakespeare[:SP_TRAIN_CHARS], vocab_size=1024, model_type=request.param
     )
 
 
 def test_char_vocabulary_is_nanogpt(shakespeare: str) -> None:
     """The char vocabulary and stoi/itos match nanoGPT's shakespeare_char prepare.py."""
-    tok = tokenizers_lib.CharTokenizer.from_text(shakespeare)
+    tok = tokenization.CharTokenizer.from_text(shakespeare)
     assert tok.vocab_size == 65
     assert tok.chars == NANOGPT_CHARS
     assert tok.stoi == {ch: i for i, ch in enumerate(NANOGPT_CHARS)}
@@ -48,7 +50,7 @@ def test_char_vocabulary_is_nanogpt(shakespeare: str) -> None:
 
 def test_char_round_trip(shakespeare: str) -> None:
     """Encoding the whole corpus gives int32 ids in range that decode back exactly."""
-    tok = tokenizers_lib.CharTokenizer.from_text(shakespeare)
+    tok = tokenization.CharTokenizer.from_text(shakespeare)
     ids = tok.encode(shakespeare)
     assert ids.dtype == np.int32 and ids.shape == (len(shakespeare),)
     assert ids.min() >= 0 and ids.max() < 65
@@ -60,7 +62,7 @@ def test_char_round_trip(shakespeare: str) -> None:
 
 def test_char_out_of_vocabulary_error(shakespeare: str) -> None:
     """Unknown characters raise ValueError naming them and where the vocabulary comes from."""
-    tok = tokenizers_lib.CharTokenizer.from_text(shakespeare)
+    tok = tokenization.CharTokenizer.from_text(shakespeare)
     with pytest.raises(ValueError, match="training corpus") as info:
         tok.encode("hello wörld €5 wörld")
     message = str(info.value)
@@ -70,14 +72,14 @@ def test_char_out_of_vocabulary_error(shakespeare: str) -> None:
 
 def test_char_decode_rejects_bad_ids() -> None:
     """Ids outside the vocabulary raise ValueError."""
-    tok = tokenizers_lib.CharTokenizer.from_text("abc")
+    tok = tokenization.CharTokenizer.from_text("abc")
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
         tok.decode([0, 3])
 
 
 def test_byte_round_trip() -> None:
     """Bytes encode any text, including non-ASCII, and decode back exactly."""
-    tok = tokenizers_lib.ByteTokenizer()
+    tok = tokenization.ByteTokenizer()
     assert tok.vocab_size == 256
     ids = tok.encode(NON_ASCII)
     assert ids.dtype == np.int32
@@ -87,13 +89,13 @@ def test_byte_round_trip() -> None:
 
 def test_byte_decode_replaces_invalid_utf8() -> None:
     """A truncated multi-byte character decodes to U+FFFD instead of raising."""
-    tok = tokenizers_lib.ByteTokenizer()
+    tok = tokenization.ByteTokenizer()
     ids = tok.encode("é")[:1]
     assert tok.decode(ids) == "\ufffd"
 
 
 def test_sentencepiece_round_trip(
-    sp_tokenizer: tokenizers_lib.SentencePieceTokenizer, shakespeare: str
+    sp_tokenizer: tokenization.SentencePieceTokenizer, shakespeare: str
 ) -> None:
     """SentencePiece round-trips held-out Shakespeare and unseen non-ASCII text exactly."""
     assert sp_tokenizer.vocab_size == 1024
@@ -107,30 +109,30 @@ def test_sentencepiece_round_trip(
     assert sp_tokenizer.decode(sp_tokenizer.encode(" leading space")) == " leading space"
 
 
-def test_sentencepiece_model_type(sp_tokenizer: tokenizers_lib.SentencePieceTokenizer) -> None:
+def test_sentencepiece_model_type(sp_tokenizer: tokenization.SentencePieceTokenizer) -> None:
     """The trained model records its type."""
-    assert sp_tokenizer.model_type in tokenizers_lib.SENTENCEPIECE_MODEL_TYPES
+    assert sp_tokenizer.model_type in tokenization.SENTENCEPIECE_MODEL_TYPES
 
 
 def test_sentencepiece_rejects_tiny_vocab() -> None:
     """A vocabulary too small for the byte-fallback pieces is rejected up front."""
     with pytest.raises(ValueError, match="too small"):
-        tokenizers_lib.SentencePieceTokenizer.train("some text", vocab_size=265)
+        tokenization.SentencePieceTokenizer.train("some text", vocab_size=265)
 
 
 def _all_tokenizers(
-    shakespeare: str, sp_tokenizer: tokenizers_lib.SentencePieceTokenizer
-) -> list[tokenizers_lib.Tokenizer]:
+    shakespeare: str, sp_tokenizer: tokenization.SentencePieceTokenizer
+) -> list[tokenization.Tokenizer]:
     """Returns one tokenizer of each kind."""
     return [
-        tokenizers_lib.CharTokenizer.from_text(shakespeare),
-        tokenizers_lib.ByteTokenizer(),
+        tokenization.CharTokenizer.from_text(shakespeare),
+        tokenization.ByteTokenizer(),
         sp_tokenizer,
     ]
 
 
 def test_save_load_round_trip(
-    tmp_path: pathlib.Path, shakespeare: str, sp_tokenizer: tokenizers_lib.SentencePieceTokenizer
+    tmp_path: pathlib.Path, shakespeare: str, sp_tokenizer: tokenization.SentencePieceTokenizer
 ) -> None:
     """Every tokenizer restores from its directory with identical behaviour."""
     sample = shakespeare[:5000]
@@ -141,7 +143,7 @@ def test_save_load_round_trip(
         assert os.path.isfile(os.path.join(directory, "tokenizer.model")) == (
             tok.kind == "sentencepiece"
         )
-        restored = tokenizers_lib.load_tokenizer(directory)
+        restored = tokenization.load_tokenizer(directory)
         assert type(restored) is type(tok)
         assert restored.vocab_size == tok.vocab_size
         np.testing.assert_array_equal(restored.encode(sample), tok.encode(sample))
@@ -151,18 +153,18 @@ def test_save_load_round_trip(
 def test_load_tokenizer_missing(tmp_path: pathlib.Path) -> None:
     """Loading from a directory without tokenizer.json raises FileNotFoundError."""
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
-        tokenizers_lib.load_tokenizer(str(tmp_path))
+        tokenization.load_tokenizer(str(tmp_path))
 
 
 def test_build_tokenizer(tmp_path: pathlib.Path, shakespeare: str) -> None:
     """build_tokenizer dispatches on kind, and lists choices for unknown kinds; what it builds
     saves and loads back."""
     text = shakespeare[:100_000]
-    assert isinstance(tokenizers_lib.build_tokenizer("char", text), tokenizers_lib.CharTokenizer)
-    assert tokenizers_lib.build_tokenizer("byte", text).vocab_size == 256
-    sp = tokenizers_lib.build_tokenizer("sentencepiece", text, vocab_size=400)
+    assert isinstance(tokenization.build_tokenizer("char", text), tokenization.CharTokenizer)
+    assert tokenization.build_tokenizer("byte", text).vocab_size == 256
+    sp = tokenization.build_tokenizer("sentencepiece", text, vocab_size=400)
     assert sp.vocab_size == 400 and sp.unit == "token"
     sp.save(str(tmp_path))
-    assert tokenizers_lib.load_tokenizer(str(tmp_path)).vocab_size == 400
+    assert tokenization.load_tokenizer(str(tmp_path)).vocab_size == 400
     with pytest.raises(ValueError, match="char, byte, sentencepiece"):
-        tokenizers_lib.build_tokenizer("wordpiece", text)
+        tokenization.build_tokenizer("wordpiece", text)

@@ -14,9 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
-import metrics_writer
-import tracking
 import train
+from runtime import metrics_writer, tracking
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

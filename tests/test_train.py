@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import checkpointing
-import data_setup
 import input_pipeline
-import metrics_writer
 import train
+from data import sources
+from runtime import metrics_writer
 
 
 def _losses(workdir):
@@ -101,7 +101,7 @@ def test_missing_dataset_says_how_to_get_it(tiny_mlp_config, tmp_path):
     tiny_mlp_config.dataset = str(tmp_path / "no_such_corpus.txt")
     tiny_mlp_config.model = {"name": "gpt", "block_size": 8, "num_layers": 1, "num_heads": 1,
                              "embed_dim": 8}  # fmt: skip
-    with pytest.raises(data_setup.DatasetUnavailableError, match="no_such_corpus"):
+    with pytest.raises(sources.DatasetUnavailableError, match="no_such_corpus"):
         train.train_and_evaluate(tiny_mlp_config, str(tmp_path / "run"))
 
 
@@ -118,7 +118,7 @@ def _unigram_cross_entropy(text: str) -> float:
 def test_gpt_loss_falls_on_a_slice_of_shakespeare(tmp_path, capsys):
     from configs import shakespeare_char_cpu
 
-    text = data_setup.load_text_corpus("tiny_shakespeare")[:50_000]
+    text = sources.load_text_corpus("tiny_shakespeare")[:50_000]
     corpus = tmp_path / "slice.txt"
     corpus.write_text(text)
     config = shakespeare_char_cpu.get_config()

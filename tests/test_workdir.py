@@ -19,9 +19,8 @@ import checkpointing
 import config_validation
 import experiment
 import finetune
-import metrics_writer
 import train
-import workdir_files
+from runtime import metrics_writer, workdir_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

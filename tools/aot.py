@@ -66,11 +66,11 @@ import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-import cli  # noqa: E402
+import data  # noqa: E402
 import experiment  # noqa: E402
 import models  # noqa: E402
 import sharding  # noqa: E402
-import workdir_files  # noqa: E402
+from runtime import cli  # noqa: E402
 
 GIB = 2**30
 
@@ -191,7 +191,7 @@ def get_topology(name: str, num_slices: int = 1) -> Topology:
 
 
 def input_spec_for(config: ml_collections.ConfigDict, input_shape: tuple[int, ...],
-                   input_dtype: str) -> workdir_files.InputSpec:  # fmt: skip
+                   input_dtype: str) -> data.InputSpec:  # fmt: skip
     """What the model is built from, without data: int32 tokens [1, block_size] for a language
     model (its vocabulary is config.model.vocab_size: no tokenizer sets it), else one input of
     `input_shape` and `input_dtype` with config.model.num_classes (or the model's default)."""
@@ -199,16 +199,16 @@ def input_spec_for(config: ml_collections.ConfigDict, input_shape: tuple[int, ..
     examples = int(config.batch_size)
     if config.task == "lm":
         example = np.zeros((1, int(config.model.block_size)), np.int32)
-        return workdir_files.InputSpec(example, 0, examples)
+        return data.InputSpec(example, 0, examples)
     num_classes = config.model.get("num_classes")
     if num_classes is None:
         num_classes = getattr(models.model_class(config.model.name), "num_classes", 0)
     example = np.zeros((1,) + tuple(input_shape), np.dtype(input_dtype))
-    return workdir_files.InputSpec(example, int(num_classes), examples)
+    return data.InputSpec(example, int(num_classes), examples)
 
 
 def build(config: ml_collections.ConfigDict, topology: Topology,
-          input_spec: workdir_files.InputSpec) -> experiment.Run:  # fmt: skip
+          input_spec: data.InputSpec) -> experiment.Run:  # fmt: skip
     """experiment.build_run on the topology's devices; cli.UserError if the config cannot run."""
     if config.parallelism != "jit":
         raise cli.UserError(
@@ -316,7 +316,7 @@ def _loops(run: experiment.Run) -> list[str]:
 
 
 def analyze(config: ml_collections.ConfigDict, topology: Topology, input_spec:
-            workdir_files.InputSpec, evaluate: bool = True) -> dict[str, Any]:  # fmt: skip
+            data.InputSpec, evaluate: bool = True) -> dict[str, Any]:  # fmt: skip
     """Builds and compiles the run's steps for `topology`; every figure as a flat dict."""
     run = build(config, topology, input_spec)
     config = run.config
@@ -455,7 +455,7 @@ def largest_fitting(fits: Callable[[int], bool], start: int, limit: int,
 
 
 def find_max_batch(config: ml_collections.ConfigDict, topology: Topology,
-                   input_spec: workdir_files.InputSpec, policy: str | None = None,
+                   input_spec: data.InputSpec, policy: str | None = None,
                    limit: int = 1 << 20, tolerance: float = 0.0) -> dict[str, Any]:  # fmt: skip
     """The largest global batch whose train step fits (with `model.remat_policy=policy` if
     given): doubling, then bisection, over multiples of the data-parallel size (times

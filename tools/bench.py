@@ -20,7 +20,7 @@ pipeline alone needs per step. Prints a table, then one JSON line.
 
 from __future__ import annotations
 
-import host_allocator
+from runtime import host_allocator
 
 host_allocator.keep_freed_memory_mapped()  # first, before jax and TensorFlow, as in train.py
 
@@ -41,13 +41,13 @@ from absl import flags
 from flax import linen as nn
 from ml_collections import config_flags
 
-import cli
 import experiment
 import models
 import train
+from runtime import cli
 
 if TYPE_CHECKING:
-    import input_pipeline
+    import data
 
 # Dense bf16 peak FLOP/s by device_kind substring (first match wins; more specific names first).
 PEAK_FLOPS = (
@@ -185,7 +185,7 @@ def _process_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def input_pipeline_cost(datasets: input_pipeline.Datasets, k: int, calls: int) -> dict[str, float]:
+def input_pipeline_cost(datasets: data.Datasets, k: int, calls: int) -> dict[str, float]:
     """The training pipeline alone, nothing else running: host CPU seconds (all threads) and
     wall seconds per step, over `calls` stacks of k steps after a few untimed ones. On a CPU
     platform this CPU time is taken from the step's cores."""

@@ -27,9 +27,8 @@ import numpy as np
 from absl import flags
 from jax import export as jax_export
 
-import cli
-import distributed
 import experiment
+from runtime import cli, distributed
 
 MODEL_FILE = "model.stablehlo"
 META_FILE = "export.json"

@@ -16,7 +16,7 @@ it like any run. Export restores a run through `experiment.restore_run` and writ
 files, which `transformers.GPT2LMHeadModel.from_pretrained` and `AutoTokenizer.from_pretrained`
 load. A model GPT-2's architecture cannot express is refused with the reasons.
 
-The work is in tools/hf/: gpt2_files.py (reading and checking the directory), gpt2_layout.py
+The work is in the hf/ package: gpt2_files.py (reading and checking the directory), gpt2_layout.py
 (the two parameter layouts, and what GPT-2 cannot express), importing.py and exporting.py.
 """
 
@@ -25,10 +25,10 @@ from __future__ import annotations
 import sys
 import time
 
-import cli
-from tools.hf.exporting import export_hf
-from tools.hf.gpt2_files import HFConvertError
-from tools.hf.importing import import_hf
+from hf.exporting import export_hf
+from hf.gpt2_files import HFConvertError
+from hf.importing import import_hf
+from runtime import cli
 
 COMMANDS = ("import", "export")
 

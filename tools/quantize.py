@@ -22,11 +22,9 @@ import numpy as np
 from absl import flags
 from flax import traverse_util
 
-import cli
-import distributed
 import experiment
 import steps
-import workdir_files
+from runtime import cli, distributed, workdir_files
 
 # Matrices that are quantized (by the last path element of the kernel's parent module) and the
 # axes each one contracts with its input: scales are per output channel, over these axes.

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 from absl import flags
 
-import cli
+from runtime import cli
 from tools.sweep.driver import launch_on_cluster, parse_set, run_sweep, summarize_finished
 from tools.sweep.launchers import LAUNCHERS, KubernetesOptions, SlurmOptions
 from tools.sweep.spec import load_sweep

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-import cli
+from runtime import cli
 
 GPT2_FILES_HELP = (
     "a Hugging Face GPT-2 directory holds config.json, model.safetensors and tokenizer.json (or "
@@ -150,18 +150,18 @@ def read_hf_config(hf_dir: str) -> GPT2Shape:
 
 
 def read_hf_tokenizer(hf_dir: str, shape: GPT2Shape):
-    """The directory's byte-level BPE (tokenizers_lib.BPETokenizer): tokenizer.json as it is, or
+    """The directory's byte-level BPE (tokenization.BPETokenizer): tokenizer.json as it is, or
     vocab.json + merges.txt. Raises HFConvertError when neither is there, when the file is not
     a byte-level BPE, or when its size differs from config.json's vocab_size (the rows of the
     embedding)."""
-    import tokenizers_lib
+    from data import tokenization
 
-    tokenizer_json = os.path.join(hf_dir, tokenizers_lib.TOKENIZER_JSON)
+    tokenizer_json = os.path.join(hf_dir, tokenization.TOKENIZER_JSON)
     vocab, merges = os.path.join(hf_dir, "vocab.json"), os.path.join(hf_dir, "merges.txt")
     try:
         if os.path.isfile(tokenizer_json):
             source = tokenizer_json
-            tokenizer = tokenizers_lib.BPETokenizer.from_file(tokenizer_json)
+            tokenizer = tokenization.BPETokenizer.from_file(tokenizer_json)
             kind = tokenizer.model_type
             if kind != "BPE":
                 raise HFConvertError(
@@ -170,10 +170,10 @@ def read_hf_tokenizer(hf_dir: str, shape: GPT2Shape):
                 )
         elif os.path.isfile(vocab) and os.path.isfile(merges):
             source = f"{vocab} + merges.txt"
-            tokenizer = tokenizers_lib.BPETokenizer.from_vocab_and_merges(vocab, merges)
+            tokenizer = tokenization.BPETokenizer.from_vocab_and_merges(vocab, merges)
         else:
             raise HFConvertError(
-                f"{hf_dir} has no tokenizer: neither {tokenizers_lib.TOKENIZER_JSON} nor "
+                f"{hf_dir} has no tokenizer: neither {tokenization.TOKENIZER_JSON} nor "
                 f"vocab.json + merges.txt; {GPT2_FILES_HELP}."
             )
     except ValueError as e:

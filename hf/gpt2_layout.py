@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from tools.hf.gpt2_files import EXPORT_ACTIVATIONS, GPT2Shape, HFConvertError
+from hf.gpt2_files import EXPORT_ACTIVATIONS, GPT2Shape, HFConvertError
 
 
 def hf_to_jaxlab(

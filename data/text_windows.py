@@ -1,4 +1,4 @@
-"""Language-model batches from prepared token shards (prepare_data.py): np.memmap, no TensorFlow.
+"""Language-model batches from prepared token shards (data/prepare.py): np.memmap, no TensorFlow.
 
 Host memory does not grow with the corpus: the shards are memory-mapped and a batch copies only
 its windows. Every training batch is a pure function of (seed, step, process): the global
@@ -18,9 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-import data_setup
-import prepare_data
-import tokenizers_lib
+from data import prepare, sources, tokenization
 
 Batch = dict[str, np.ndarray]
 EVAL_SEED_OFFSET = 7919
@@ -40,14 +38,14 @@ class TokenStream:
             expected = shard["tokens"] * dtype.itemsize
             size = os.path.getsize(path) if os.path.exists(path) else None
             if size != expected:
-                raise data_setup.DatasetUnavailableError(
+                raise sources.DatasetUnavailableError(
                     f"Shard {path} is {'missing' if size is None else f'{size} bytes'}, expected "
-                    f"{expected}: rerun prepare_data.py (finished shards are kept)."
+                    f"{expected}: rerun `python -m data.prepare` (finished shards are kept)."
                 )
             if verify and _checked_sha256(path) != shard["sha256"]:
-                raise data_setup.DatasetUnavailableError(
+                raise sources.DatasetUnavailableError(
                     f"Shard {path} does not match its checksum in the manifest (damaged): "
-                    f"delete it and its .json sidecar and rerun prepare_data.py to redo it."
+                    f"delete it and its .json sidecar and run `python -m data.prepare` again."
                 )
             if shard["tokens"]:
                 self._maps.append(np.memmap(path, dtype=dtype, mode="r"))
@@ -122,14 +120,14 @@ class TextSplits:
 
     def __init__(self, directory: str, block_size: int, verify: bool = True):
         self.directory = directory
-        self.manifest = prepare_data.read_manifest(directory)
-        self.tokenizer = tokenizers_lib.load_tokenizer(directory)
+        self.manifest = prepare.read_manifest(directory)
+        self.tokenizer = tokenization.load_tokenizer(directory)
         self.stream = TokenStream(directory, self.manifest, verify)
         self.block_size = int(block_size)
         self.splits = {name: tuple(r) for name, r in self.manifest["splits"].items()}
         for name, (lo, hi) in self.splits.items():
             if hi - lo < self.block_size + 1:
-                raise data_setup.DatasetUnavailableError(
+                raise sources.DatasetUnavailableError(
                     f"The {name} split of {directory} has {hi - lo} tokens, too few for one "
                     f"window of {self.block_size + 1} (model.block_size + 1); use a smaller "
                     "model.block_size or a larger corpus."

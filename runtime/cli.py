@@ -1,6 +1,6 @@
 """What every command shares: absl's entry point, one-line errors and quiet TensorFlow logging.
 
-Each command (train.py, sample.py, evaluate.py, data_setup.py, python -m tools.<name>) defines its
+Each command (train.py, sample.py, evaluate.py, python -m data, python -m tools.<name>) defines its
 flags under `if __name__ == "__main__":` and ends with `cli.run(main)`. An error in what the user
 asked for (a `UserError`, or a file that is not there) is printed as one `ERROR: ...` line with
 exit status 1; anything else is a bug and keeps its traceback. This module imports nothing heavy:

@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
-from absl import flags
+from runtime import cli
 
-import cli
-
-REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Debian package `dataset-fashion-mnist` installs the original IDX files here (re-gzipped, so the
 # bytes differ from the upstream downloads that TFDS has registered checksums for).
@@ -51,7 +47,7 @@ _FASHION_MNIST_HOWTO = (
     "Fashion-MNIST is not available. Either install the offline copy and prepare it:\n"
     "    sudo apt-get install dataset-fashion-mnist\n"
     "    make data\n"
-    "or run `make data` (i.e. `.venv/bin/python data_setup.py`) on a machine with network "
+    "or run `make data` (i.e. `.venv/bin/python -m data`) on a machine with network "
     "access, so that TensorFlow Datasets can download it."
 )
 
@@ -154,23 +150,17 @@ def _file_lock(data_dir: str, name: str) -> Iterator[None]:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
-# main() turns TFDS's progress bars off to keep `make data` logs readable.
-_show_progress_bars = True
-
-
-def _import_tfds() -> Any:
+def import_tfds() -> Any:
     """Imports tensorflow_datasets with TF's C++ info logs silenced (unless configured)."""
     cli.quiet_tensorflow()
     import tensorflow_datasets as tfds
 
-    if not _show_progress_bars:
-        tfds.disable_progress_bar()
     return tfds
 
 
 def _local_fashion_mnist_builder(source_dir: str, data_dir: str) -> Any:
     """Returns a TFDS fashion_mnist builder that takes its four files from source_dir."""
-    _import_tfds()
+    import_tfds()
     from tensorflow_datasets.core import utils as tfds_utils
     from tensorflow_datasets.core.download import checksums
     from tensorflow_datasets.image_classification import mnist
@@ -215,7 +205,7 @@ def prepare_fashion_mnist(
         have_local = all(os.path.isfile(os.path.join(source_dir, f)) for f in FASHION_MNIST_FILES)
         errors = []
         if have_local:
-            tfds = _import_tfds()
+            tfds = import_tfds()
             builder = _local_fashion_mnist_builder(source_dir, data_dir)
             with tempfile.TemporaryDirectory(prefix="fashion_mnist_extract_") as extract_dir:
                 try:
@@ -232,7 +222,7 @@ def prepare_fashion_mnist(
         else:
             errors.append(f"{source_dir} does not hold {', '.join(FASHION_MNIST_FILES)}")
         if allow_download:
-            tfds = _import_tfds()
+            tfds = import_tfds()
             url = tfds.image_classification.FashionMNIST.URL
             # Offline, TFDS's download retries take minutes to give up: probe the host first.
             if reason := _unreachable_reason(url):
@@ -295,7 +285,7 @@ def prepare_tiny_shakespeare(
     with _file_lock(data_dir, "tiny_shakespeare"):
         if is_prepared("tiny_shakespeare", data_dir):
             return
-        tfds = _import_tfds()
+        tfds = import_tfds()
         builder = tfds.builder("tiny_shakespeare", data_dir=data_dir)
         try:
             if have_local:
@@ -357,7 +347,7 @@ def _read_text_file(path: str) -> str:
 
 def _tiny_shakespeare_from_tfds(data_dir: str) -> str:
     """Returns the concatenated train+validation+test text of the prepared TFDS dataset."""
-    tfds = _import_tfds()
+    tfds = import_tfds()
     parts = []
     for split in TINY_SHAKESPEARE_SPLITS:
         ds = tfds.load("tiny_shakespeare", split=split, data_dir=data_dir, download=False)
@@ -408,7 +398,7 @@ def tfds_text_file(name: str, data_dir: str | None = None, field: str = "text") 
     path = os.path.join(os.path.dirname(default_bible_path(data_dir)), f"{name}.jsonl")
     if os.path.isfile(path):
         return path
-    tfds = _import_tfds()
+    tfds = import_tfds()
     try:
         builder = tfds.builder(name, data_dir=data_dir or default_data_dir())
         builder.download_and_prepare()
@@ -433,21 +423,38 @@ def default_tokens_dir(data_dir: str | None = None) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(data_dir or default_data_dir())), "tokens")
 
 
-def load_text_corpus(name_or_path: str, data_dir: str | None = None) -> str:
-    """Returns a text corpus: 'tiny_shakespeare', 'kjv'/'bible', or a path to a UTF-8 file."""
-    key = name_or_path.strip().lower()
+def corpus_file(source: str, data_dir: str | None = None) -> str | None:
+    """The text file a known corpus name stands for ('tiny_shakespeare', 'kjv' or 'bible',
+    'tfds:NAME'), written once where it is not yet on disk; None when `source` is not a corpus
+    name (then it is a path, a glob or a directory). The one place corpus names are read."""
+    key = source.strip().lower()
+    if key.startswith("tfds:"):
+        return tfds_text_file(source.strip()[5:], data_dir)
     if key == "tiny_shakespeare":
-        return load_tiny_shakespeare(data_dir)
+        return tiny_shakespeare_file(data_dir)
     if key in ("kjv", "bible"):
         path = default_bible_path(data_dir)
         if not os.path.isfile(path):
             write_bible_text(path)
-        return _read_text_file(path)
-    path = os.path.expanduser(name_or_path)
+        return path
+    return None
+
+
+def is_corpus_name(source: str) -> bool:
+    """Whether `source` is a known corpus name rather than a path (see `corpus_file`)."""
+    key = source.strip().lower()
+    return key in TEXT_CORPUS_NAMES or key.startswith("tfds:")
+
+
+def load_text_corpus(name_or_path: str, data_dir: str | None = None) -> str:
+    """Returns a text corpus: a known corpus name (`corpus_file`) or a path to a UTF-8 file."""
+    if name_or_path.strip().lower() == "tiny_shakespeare":
+        return load_tiny_shakespeare(data_dir)  # no copy written: read where it is
+    path = corpus_file(name_or_path, data_dir) or os.path.expanduser(name_or_path)
     if not os.path.isfile(path):
         raise DatasetUnavailableError(
             f"Text corpus {name_or_path!r} is neither a known corpus name "
-            f"({', '.join(TEXT_CORPUS_NAMES)}) nor an existing file (looked for "
+            f"({', '.join(TEXT_CORPUS_NAMES)}, tfds:NAME) nor an existing file (looked for "
             f"{os.path.abspath(path)}). Pass one of those names or a path to a UTF-8 text file."
         )
     try:
@@ -457,94 +464,3 @@ def load_text_corpus(name_or_path: str, data_dir: str | None = None) -> str:
     if not text:
         raise ValueError(f"Text corpus {path} is empty.")
     return text
-
-
-def prepare_all(data_dir: str | None = None) -> int:
-    """Prepares all datasets (idempotent), printing one status line each; returns the exit code:
-    1 if Fashion-MNIST or Tiny Shakespeare is unavailable (the KJV text is optional), else 0."""
-    data_dir = data_dir or default_data_dir()
-    exit_code = 0
-
-    try:
-        if not is_prepared("fashion_mnist", data_dir):
-            print(f"fashion_mnist: preparing in {data_dir} (about 30 s) ...", flush=True)
-        prepare_fashion_mnist(data_dir)
-        sizes = split_sizes("fashion_mnist", data_dir)
-        print(f"fashion_mnist: ready ({sizes['train']} train / {sizes['test']} test)", flush=True)
-    except DatasetUnavailableError as e:
-        print(f"fashion_mnist: UNAVAILABLE\n{e}", file=sys.stderr, flush=True)
-        exit_code = 1
-
-    try:
-        if not is_prepared("tiny_shakespeare", data_dir):
-            print(f"tiny_shakespeare: preparing in {data_dir} ...", flush=True)
-        prepare_tiny_shakespeare(data_dir)
-        n = TINY_SHAKESPEARE_NUM_CHARS
-        n_train = int(n * 0.9)
-        n_val = int((n - n_train) * 0.5)
-        print(
-            f"tiny_shakespeare: ready ({n} chars: {n_train} train / {n_val} validation / "
-            f"{n - n_train - n_val} test)",
-            flush=True,
-        )
-    except DatasetUnavailableError as e:
-        print(f"tiny_shakespeare: UNAVAILABLE\n{e}", file=sys.stderr, flush=True)
-        exit_code = 1
-
-    bible_path = default_bible_path(data_dir)
-    if os.path.isfile(bible_path) or shutil.which(BIBLE_COMMAND):
-        try:
-            if not os.path.isfile(bible_path):
-                write_bible_text(bible_path)
-            size = os.path.getsize(bible_path)
-            print(f"kjv: ready ({size} bytes at {bible_path})", flush=True)
-        except DatasetUnavailableError as e:
-            print(f"kjv: UNAVAILABLE (optional)\n{e}", file=sys.stderr, flush=True)
-    else:
-        print(
-            f"kjv: skipped (optional; `sudo apt-get install {BIBLE_PACKAGE}` provides it)",
-            flush=True,
-        )
-    for corpus in ("tiny_shakespeare", "kjv"):
-        if corpus == "kjv" and not os.path.isfile(bible_path):
-            continue
-        for tokenizer in ("char", "byte"):
-            exit_code |= _prepare_tokens(corpus, tokenizer, data_dir)
-    return exit_code
-
-
-def _prepare_tokens(corpus: str, tokenizer: str, data_dir: str) -> int:
-    """Tokenizes a known corpus once into the tokens folder, as training on it would."""
-    import ml_collections
-
-    import input_pipeline
-
-    config = ml_collections.ConfigDict({"dataset": corpus, "tokenizer": tokenizer,
-                                        "tokenizer_vocab_size": None, "val_fraction": 0.1,
-                                        "data_dir": data_dir})  # fmt: skip
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            out = input_pipeline.prepared_dir(config)
-    except DatasetUnavailableError as e:
-        print(f"{corpus} ({tokenizer} tokens): UNAVAILABLE\n{e}", file=sys.stderr, flush=True)
-        return 1
-    print(f"{corpus} ({tokenizer} tokens): ready in {out}", flush=True)
-    return 0
-
-
-def main(argv: Sequence[str]) -> int:
-    """`python data_setup.py [--data_dir=...]` (`make data`): prepares every dataset, without
-    TFDS's progress bars; the exit status is 1 if a required dataset is unavailable."""
-    del argv  # cli.run rejects positional arguments
-    global _show_progress_bars
-    _show_progress_bars = False
-    return prepare_all(flags.FLAGS.data_dir)
-
-
-if __name__ == "__main__":
-    flags.DEFINE_string(
-        "data_dir",
-        None,
-        "TFDS data dir (default: $JAXLAB_DATA_DIR, else <repo>/.data/tensorflow_datasets).",
-    )
-    cli.run(main)

@@ -7,7 +7,7 @@
 - `config.json`: the config the run trained with (read back by every command that loads a run);
 - `input_spec.json`: the shape and dtype of one model input and the data facts a model needs to
   be rebuilt without loading any data (classes, training examples);
-- the tokenizer files, written by `tokenizers_lib` (language models).
+- the tokenizer files, written by `data.tokenization` (language models).
 - `check_resume`: a rerun whose config changes the run's meaning is refused, naming the fields.
 - `move_records_aside`: `restart` (or a fresh start over a dead attempt's records) moves every
   record of the old run into `previous_runs/<time>/`, so that all that remains describes the
@@ -18,7 +18,6 @@ Only process 0 writes; every process reads.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import json
 import os
@@ -31,11 +30,10 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 
-import cli
-import distributed
+import data
+from runtime import cli, distributed
 
 CONFIG_FILE = "config.json"
 INPUT_SPEC_FILE = "input_spec.json"
@@ -55,43 +53,6 @@ class WorkdirError(cli.UserError):
     """The workdir is held by a live run, or holds a run that this config would not continue."""
 
 
-@dataclasses.dataclass(frozen=True)
-class InputSpec:
-    """What building a model needs to know about its data, without the data.
-
-    example_input: zeros [1, ...] of the model's input dtype (uint8 pixels [1, H, W, C] for image
-    classifiers, int32 tokens [1, block_size] for language models), for `model.init`.
-    num_classes: classes of a classifier (0 for language models).
-    num_train_examples: examples (tokens, for language models) in the training split; it sets the
-    length of an epoch-based schedule.
-    """
-
-    example_input: np.ndarray
-    num_classes: int = 0
-    num_train_examples: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        """The JSON form written to input_spec.json."""
-        return {
-            "example_input": {
-                "shape": list(self.example_input.shape),
-                "dtype": str(self.example_input.dtype),
-            },
-            "num_classes": int(self.num_classes),
-            "num_train_examples": int(self.num_train_examples),
-        }
-
-    @classmethod
-    def from_json(cls, record: dict[str, Any]) -> InputSpec:
-        """The inverse of `to_json`."""
-        example = record["example_input"]
-        return cls(
-            example_input=np.zeros(tuple(example["shape"]), np.dtype(example["dtype"])),
-            num_classes=int(record["num_classes"]),
-            num_train_examples=int(record["num_train_examples"]),
-        )
-
-
 def _write_json_text(workdir: str, name: str, text: str) -> None:
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
@@ -102,7 +63,7 @@ def _write_json_text(workdir: str, name: str, text: str) -> None:
 
 
 def save_run_records(
-    workdir: str, config: ml_collections.ConfigDict, input_spec: InputSpec, tokenizer: Any
+    workdir: str, config: ml_collections.ConfigDict, input_spec: data.InputSpec, tokenizer: Any
 ) -> None:
     """Writes what rebuilding a run needs besides its checkpoint: config.json,
     input_spec.json and (for a language model; None otherwise) the tokenizer, from process 0."""
@@ -126,12 +87,12 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(_lists_to_tuples(json.load(f)))
 
 
-def save_input_spec(workdir: str, spec: InputSpec) -> None:
+def save_input_spec(workdir: str, spec: data.InputSpec) -> None:
     """Writes workdir/input_spec.json."""
     _write_json_text(workdir, INPUT_SPEC_FILE, json.dumps(spec.to_json(), indent=2))
 
 
-def load_input_spec(workdir: str) -> InputSpec:
+def load_input_spec(workdir: str) -> data.InputSpec:
     """Reads workdir/input_spec.json; FileNotFoundError (naming the fix) if it is missing."""
     path = os.path.join(workdir, INPUT_SPEC_FILE)
     if not os.path.exists(path):
@@ -140,7 +101,7 @@ def load_input_spec(workdir: str) -> InputSpec:
             "rerun train.py with the same --config and --workdir once to write it."
         )
     with open(path) as f:
-        return InputSpec.from_json(json.load(f))
+        return data.InputSpec.from_json(json.load(f))
 
 
 def _lists_to_tuples(x: Any) -> Any:
@@ -249,9 +210,9 @@ def check_resume(
                 f"{'; '.join(differ)}. {fix}"
             )
     if tokenizer is not None and os.path.exists(os.path.join(workdir, "tokenizer.json")):
-        import tokenizers_lib
+        from data import tokenization
 
-        saved_tokenizer = tokenizers_lib.load_tokenizer(workdir)
+        saved_tokenizer = tokenization.load_tokenizer(workdir)
         if saved_tokenizer != tokenizer:
             raise WorkdirError(
                 f"{workdir} was trained with a {saved_tokenizer.describe()}, this data gives a "

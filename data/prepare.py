@@ -1,9 +1,9 @@
 """Tokenizes a text corpus once into shards of token ids on disk, for training at any scale.
 
-    python prepare_data.py --source=tiny_shakespeare --tokenizer=char --out=.data/tokens/shakespeare
-    python prepare_data.py --source='data/books/*.txt' --tokenizer=bpe --vocab_size=8192 --out=...
-    python prepare_data.py --source=corpus.jsonl --text_field=text --tokenizer=/path/tokenizer.json
-    python prepare_data.py ... --num_shards=64 --shard_index=$SLURM_ARRAY_TASK_ID   # one slice
+    python -m data.prepare --source=tiny_shakespeare --tokenizer=char --out=.data/tokens/shakespeare
+    python -m data.prepare --source='data/books/*.txt' --tokenizer=bpe --vocab_size=8192 --out=...
+    python -m data.prepare --source=corpus.jsonl --text_field=text --tokenizer=/path/tokenizer.json
+    python -m data.prepare ... --num_shards=64 --shard_index=$SLURM_ARRAY_TASK_ID   # one slice
 
 Sources: one text file, a glob or a directory of files (*.txt, *.jsonl), JSONL with a text field
 (one document a line), the known corpora 'tiny_shakespeare' and 'kjv', and TFDS text datasets
@@ -29,9 +29,11 @@ import contextlib
 import fcntl
 import glob
 import hashlib
+import io
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -40,9 +42,8 @@ from typing import Any
 import numpy as np
 from absl import flags
 
-import cli
-import data_setup
-import tokenizers_lib
+from data import sources, tokenization
+from runtime import cli
 
 MANIFEST = "manifest.json"
 SHARDS = "shards"
@@ -51,7 +52,7 @@ UNIT_BYTES = 64 << 20  # a large file is cut into units of about this many bytes
 TOKENIZER_SAMPLE_BYTES = 64 << 20  # what SentencePiece and BPE are trained on, at most
 
 
-class PrepareError(data_setup.DatasetUnavailableError):
+class PrepareError(sources.DatasetUnavailableError):
     """The corpus or the options cannot be prepared; the message names the file and the fix."""
 
 
@@ -60,16 +61,9 @@ class PrepareError(data_setup.DatasetUnavailableError):
 
 def source_files(source: str, data_dir: str | None = None) -> list[str]:
     """The files of `source` (a known corpus name, a file, a glob or a directory), sorted."""
-    key = source.strip().lower()
-    if key.startswith("tfds:"):
-        return [data_setup.tfds_text_file(source.strip()[5:], data_dir)]
-    if key == "tiny_shakespeare":
-        return [data_setup.tiny_shakespeare_file(data_dir)]
-    if key in ("kjv", "bible"):
-        path = data_setup.default_bible_path(data_dir)
-        if not os.path.isfile(path):
-            data_setup.write_bible_text(path)
-        return [path]
+    corpus = sources.corpus_file(source, data_dir)
+    if corpus is not None:
+        return [corpus]
     path = os.path.expanduser(source)
     if os.path.isdir(path):
         files = [os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
@@ -81,7 +75,7 @@ def source_files(source: str, data_dir: str | None = None) -> list[str]:
     if not files:
         raise PrepareError(
             f"--source={source!r} names no text: not a known corpus "
-            f"({', '.join(data_setup.TEXT_CORPUS_NAMES)}), nor a file, glob or directory with "
+            f"({', '.join(sources.TEXT_CORPUS_NAMES)}), nor a file, glob or directory with "
             "files (looked at " + os.path.abspath(path) + ")."
         )
     return sorted(os.path.abspath(f) for f in files)
@@ -160,28 +154,28 @@ def _char_set(unit_and_field: tuple[tuple[str, int, int], str]) -> set[str]:
 
 
 def build_tokenizer(kind: str, units: list, text_field: str, vocab_size: int | None,
-                    workers: int) -> tokenizers_lib.Tokenizer:  # fmt: skip
+                    workers: int) -> tokenization.Tokenizer:  # fmt: skip
     """The tokenizer `kind` names, built from the corpus (or loaded from a tokenizer.json)."""
     if kind.endswith(".json"):
-        return tokenizers_lib.BPETokenizer.from_file(kind)
+        return tokenization.BPETokenizer.from_file(kind)
     if kind == "byte":
-        return tokenizers_lib.ByteTokenizer()
+        return tokenization.ByteTokenizer()
     if kind == "char":  # the whole corpus's character set: one parallel pass
         with _pool(workers, len(units)) as pool:
             chars = set().union(*pool.map(_char_set, [(u, text_field) for u in units]))
         if not chars:
             raise PrepareError("The corpus is empty: no characters to build a vocabulary of.")
-        return tokenizers_lib.CharTokenizer(sorted(chars))
+        return tokenization.CharTokenizer(sorted(chars))
     sample = _sample(units, text_field, TOKENIZER_SAMPLE_BYTES)
     if kind == "sentencepiece":
         text = "\n".join(sample)
-        return tokenizers_lib.build_tokenizer("sentencepiece", text, vocab_size)
+        return tokenization.build_tokenizer("sentencepiece", text, vocab_size)
     if kind == "bpe":
-        return tokenizers_lib.BPETokenizer.train(
-            sample, vocab_size or tokenizers_lib.DEFAULT_BPE_VOCAB_SIZE
+        return tokenization.BPETokenizer.train(
+            sample, vocab_size or tokenization.DEFAULT_BPE_VOCAB_SIZE
         )
     raise PrepareError(
-        f"--tokenizer={kind!r}: choose one of {tokenizers_lib.TOKENIZER_KINDS} or the path of a "
+        f"--tokenizer={kind!r}: choose one of {tokenization.TOKENIZER_KINDS} or the path of a "
         "Hugging Face tokenizer.json."
     )
 
@@ -199,7 +193,7 @@ _WORKER_TOKENIZER: Any = None
 
 def _init_worker(out: str) -> None:
     global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = tokenizers_lib.load_tokenizer(out)
+    _WORKER_TOKENIZER = tokenization.load_tokenizer(out)
 
 
 def _write_shard(args: tuple[int, tuple[str, int, int], str, str]) -> tuple[int, int, int]:
@@ -297,7 +291,7 @@ def prepare(
     units = _units(source_files(source, data_dir), unit_bytes)
     os.makedirs(os.path.join(out, SHARDS), exist_ok=True)
     with _lock(out):  # one builds the tokenizer; the others (array tasks) then load it
-        if not os.path.exists(os.path.join(out, tokenizers_lib.TOKENIZER_JSON)):
+        if not os.path.exists(os.path.join(out, tokenization.TOKENIZER_JSON)):
             build_tokenizer(tokenizer, units, text_field, vocab_size, workers).save(out)
     mine = [i for i in range(len(units)) if i % num_shards == shard_index]
     todo = [i for i in mine if not os.path.exists(_sidecar(out, i))]
@@ -330,7 +324,7 @@ def _progress(total: int, what: str, enabled: bool) -> Any:
 
 def _write_manifest(out: str, source: str, tokenizer_arg: str, units: list,
                     val_fraction: float) -> dict[str, Any]:  # fmt: skip
-    tokenizer = tokenizers_lib.load_tokenizer(out)
+    tokenizer = tokenization.load_tokenizer(out)
     shards = []
     for i in range(len(units)):
         with open(_sidecar(out, i)) as f:
@@ -375,13 +369,134 @@ def read_manifest(directory: str) -> dict[str, Any]:
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"{path} not found: {directory} is not a prepared dataset (or its preparation has "
-            "not finished: rerun prepare_data.py with the same arguments)."
+            "not finished: rerun `python -m data.prepare` with the same arguments)."
         )
     with open(path) as f:
         manifest = json.load(f)
     if manifest.get("format") != FORMAT:
         raise PrepareError(f"{path} is not a {FORMAT} manifest.")
     return manifest
+
+
+# ----------------------------------------------------------------------------- on first use
+
+
+def cache_name(source: str, tokenizer: str, vocab_size: int | None = None,
+               val_fraction: float = 0.1) -> str:  # fmt: skip
+    """A folder name for `source` prepared with `tokenizer` and split: the corpus name, or a
+    path's base name and a digest of where it is, then the tokenizer and any non-default size
+    or validation fraction (so differently prepared copies never share a folder)."""
+    source = source.strip()
+    if sources.is_corpus_name(source):
+        stem = source.lower().replace(":", "_")
+    else:  # a path: its name and a digest of where it is
+        path = os.path.abspath(os.path.expanduser(source))
+        digest = hashlib.sha256(path.encode()).hexdigest()[:8]
+        stem = f"{os.path.basename(path.rstrip('/')).replace('*', 'x')}-{digest}"
+    if tokenizer.endswith(".json"):
+        tokenizer = "hf-" + hashlib.sha256(os.path.abspath(tokenizer).encode()).hexdigest()[:8]
+    parts = [stem, tokenizer]
+    if vocab_size is not None:
+        parts.append(f"v{vocab_size}")
+    if val_fraction != 0.1:
+        parts.append(f"val{val_fraction:g}")
+    return "-".join(parts)
+
+
+def prepared_cache(source: str, tokenizer: str, *, vocab_size: int | None = None,
+                   val_fraction: float = 0.1, data_dir: str | None = None) -> str:  # fmt: skip
+    """The prepared directory for a corpus name or text path, in the tokens folder
+    (`sources.default_tokens_dir`), prepared on first use; a source changed since is prepared
+    again (the old tokens are kept aside, never reused). Returns the directory."""
+    import jax  # only to let one process of several move a stale cache aside
+
+    out = os.path.join(sources.default_tokens_dir(data_dir),
+                       cache_name(source, tokenizer, vocab_size, val_fraction))  # fmt: skip
+    manifest_path = os.path.join(out, MANIFEST)
+    if os.path.isfile(manifest_path) and jax.process_index() == 0:
+        stamps = read_manifest(out).get("source_files", [])
+        files = [stamp["path"] for stamp in stamps]
+        if not all(map(os.path.isfile, files)) or source_stamps(files) != stamps:
+            aside = f"{out}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.rename(out, aside)  # a cache of the source: made again, the old one kept aside
+            print(f"{source} changed since it was prepared; preparing it again (the old tokens "
+                  f"are in {aside}).", flush=True)  # fmt: skip
+    if not os.path.isfile(manifest_path):
+        if jax.process_index() == 0:
+            print(f"Preparing {source} with the {tokenizer} tokenizer into {out} (once; later "
+                  "runs read it from there).", flush=True)  # fmt: skip
+        prepare(source, tokenizer, out, vocab_size=vocab_size, val_fraction=val_fraction,
+                data_dir=data_dir, progress=False)  # fmt: skip
+    return out
+
+
+# ----------------------------------------------------------------------------- make data
+
+
+def prepare_all(data_dir: str | None = None) -> int:
+    """Prepares all datasets (idempotent), printing one status line each; returns the exit code:
+    1 if Fashion-MNIST or Tiny Shakespeare is unavailable (the KJV text is optional), else 0."""
+    data_dir = data_dir or sources.default_data_dir()
+    exit_code = 0
+
+    try:
+        if not sources.is_prepared("fashion_mnist", data_dir):
+            print(f"fashion_mnist: preparing in {data_dir} (about 30 s) ...", flush=True)
+        sources.prepare_fashion_mnist(data_dir)
+        sizes = sources.split_sizes("fashion_mnist", data_dir)
+        print(f"fashion_mnist: ready ({sizes['train']} train / {sizes['test']} test)", flush=True)
+    except sources.DatasetUnavailableError as e:
+        print(f"fashion_mnist: UNAVAILABLE\n{e}", file=sys.stderr, flush=True)
+        exit_code = 1
+
+    try:
+        if not sources.is_prepared("tiny_shakespeare", data_dir):
+            print(f"tiny_shakespeare: preparing in {data_dir} ...", flush=True)
+        sources.prepare_tiny_shakespeare(data_dir)
+        n = sources.TINY_SHAKESPEARE_NUM_CHARS
+        n_train = int(n * 0.9)
+        n_val = int((n - n_train) * 0.5)
+        print(
+            f"tiny_shakespeare: ready ({n} chars: {n_train} train / {n_val} validation / "
+            f"{n - n_train - n_val} test)",
+            flush=True,
+        )
+    except sources.DatasetUnavailableError as e:
+        print(f"tiny_shakespeare: UNAVAILABLE\n{e}", file=sys.stderr, flush=True)
+        exit_code = 1
+
+    bible_path = sources.default_bible_path(data_dir)
+    if os.path.isfile(bible_path) or shutil.which(sources.BIBLE_COMMAND):
+        try:
+            if not os.path.isfile(bible_path):
+                sources.write_bible_text(bible_path)
+            size = os.path.getsize(bible_path)
+            print(f"kjv: ready ({size} bytes at {bible_path})", flush=True)
+        except sources.DatasetUnavailableError as e:
+            print(f"kjv: UNAVAILABLE (optional)\n{e}", file=sys.stderr, flush=True)
+    else:
+        print(
+            f"kjv: skipped (optional; `sudo apt-get install {sources.BIBLE_PACKAGE}` provides it)",
+            flush=True,
+        )
+    for corpus in ("tiny_shakespeare", "kjv"):
+        if corpus == "kjv" and not os.path.isfile(bible_path):
+            continue
+        for tokenizer in ("char", "byte"):
+            exit_code |= _prepare_tokens(corpus, tokenizer, data_dir)
+    return exit_code
+
+
+def _prepare_tokens(corpus: str, tokenizer: str, data_dir: str) -> int:
+    """Tokenizes a known corpus once into the tokens folder, as training on it would."""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            out = prepared_cache(corpus, tokenizer, data_dir=data_dir)
+    except sources.DatasetUnavailableError as e:
+        print(f"{corpus} ({tokenizer} tokens): UNAVAILABLE\n{e}", file=sys.stderr, flush=True)
+        return 1
+    print(f"{corpus} ({tokenizer} tokens): ready in {out}", flush=True)
+    return 0
 
 
 FLAGS = flags.FLAGS

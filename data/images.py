@@ -15,13 +15,16 @@ import jax
 import ml_collections
 import numpy as np
 
-import cli
+from runtime import cli
 
 cli.quiet_tensorflow()
 import tensorflow as tf  # noqa: E402
 
-import data_setup  # noqa: E402
-from input_pipeline import Batch, Datasets  # noqa: E402
+from data import (  # noqa: E402
+    Batch,
+    Datasets,
+    sources,  # noqa: E402
+)
 
 # tf.data is only the host-side feeder here: keep TensorFlow off any accelerator.
 tf.config.set_visible_devices([], "GPU")
@@ -76,7 +79,7 @@ def _step_batches(
 
 
 def _data_dir(config: ml_collections.ConfigDict) -> str:
-    return config.data_dir or data_setup.default_data_dir()
+    return config.data_dir or sources.default_data_dir()
 
 
 # ----------------------------------------------------------------------------- images
@@ -89,18 +92,18 @@ def _load_image_split(name: str, split: str, data_dir: str) -> tuple[np.ndarray,
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # unknown name
-        raise data_setup.DatasetUnavailableError(
+        raise sources.DatasetUnavailableError(
             f"config.dataset={name!r} is not a TFDS dataset ({e}). Use 'fashion_mnist', 'mnist' or "
             "another TFDS name, or 'tiny_shakespeare' / a .txt path with config.task='lm'."
         ) from e
     if not builder.is_prepared():
         if name == "fashion_mnist":
-            data_setup.prepare_fashion_mnist(data_dir)
+            sources.prepare_fashion_mnist(data_dir)
         else:
             try:
                 builder.download_and_prepare()
             except Exception as e:
-                raise data_setup.DatasetUnavailableError(
+                raise sources.DatasetUnavailableError(
                     f"TFDS dataset {name!r} is not prepared in {data_dir} and could not be "
                     f"downloaded ({type(e).__name__}). Run with network once, or prepare it with "
                     f"`tfds build {name} --data_dir={data_dir}`."

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from tools.hf.gpt2_files import HF_CONFIG, SAFETENSORS, HFConvertError, hf_config_json
-from tools.hf.gpt2_layout import gpt2_refusals, gpt2_shape_of, jaxlab_to_hf
+from hf.gpt2_files import HF_CONFIG, SAFETENSORS, HFConvertError, hf_config_json
+from hf.gpt2_layout import gpt2_refusals, gpt2_shape_of, jaxlab_to_hf
 
 
 def export_hf(workdir: str, hf_dir: str, step: int | None = None,
@@ -25,10 +25,10 @@ def export_hf(workdir: str, hf_dir: str, step: int | None = None,
     import jax
     from safetensors.numpy import save_file
 
-    import distributed
     import experiment
-    import tokenizers_lib
+    from data import tokenization
     from models import gpt
+    from runtime import distributed
 
     np_dtype = _export_dtype(dtype)
     if os.path.isdir(hf_dir) and os.listdir(hf_dir):
@@ -64,7 +64,7 @@ def export_hf(workdir: str, hf_dir: str, step: int | None = None,
     tokenizer.save_hugging_face_files(hf_dir)
     specials = {}
     if eot is not None:
-        eot_text = tokenizers_lib.END_OF_TEXT
+        eot_text = tokenization.END_OF_TEXT
         specials = {"bos_token": eot_text, "eos_token": eot_text, "unk_token": eot_text}
     _write_json(os.path.join(hf_dir, "special_tokens_map.json"), specials)
     _write_json(

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from tools.hf.gpt2_files import (
+import data
+from hf.gpt2_files import (
     ACTIVATIONS,
     IMPORT_RECORD,
     GPT2Shape,
@@ -20,7 +21,7 @@ from tools.hf.gpt2_files import (
     read_hf_tokenizer,
     read_hf_weights,
 )
-from tools.hf.gpt2_layout import hf_to_jaxlab
+from hf.gpt2_layout import hf_to_jaxlab
 
 
 def jaxlab_config(
@@ -101,9 +102,9 @@ def import_hf(
 
     import checkpointing
     import experiment
-    import tokenizers_lib
-    import workdir_files
+    from data import tokenization
     from models import gpt
+    from runtime import workdir_files
 
     shape = read_hf_config(hf_dir)
     tokenizer = read_hf_tokenizer(hf_dir, shape)
@@ -126,12 +127,12 @@ def import_hf(
                 )
             config = jaxlab_config(
                 shape,
-                os.path.join(workdir, tokenizers_lib.BPE_MODEL),
+                os.path.join(workdir, tokenization.BPE_MODEL),
                 dtype=dtype,
                 vocab_pad_multiple=vocab_pad_multiple,
                 scan_layers=scan_layers,
             )
-            spec = workdir_files.InputSpec(np.zeros((1, shape.n_positions), np.int32))
+            spec = data.InputSpec(np.zeros((1, shape.n_positions), np.int32))
             run = experiment.build_run(config, input_spec=spec, tokenizer=tokenizer,
                                        training=False)  # fmt: skip
             _check_same_tree(params, run.abstract_state.params)
@@ -190,10 +191,10 @@ def _initial_state(run: Any, params: Any) -> Any:
 def hf_import_cache_dir() -> str:
     """Where `imported_workdir` keeps imports: $JAXLAB_HF_CACHE, else <data root>/hf_imports
     (beside .data/tensorflow_datasets)."""
-    import data_setup
+    from data import sources
 
     return os.environ.get("JAXLAB_HF_CACHE") or os.path.join(
-        os.path.dirname(os.path.abspath(data_setup.default_data_dir())), "hf_imports"
+        os.path.dirname(os.path.abspath(sources.default_data_dir())), "hf_imports"
     )
 
 

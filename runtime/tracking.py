@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-import cli
+from runtime import cli
 
 RUN_ID_FILE = "wandb_run_id"
 
