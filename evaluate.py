@@ -36,7 +36,7 @@ def classifier_log_probs(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(log-probabilities [N, C] float64, labels [N] int64) over the real (unmasked) examples of
     `batches`, computed by the run's compiled, sharded predict step."""
-    compiled = run.steps
+    compiled = run.compiled
     log_probs, labels = [], []
     with compiled.context():
         for batch in batches:
@@ -73,7 +73,7 @@ def lm_report(
     run: experiment.Run, state: Any, batches: Iterable[dict[str, np.ndarray]], tokenizer: Any
 ) -> dict[str, Any]:
     """Loss, accuracy, perplexity and bits per unit, with training's own compiled eval step."""
-    compiled = run.steps
+    compiled = run.compiled
     totals = None
     with compiled.context():
         for batch in batches:

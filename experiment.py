@@ -53,7 +53,7 @@ class Run:
     mesh: Mesh
     rules: tuple[tuple[str, Any], ...]
     abstract_state: train_state.TrainState  # ShapeDtypeStructs carrying the target shardings
-    steps: steps.CompiledSteps
+    compiled: steps.CompiledSteps  # the train, eval and predict steps, compiled for the mesh
 
     @property
     def num_params(self) -> int:
@@ -133,7 +133,7 @@ def build_run(
         mesh=mesh,
         rules=rules,
         abstract_state=abstract_state,
-        steps=compiled,
+        compiled=compiled,
     )
 
 

@@ -61,7 +61,7 @@ def prefetch_to_device(batches: Iterator[dict], put, size: int = 2) -> Iterator[
 
 def evaluate_split(run: experiment.Run, state: Any, split: str) -> dict[str, Any]:
     """Runs the compiled eval step over a whole split and turns the sums into metrics."""
-    compiled = run.steps
+    compiled = run.compiled
     totals = None
     with compiled.context():
         for batch in run.datasets.eval_batches(split):
@@ -92,7 +92,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     _print(distributed.describe_devices())  # a run that fell back to the CPU says so first
     run = experiment.build_run(config)  # validates a copy of `config`, loads the data
-    config, datasets, compiled = run.config, run.datasets, run.steps
+    config, datasets, compiled = run.config, run.datasets, run.compiled
     total_steps = run.total_steps
 
     # ------------------------------------------------------------------ state: resume or create

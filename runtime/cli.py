@@ -9,6 +9,7 @@ the sweep tool uses it without loading JAX.
 
 from __future__ import annotations
 
+import glob
 import os
 from collections.abc import Callable, Sequence
 
@@ -28,17 +29,21 @@ def quiet_tensorflow() -> None:
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
 
 
+def tpu_attached() -> bool:
+    """Whether this host has TPU chips: the device files a TPU VM exposes (/dev/accel0, ... on
+    v4 and v5p, /dev/vfio/0, ... on v5e and later; /dev/vfio alone is any IOMMU host's). The one
+    answer every command uses, read before JAX starts."""
+    return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
 def quiet_libtpu_without_tpu() -> None:
     """On a machine with libtpu installed (the dev extra brings it, for tools/aot.py) but no TPU
     attached, JAX's TPU plugin warns at start-up that it cannot find one and may look for a
     metadata server; these defaults make it fall back to the other backends silently and never
     query the network. On a TPU VM (chips under /dev/accel* or /dev/vfio) nothing is set."""
-    import glob
     import importlib.util
 
-    if importlib.util.find_spec("libtpu") is None:
-        return
-    if glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"):
+    if importlib.util.find_spec("libtpu") is None or tpu_attached():
         return
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import importlib.util
 import os
 from typing import Any
@@ -11,13 +10,14 @@ import jax
 import numpy as np
 from absl import logging
 
+from runtime import cli
+
 
 def _on_cloud_tpu_vm() -> bool:
     """libtpu is installed and TPU chips are attached. A TPU VM made by `gcloud compute tpus
     tpu-vm create` has no TPU_WORKER_HOSTNAMES variable: jax.distributed finds the slice's hosts
     from the metadata server (a single-host slice becomes a job of one process)."""
-    chips = glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*")
-    return bool(chips) and importlib.util.find_spec("libtpu") is not None
+    return cli.tpu_attached() and importlib.util.find_spec("libtpu") is not None
 
 
 def _cluster_detected() -> bool:

@@ -118,7 +118,7 @@ def lockstep(torch_python: str, iters: int) -> dict[str, Any]:
     config = _config()
     config.steps_per_dispatch = 1  # one step per call, to read every step's loss
     run = experiment.build_run(config)
-    compiled = run.steps
+    compiled = run.compiled
     state = run.init_state()
     flat = traverse_util.flatten_dict(distributed.to_host(state.params), sep="/")
     weights = {k: np.asarray(v) for k, v in flat.items()}

@@ -345,7 +345,7 @@ def _random_batches(run, count: int, seed: int = 0) -> list[dict[str, Any]]:
     shape = (int(config.batch_size), int(config.model.block_size))
     vocab = int(config.model.vocab_size)
     return [
-        run.steps.put_train_batch({
+        run.compiled.put_train_batch({
             "inputs": rng.integers(0, vocab, shape).astype(np.int32),
             "targets": rng.integers(0, vocab, shape).astype(np.int32),
         })
@@ -375,7 +375,7 @@ def check_bf16_train_step(part: Part) -> dict[str, Any]:
                             num_train_steps=10, steps_per_dispatch=1,
                             **{"model.attention_impl": impls[dtype]}, **model)  # fmt: skip
         run = _build_without_data(config)
-        compiled = run.steps
+        compiled = run.compiled
         state = compiled.from_global(run.init_state())
         batches = _random_batches(run, 3)
         losses[dtype] = []
@@ -537,7 +537,7 @@ def bench_training(part: Part, attention_impl: str) -> None:
     overrides["batch_size"] = part.options.get("gpt2_batch") or (4 if part.dry_run else 32)
     config = _lm_config("gpt2_small", **overrides)
     run = _build_without_data(config)
-    config, model, compiled = run.config, run.model, run.steps
+    config, model, compiled = run.config, run.model, run.compiled
     r.update(attention_impl=attention_impl, dtype=config.dtype, batch_size=int(config.batch_size),
              seq_len=int(config.model.block_size), vocab_size=int(config.model.vocab_size),
              num_params=run.num_params, num_layers=int(config.model.num_layers))  # fmt: skip

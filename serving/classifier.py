@@ -48,7 +48,7 @@ class Classifier:
         """float64 class probabilities [N, classes] of raw-pixel images [N, H, W, C] (the
         dtype the run was trained on, uint8 for images), batch by batch."""
         out = []
-        compiled = self.run.steps
+        compiled = self.run.compiled
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
             padded = np.zeros((self.batch_size,) + self.image_shape, self.dtype)

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from runtime import cli
 from tools import aot  # sets libtpu's offline environment (before JAX, where it comes first)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,7 +65,7 @@ def _aot(*args: str) -> subprocess.CompletedProcess:
 
 def test_offline_environment() -> None:
     """Without a TPU attached, libtpu is kept off the metadata server and the lockfile."""
-    assert not aot.tpu_attached()
+    assert not cli.tpu_attached()
     assert os.environ["TPU_SKIP_MDS_QUERY"] == "1"
     assert os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] == "1"
     assert os.environ["TPU_WORKER_HOSTNAMES"] == "localhost"

@@ -41,8 +41,8 @@ def test_accumulation_updates_batchnorm_statistics_once_per_step():
     for k in (1, 4):
         run = experiment.build_run(_bn_config(k), input_spec=spec)
         state = run.init_state()
-        with run.steps.context():
-            new, _ = run.steps.train_step(state, run.steps.put_train_batch(batch))
+        with run.compiled.context():
+            new, _ = run.compiled.train_step(state, run.compiled.put_train_batch(batch))
         stats[k] = jax.device_get(new.model_state["batch_stats"])
     first, deeper = stats[1]["bn_0_0"], stats[4]["bn_0_0"]
     np.testing.assert_allclose(deeper["mean"], first["mean"], rtol=1e-5, atol=1e-7)

@@ -76,9 +76,9 @@ def test_frozen_parameters_do_not_change(trained_mlp_run, tmp_path):
 
 def _train_steps(run: experiment.Run, state, start: int, stop: int):
     batches = run.datasets.train_batches(start)
-    with run.steps.context():
+    with run.compiled.context():
         for _ in range(start, stop):
-            state, _ = run.steps.train_step(state, run.steps.put_train_batch(next(batches)))
+            state, _ = run.compiled.train_step(state, run.compiled.put_train_batch(next(batches)))
     return state
 
 

@@ -436,8 +436,8 @@ def _tiny_run(z_loss: float, grad_accum_steps: int = 1):
     run = experiment.build_run(config, input_spec=spec, devices=jax.devices()[:1])
     state = run.init_state()
     initial = jax.device_get(state.params)
-    with run.steps.context():
-        new_state, metrics = run.steps.train_step(state, run.steps.put_train_batch(batch))
+    with run.compiled.context():
+        new_state, metrics = run.compiled.train_step(state, run.compiled.put_train_batch(batch))
     return jax.device_get(metrics), jax.device_get(new_state.params), initial, run.model, batch
 
 

@@ -316,11 +316,12 @@ def test_each_optimizer_trains_the_cpu_gpt(name: str, scan_layers: bool, shakesp
                    "steps_per_dispatch": 20, "optimizer": name, "weight_decay": 0.1,
                    "learning_rate": LEARNING_RATES[name]})  # fmt: skip
     run = experiment.build_run(config)
-    state = run.steps.from_global(run.init_state())
+    compiled = run.compiled
+    state = compiled.from_global(run.init_state())
     losses = []
-    with run.steps.context():
-        for batch in run.datasets.train_batches(0, run.steps.steps_per_dispatch, run.total_steps):
-            state, metrics = run.steps.train_step(state, run.steps.put_train_batch(batch))
+    with compiled.context():
+        for batch in run.datasets.train_batches(0, compiled.steps_per_dispatch, run.total_steps):
+            state, metrics = compiled.train_step(state, compiled.put_train_batch(batch))
             losses.extend(np.asarray(metrics["loss"]).reshape(-1).tolist())
     assert len(losses) == 40 and all(map(math.isfinite, losses))
     assert losses[0] > 4.0
@@ -391,10 +392,10 @@ def losses(mesh, devices):
                 jax.tree_util.tree_leaves_with_path(run.abstract_state.opt_state)
                 if 'v_row' in jax.tree_util.keystr(path) and leaf.size > 1]
         assert rows, 'no factored second moment'
-    state, out = run.steps.from_global(run.init_state()), []
-    with run.steps.context():
+    state, out = run.compiled.from_global(run.init_state()), []
+    with run.compiled.context():
         for batch in run.datasets.train_batches(0, 1, run.total_steps):
-            state, metrics = run.steps.train_step(state, run.steps.put_train_batch(batch))
+            state, metrics = run.compiled.train_step(state, run.compiled.put_train_batch(batch))
             out.append(float(np.asarray(metrics['loss']).reshape(-1)[0]))
     return np.array(out)
 

@@ -56,7 +56,7 @@ def test_no_recompilation_in_training_loop(
 def _steps_state_and_batches(config, n: int = 3):
     """The run's compiled steps, a fresh state in their layout and n batches on the device."""
     run = experiment.build_run(config)
-    compiled = run.steps
+    compiled = run.compiled
     iterator = run.datasets.train_batches(0)
     batches = [compiled.put_train_batch(next(iterator)) for _ in range(n)]
     return compiled, compiled.from_global(run.init_state()), batches

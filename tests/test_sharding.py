@@ -262,8 +262,8 @@ def test_grad_accumulation_equals_whole_batch(model: str) -> None:
         config.grad_accum_steps = k
         run = experiment.build_run(config, input_spec=spec)
         state = run.init_state()  # outside the mesh context: jit's out_shardings place it
-        with run.steps.context():
-            new_state, metrics = run.steps.train_step(state, run.steps.put_train_batch(batch))
+        with run.compiled.context():
+            new_state, metrics = run.compiled.train_step(state, run.compiled.put_train_batch(batch))
         results[k] = jax.device_get((metrics, new_state.params))
     (m1, p1), (m4, p4) = results[1], results[4]
     for key in ("loss", "accuracy", "grad_norm"):

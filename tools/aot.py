@@ -8,7 +8,7 @@ With `jax[tpu]` installed (setup.py's dev extra brings the matching libtpu), lib
 TPU topology without a TPU (`jax.experimental.topologies.get_topology_desc`) and the real
 XLA:TPU compiler compiles for it. The run is built exactly as train.py builds it
 (`experiment.build_run` on the topology's devices, from a description of the input instead of
-data), and its train step (`run.steps.train_step`: the same shardings, donation,
+data), and its train step (`run.compiled.train_step`: the same shardings, donation,
 steps_per_dispatch, gradient accumulation, dtype and remat) and eval step are lowered from
 abstract arguments and compiled. Reported per chip: parameter and optimizer-state bytes (from
 the state's shardings), XLA's argument, output, alias, temporary and peak bytes and their total
@@ -26,13 +26,9 @@ metadata server (TPU_SKIP_MDS_QUERY) nor look for other hosts, before JAX is imp
 
 from __future__ import annotations
 
-import glob
 import os
 
-
-def tpu_attached() -> bool:
-    """Whether this host has TPU chips (the device files a TPU VM exposes)."""
-    return bool(glob.glob("/dev/accel*")) or os.path.exists("/dev/vfio")
+from runtime import cli
 
 
 def offline_libtpu_environment() -> None:
@@ -41,7 +37,7 @@ def offline_libtpu_environment() -> None:
     this host alone as the TPU "workers"; and no exclusive /tmp/libtpu_lockfile, which another
     process that loaded libtpu may hold (nothing is shared: no chip is used). Never forced on a
     TPU VM, where libtpu must find its chips and hosts."""
-    if tpu_attached():
+    if cli.tpu_attached():
         return
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ["TPU_SKIP_MDS_QUERY"] = "1"
@@ -70,7 +66,6 @@ import data  # noqa: E402
 import experiment  # noqa: E402
 import models  # noqa: E402
 import sharding  # noqa: E402
-from runtime import cli  # noqa: E402
 
 GIB = 2**30
 
@@ -160,7 +155,7 @@ def get_topology(name: str, num_slices: int = 1) -> Topology:
             f"--topology={name!r}: unknown TPU generation {match['gen']!r}; tools/aot.py knows "
             f"{list(known)} (CHIPS holds their HBM and peak), e.g. {TOPOLOGY_EXAMPLES}."
         )
-    if not tpu_attached():
+    if not cli.tpu_attached():
         # Only silences libtpu's start-up warning; the topology comes from `name`.
         chips = math.prod(int(d) for d in match["dims"].split("x"))
         os.environ.setdefault(
@@ -245,7 +240,7 @@ def _gib(number: str, unit: str) -> float:
 def compile_step(run: experiment.Run, batch_size: int, train: bool = True) -> tuple[Any, float]:
     """(compiled step, seconds to lower and compile) of the train step (or the eval step) on
     an abstract global batch of `batch_size`; OutOfHbmError when XLA finds it cannot fit."""
-    steps = run.steps
+    steps = run.compiled
     with steps.context():
         start = time.perf_counter()
         batch = steps.abstract_batch(
@@ -304,7 +299,7 @@ def analytic_flops_per_step(run: experiment.Run) -> float | None:
 
 def _loops(run: experiment.Run) -> list[str]:
     """The loops of the compiled train step, whose bodies XLA's cost analysis counts once."""
-    config, model, steps_per_dispatch = run.config, run.model, run.steps.steps_per_dispatch
+    config, model, steps_per_dispatch = run.config, run.model, run.compiled.steps_per_dispatch
     loops = []
     if steps_per_dispatch > 1:
         loops.append(f"steps_per_dispatch={steps_per_dispatch}")
@@ -337,7 +332,7 @@ def analyze(config: ml_collections.ConfigDict, topology: Topology, input_spec:
         "global_batch": int(config.batch_size),
         "batch_per_data_parallel_device": int(config.batch_size) // (data * fsdp),
         "grad_accum_steps": int(config.grad_accum_steps),
-        "steps_per_dispatch": run.steps.steps_per_dispatch,
+        "steps_per_dispatch": run.compiled.steps_per_dispatch,
         "dtype": config.dtype,
         "remat_policy": getattr(run.model, "remat_policy", "n/a"),
         "scan_layers": getattr(run.model, "scan_layers", "n/a"),

@@ -205,7 +205,7 @@ def benchmark_training(config: ml_collections.ConfigDict, steps: int = 50, warmu
                        rounds: int = 3) -> dict[str, Any]:  # fmt: skip
     """Times the training step of `config` and returns every measurement as a flat dict."""
     run = experiment.build_run(config)
-    config, datasets, model, compiled_steps = run.config, run.datasets, run.model, run.steps
+    config, datasets, model, compiled_steps = run.config, run.datasets, run.model, run.compiled
     device = jax.devices()[0]
     example = run.input_spec.example_input
     items_per_example = int(np.prod(example.shape[1:])) if config.task == "lm" else 1
