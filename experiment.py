@@ -118,7 +118,7 @@ def build_run(
         model, tx, input_spec.example_input, mesh, rules, config.seed
     )
     optim.check_freeze(config, abstract_state.params)
-    compiled = steps.CompiledSteps(
+    compiled = steps.compile_steps(
         config, model, tx, schedule, abstract_state, mesh, rules, input_spec.num_classes
     )
     return Run(

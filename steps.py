@@ -2,11 +2,12 @@
 
 `train_step(state, batch) -> (state, metrics)`, `eval_step(state, batch) -> sums` and
 `predict_step(state, batch) -> log-probabilities` are plain functions of their arguments.
-`CompiledSteps` wraps them once: `jax.jit` with the state's shardings, the batch sharding and the
-state donated (or `jax.pmap` over a 'batch' axis), with `scan_steps` around the train step when
-several steps run per call. A batch is a dict with 'inputs', 'targets' and, for evaluation,
-'mask' (1 for real examples, 0 for padding). The same cross-entropy serves classifiers (logits
-[B, C]) and language models (logits [B, T, V]).
+`compile_steps` wraps them once: `jax.jit` with the state's shardings, the batch sharding and
+the state donated (`CompiledSteps`), or `jax.pmap` over a 'batch' axis (`PmapSteps`, the same
+interface), with `scan_steps` around the train step when several steps run per call. A batch is
+a dict with 'inputs', 'targets' and, for evaluation, 'mask' (1 for real examples, 0 for
+padding). The same cross-entropy serves classifiers (logits [B, C]) and language models
+(logits [B, T, V]).
 """
 
 from __future__ import annotations
@@ -78,12 +79,22 @@ def train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
-    config: ml_collections.ConfigDict,
+    seed: int,
+    grad_accum_steps: int = 1,
+    label_smoothing: float = 0.0,
+    z_loss_weight: float = 0.0,
     axis_name: str | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer update on `batch`, accumulating gradients over `config.grad_accum_steps`."""
+    """One optimizer update on `batch` ({'inputs', 'targets'}, the global batch B), accumulating
+    gradients over `grad_accum_steps` equal microbatches of B / grad_accum_steps.
+
+    `seed` and the step number fix dropout's randomness; `label_smoothing` softens the targets of
+    the training loss; `z_loss_weight` > 0 adds PaLM's z-loss (`z_loss`). With `axis_name` (pmap)
+    gradients, metrics and model state are averaged over that axis. Returns the new state and
+    float32 scalar metrics: loss (the cross-entropy alone), accuracy, grad_norm, learning_rate,
+    skipped_steps and, when on, z_loss."""
     # Dropout randomness is a pure function of (seed, step): resumed runs repeat it exactly.
-    rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
     if axis_name is not None:
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     mutable = list(state.model_state.keys())
@@ -99,18 +110,17 @@ def train_step(
         )
         logits, new_model_state = out if mutable else (out, {})
         loss_sum, correct, count = cross_entropy(
-            logits, microbatch["targets"], label_smoothing=config.label_smoothing
+            logits, microbatch["targets"], label_smoothing=label_smoothing
         )
         # The objective is the cross-entropy plus the z-loss when it is on; `loss` stays the
         # cross-entropy alone, comparable with evaluation and with runs without z-loss.
         aux = {"loss": loss_sum / count, "accuracy": correct / count}
-        if z_weight:
-            aux["z_loss"] = z_loss(logits, z_weight)
+        if z_loss_weight:
+            aux["z_loss"] = z_loss(logits, z_loss_weight)
         return aux["loss"] + aux.get("z_loss", 0.0), (new_model_state, aux)
 
-    z_weight = float(config.get("z_loss", 0.0) or 0.0)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    k = int(config.grad_accum_steps)
+    k = int(grad_accum_steps)
     if k == 1:
         (_, (model_state, aux)), grads = grad_fn(state.params, state.model_state, batch, rng)
     else:
@@ -135,7 +145,7 @@ def train_step(
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         zero_state = jax.tree.map(jnp.zeros_like, state.model_state)
         zero_aux = {"loss": jnp.zeros(()), "accuracy": jnp.zeros(())}
-        if z_weight:
+        if z_loss_weight:
             zero_aux["z_loss"] = jnp.zeros(())
         microbatches = (_split_microbatches(batch, k), jnp.arange(k))
         (grads, aux, model_state), _ = jax.lax.scan(
@@ -238,13 +248,35 @@ def replicate_per_device(tree: Any) -> Any:
     return jax.tree.map(put, tree)
 
 
-class CompiledSteps:
-    """The steps compiled for one run, and the placement of what they take.
+def _step_functions(
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    num_classes: int,
+    steps_per_dispatch: int,
+) -> tuple[Callable, Callable, Callable]:
+    """The train, eval and predict steps with the run's parts bound: what gets compiled."""
+    train = functools.partial(
+        train_step, model=model, tx=tx, schedule=schedule, seed=int(config.seed),
+        grad_accum_steps=int(config.grad_accum_steps),
+        label_smoothing=float(config.label_smoothing),
+        z_loss_weight=float(config.get("z_loss", 0.0) or 0.0),
+    )  # fmt: skip
+    if steps_per_dispatch > 1:
+        train = scan_steps(train)
+    evaluate = functools.partial(eval_step, model=model, num_classes=num_classes)
+    predict = functools.partial(predict_step, model=model)
+    return train, evaluate, predict
 
-    With 'jit' parallelism: global arrays over the (data, fsdp, tensor) mesh, the state with the
-    shardings of `abstract_state` (donated to the train step), batches split over data x fsdp.
-    With 'pmap': the state replicated per local device and batches split on a leading device axis.
-    Checkpoints and metrics always see the global layout (`to_global`).
+
+class CompiledSteps:
+    """The steps compiled for one run with `jax.jit`, and the placement of what they take.
+
+    Global arrays over the (data, fsdp, tensor) mesh: the state with the shardings of
+    `abstract_state` (donated to the train step), batches split over data x fsdp. Checkpoints and
+    metrics see the global layout (`to_global`). `PmapSteps` is the same interface over
+    `jax.pmap`; `compile_steps` picks one from `config.parallelism`.
     """
 
     def __init__(
@@ -258,21 +290,11 @@ class CompiledSteps:
         rules: Any,
         num_classes: int,
     ):
-        self.pmap = config.parallelism == "pmap"
         self.mesh, self.rules = mesh, rules
         self.steps_per_dispatch = effective_steps_per_dispatch(config)
-        train = functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config)
-        if self.steps_per_dispatch > 1:
-            train = scan_steps(train)
-        evaluate = functools.partial(eval_step, model=model, num_classes=num_classes)
-        predict = functools.partial(predict_step, model=model)
-        if self.pmap:
-            self.train_step = jax.pmap(
-                functools.partial(train, axis_name="batch"), axis_name="batch", donate_argnums=0
-            )
-            self.eval_step = jax.pmap(functools.partial(evaluate, axis_name="batch"), "batch")
-            self.predict_step = jax.pmap(predict, "batch")
-            return
+        train, evaluate, predict = _step_functions(
+            config, model, tx, schedule, num_classes, self.steps_per_dispatch
+        )
         state_shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
         self._batch_sharding = sharding.batch_sharding(mesh, rules)
         self._train_batch_sharding = sharding.batch_sharding(
@@ -295,27 +317,24 @@ class CompiledSteps:
         )
 
     def from_global(self, state: TrainState) -> TrainState:
-        """Global (mesh-sharded) state -> the steps' layout (replicated per device for pmap)."""
-        return replicate_per_device(state) if self.pmap else state
+        """Global (mesh-sharded) state -> the steps' layout (the same, under jit)."""
+        return state
 
     def to_global(self, state: TrainState) -> TrainState:
         """The steps' layout -> one global copy, for checkpoints and metrics."""
-        return jax.tree.map(lambda x: x[0], state) if self.pmap else state
+        return state
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """Process-local numpy batch -> what eval_step and predict_step take (a global jax.Array
-        under jit)."""
-        return self._put(batch, None if self.pmap else self._batch_sharding)
+        """Process-local numpy batch -> what eval_step and predict_step take (a global
+        jax.Array split over data x fsdp)."""
+        return self._put(batch, self._batch_sharding)
 
     def put_train_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Like put_batch, for what train_step takes: with steps_per_dispatch > 1, a stack of
         batches [steps, batch, ...] sharded on its second axis."""
-        return self._put(batch, None if self.pmap else self._train_batch_sharding)
+        return self._put(batch, self._train_batch_sharding)
 
     def _put(self, batch: dict[str, np.ndarray], data_sharding) -> dict[str, jax.Array]:
-        if self.pmap:  # [local devices, per-device batch, ...]; pmap splits the leading axis
-            n = jax.local_device_count()
-            return jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch)
         return jax.tree.map(
             lambda x: jax.make_array_from_process_local_data(data_sharding, x), batch
         )
@@ -328,8 +347,6 @@ class CompiledSteps:
         steps_per_dispatch k > 1) or eval_step (train=False: with 'mask') takes. Targets are
         int32 [batch] for task 'classification', [batch, length] for 'lm'. For lowering and
         compiling without data: `train_step.lower(abstract_state, abstract_batch(...))`."""
-        if self.pmap:
-            raise ValueError("abstract batches describe 'jit' parallelism; pmap lowers per device.")
         inputs = (batch_size,) + tuple(example_input.shape[1:])
         targets = inputs if task == "lm" else inputs[:1]
         arrays = {"inputs": (inputs, example_input.dtype), "targets": (targets, np.int32)}
@@ -353,15 +370,88 @@ class CompiledSteps:
 
     def context(self) -> contextlib.AbstractContextManager:
         """Mesh and logical rules active while the steps trace (no cost once compiled)."""
-        if self.pmap:  # pmap maps over its own 'batch' mesh: no context mesh, and no rules, so
-            # that the models' logical constraints name no axis of the (data, fsdp, tensor) mesh
-            return nn.logical_axis_rules(())
         stack = contextlib.ExitStack()
         stack.enter_context(jax.set_mesh(self.mesh))
         stack.enter_context(nn.logical_axis_rules(self.rules))
         return stack
 
+    def to_host(self, outputs: Any) -> Any:
+        """The steps' outputs (eval sums, train metrics; any pytree) as host numpy, in one
+        transfer."""
+        return jax.device_get(outputs)
+
     def sums_to_host(self, sums: Any) -> Any:
-        """eval_step's sums as host numpy (pmap returns one equal copy per device)."""
-        sums = jax.device_get(sums)
-        return jax.tree.map(lambda x: x[0], sums) if self.pmap else sums
+        """eval_step's sums as host numpy."""
+        return self.to_host(sums)
+
+
+class PmapSteps(CompiledSteps):
+    """The same steps under `jax.pmap` over a 'batch' axis of the local devices: the design
+    card's data-parallel mode. The state is replicated per device (`from_global`), batches are
+    split on a leading device axis, and gradients, metrics and sums are averaged or summed over
+    'batch' inside the steps; every device returns an equal copy, of which the first is kept."""
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        model: nn.Module,
+        tx: optax.GradientTransformation,
+        schedule: optax.Schedule,
+        abstract_state: TrainState,
+        mesh: Mesh,
+        rules: Any,
+        num_classes: int,
+    ):
+        del abstract_state  # pmap places the state itself
+        self.mesh, self.rules = mesh, rules
+        self.steps_per_dispatch = 1
+        train, evaluate, predict = _step_functions(config, model, tx, schedule, num_classes, 1)
+        self.train_step = jax.pmap(
+            functools.partial(train, axis_name="batch"), axis_name="batch", donate_argnums=0
+        )
+        self.eval_step = jax.pmap(functools.partial(evaluate, axis_name="batch"), "batch")
+        self.predict_step = jax.pmap(predict, "batch")
+
+    def from_global(self, state: TrainState) -> TrainState:
+        return replicate_per_device(state)
+
+    def to_global(self, state: TrainState) -> TrainState:
+        return jax.tree.map(lambda x: x[0], state)
+
+    def _put(self, batch: dict[str, np.ndarray], data_sharding) -> dict[str, jax.Array]:
+        del data_sharding  # [local devices, per-device batch, ...]; pmap splits the leading axis
+        n = jax.local_device_count()
+        return jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch)
+
+    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return self._put(batch, None)
+
+    def put_train_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return self._put(batch, None)
+
+    def abstract_batch(self, *args: Any, **kwargs: Any) -> dict[str, jax.ShapeDtypeStruct]:
+        raise ValueError("abstract batches describe 'jit' parallelism; pmap lowers per device.")
+
+    def context(self) -> contextlib.AbstractContextManager:
+        # pmap maps over its own 'batch' axis: no context mesh, and no rules, so that the
+        # models' logical constraints name no axis of the (data, fsdp, tensor) mesh.
+        return nn.logical_axis_rules(())
+
+    def to_host(self, outputs: Any) -> Any:
+        return jax.tree.map(lambda x: x[0], jax.device_get(outputs))
+
+
+def compile_steps(
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    abstract_state: TrainState,
+    mesh: Mesh,
+    rules: Any,
+    num_classes: int,
+) -> CompiledSteps:
+    """The run's steps compiled as `config.parallelism` asks: 'jit' (`CompiledSteps`, sharded
+    over the mesh) or 'pmap' (`PmapSteps`, replicated over the local devices)."""
+    kind = PmapSteps if config.parallelism == "pmap" else CompiledSteps
+    return kind(config, model, tx, schedule, abstract_state, mesh, rules, num_classes)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from runtime import host_allocator
 
 # First, before jax and TensorFlow start their threads: reuse freed host memory instead of
-# unmapping it after every step (faster XLA:CPU steps; see host_allocator.py).
+# unmapping it after every step (faster XLA:CPU steps; see runtime/host_allocator.py).
 host_allocator.keep_freed_memory_mapped()
 
 import contextlib
@@ -26,7 +26,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import flags, logging
@@ -38,6 +37,7 @@ import evaluation
 import experiment
 import finetune
 import sampling
+import steps
 from runtime import cli, distributed, metrics_writer, preemption, profiling, tracking, workdir_files
 
 # Random numbers that do not depend on how arrays are sharded (same dropout on 1 or 8 devices).
@@ -57,19 +57,6 @@ def prefetch_to_device(batches: Iterator[dict], put, size: int = 2) -> Iterator[
         if len(queue) > size:
             yield queue.pop(0)
     yield from queue
-
-
-def evaluate_split(run: experiment.Run, state: Any, split: str) -> dict[str, Any]:
-    """Runs the compiled eval step over a whole split and turns the sums into metrics."""
-    compiled = run.compiled
-    totals = None
-    with compiled.context():
-        for batch in run.datasets.eval_batches(split):
-            sums = compiled.eval_step(state, compiled.put_batch(batch))
-            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    return evaluation.from_sums(
-        compiled.sums_to_host(totals), run.input_spec.num_classes, run.tokenizer
-    )
 
 
 def _format_eval(split: str, metrics: dict[str, Any]) -> str:
@@ -140,7 +127,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     def run_eval(step: int) -> dict[str, dict[str, Any]]:
         results = {}
         for split in datasets.eval_splits:
-            results[split] = evaluate_split(run, state, split)
+            # The one evaluation loop, shared with evaluate.py and the tools.
+            results[split] = evaluation.evaluate(run, state, datasets.eval_batches(split))
             scalars = {k: v for k, v in results[split].items() if np.ndim(v) == 0}
             # 'train/' is the training loop's own series; an evaluation of the train split
             # (language models) goes to 'train_eval/' so the two never share a tag.
@@ -164,7 +152,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     t_window, t_start, step = time.perf_counter(), time.perf_counter(), start_step
 
     def check() -> None:
-        window.extend(_fetch_and_check(unchecked, config, compiled.pmap))
+        window.extend(_fetch_and_check(unchecked, config, compiled))
         unchecked.clear()
 
     profiler = profiling.StepProfiler(
@@ -265,16 +253,16 @@ def _print(message: str) -> None:
 
 
 def _fetch_and_check(
-    unchecked: list[tuple[int, int, Any]], config: ml_collections.ConfigDict, pmap: bool
+    unchecked: list[tuple[int, int, Any]],
+    config: ml_collections.ConfigDict,
+    compiled: steps.CompiledSteps,
 ) -> list[dict[str, float]]:
     """Fetches queued step metrics in one transfer, as one dict per step; stops the run at the
     first NaN/Inf loss or gradient unless steps are being skipped."""
     rows = []
-    for (first, n, _), metrics in zip(unchecked, jax.device_get([m for *_, m in unchecked]),
+    for (first, n, _), metrics in zip(unchecked, compiled.to_host([m for *_, m in unchecked]),
                                       strict=True):  # fmt: skip
-        # pmap: every device returns its own (equal, after pmean) copy; keep the first.
-        arrays = {k: (np.asarray(v)[0] if pmap else np.asarray(v)).reshape(n)
-                  for k, v in metrics.items()}  # fmt: skip
+        arrays = {k: np.asarray(v).reshape(n) for k, v in metrics.items()}
         for i in range(n):
             values = {k: float(v[i]) for k, v in arrays.items()}
             if not config.skip_nonfinite_steps and not (
