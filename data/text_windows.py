@@ -148,7 +148,7 @@ class TextSplits:
     ) -> Iterator[Batch]:  # fmt: skip
         """Batches of steps start_step .. stop_step - 1; with k = steps_per_dispatch > 1, stacks
         [k, batch, ...] of consecutive steps starting on multiples of k (the first one shorter
-        when start_step is not one, the last cut by stop_step), as input_pipeline's image
+        when start_step is not one, the last cut by stop_step), as data/images.py's image
         pipeline stacks them."""
         k = int(steps_per_dispatch)
         step = start_step
