@@ -118,23 +118,11 @@ def build_run(
         model, tx, input_spec.example_input, mesh, rules, config.seed
     )
     optim.check_freeze(config, abstract_state.params)
-    compiled = steps.compile_steps(
+    compiled = steps.steps_class(config)(
         config, model, tx, schedule, abstract_state, mesh, rules, input_spec.num_classes
     )
-    return Run(
-        config=config,
-        input_spec=input_spec,
-        tokenizer=tokenizer,
-        datasets=datasets,
-        model=model,
-        total_steps=total_steps,
-        schedule=schedule,
-        tx=tx,
-        mesh=mesh,
-        rules=rules,
-        abstract_state=abstract_state,
-        compiled=compiled,
-    )
+    return Run(config, input_spec, tokenizer, datasets, model, total_steps, schedule, tx, mesh,
+               rules, abstract_state, compiled)  # fmt: skip
 
 
 @dataclasses.dataclass

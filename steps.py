@@ -2,7 +2,7 @@
 
 `train_step(state, batch) -> (state, metrics)`, `eval_step(state, batch) -> sums` and
 `predict_step(state, batch) -> log-probabilities` are plain functions of their arguments.
-`compile_steps` wraps them once: `jax.jit` with the state's shardings, the batch sharding and
+`steps_class(config)` wraps them once: `jax.jit` with the state's shardings, the batch sharding and
 the state donated (`CompiledSteps`), or `jax.pmap` over a 'batch' axis (`PmapSteps`, the same
 interface), with `scan_steps` around the train step when several steps run per call. A batch is
 a dict with 'inputs', 'targets' and, for evaluation, 'mask' (1 for real examples, 0 for
@@ -276,7 +276,7 @@ class CompiledSteps:
     Global arrays over the (data, fsdp, tensor) mesh: the state with the shardings of
     `abstract_state` (donated to the train step), batches split over data x fsdp. Checkpoints and
     metrics see the global layout (`to_global`). `PmapSteps` is the same interface over
-    `jax.pmap`; `compile_steps` picks one from `config.parallelism`.
+    `jax.pmap`; `steps_class` picks one from `config.parallelism`.
     """
 
     def __init__(
@@ -292,15 +292,20 @@ class CompiledSteps:
     ):
         self.mesh, self.rules = mesh, rules
         self.steps_per_dispatch = effective_steps_per_dispatch(config)
-        train, evaluate, predict = _step_functions(
-            config, model, tx, schedule, num_classes, self.steps_per_dispatch
+        self._compile(
+            *_step_functions(config, model, tx, schedule, num_classes, self.steps_per_dispatch),
+            abstract_state,
         )
+
+    def _compile(
+        self, train: Callable, evaluate: Callable, predict: Callable, abstract_state: TrainState
+    ) -> None:
         state_shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
-        self._batch_sharding = sharding.batch_sharding(mesh, rules)
+        self._batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
         self._train_batch_sharding = sharding.batch_sharding(
-            mesh, rules, stacked=self.steps_per_dispatch > 1
+            self.mesh, self.rules, stacked=self.steps_per_dispatch > 1
         )
-        replicated = sharding.replicated(mesh)
+        replicated = sharding.replicated(self.mesh)
         self.train_step = jax.jit(
             train,
             in_shardings=(state_shardings, self._train_batch_sharding),
@@ -391,21 +396,11 @@ class PmapSteps(CompiledSteps):
     split on a leading device axis, and gradients, metrics and sums are averaged or summed over
     'batch' inside the steps; every device returns an equal copy, of which the first is kept."""
 
-    def __init__(
-        self,
-        config: ml_collections.ConfigDict,
-        model: nn.Module,
-        tx: optax.GradientTransformation,
-        schedule: optax.Schedule,
-        abstract_state: TrainState,
-        mesh: Mesh,
-        rules: Any,
-        num_classes: int,
-    ):
-        del abstract_state  # pmap places the state itself
-        self.mesh, self.rules = mesh, rules
-        self.steps_per_dispatch = 1
-        train, evaluate, predict = _step_functions(config, model, tx, schedule, num_classes, 1)
+    def _compile(
+        self, train: Callable, evaluate: Callable, predict: Callable, abstract_state: TrainState
+    ) -> None:
+        del abstract_state  # pmap places the state itself (`from_global`)
+        self._batch_sharding = self._train_batch_sharding = None  # pmap splits batches itself
         self.train_step = jax.pmap(
             functools.partial(train, axis_name="batch"), axis_name="batch", donate_argnums=0
         )
@@ -423,12 +418,6 @@ class PmapSteps(CompiledSteps):
         n = jax.local_device_count()
         return jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch)
 
-    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return self._put(batch, None)
-
-    def put_train_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return self._put(batch, None)
-
     def abstract_batch(self, *args: Any, **kwargs: Any) -> dict[str, jax.ShapeDtypeStruct]:
         raise ValueError("abstract batches describe 'jit' parallelism; pmap lowers per device.")
 
@@ -441,17 +430,7 @@ class PmapSteps(CompiledSteps):
         return jax.tree.map(lambda x: x[0], jax.device_get(outputs))
 
 
-def compile_steps(
-    config: ml_collections.ConfigDict,
-    model: nn.Module,
-    tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
-    abstract_state: TrainState,
-    mesh: Mesh,
-    rules: Any,
-    num_classes: int,
-) -> CompiledSteps:
-    """The run's steps compiled as `config.parallelism` asks: 'jit' (`CompiledSteps`, sharded
-    over the mesh) or 'pmap' (`PmapSteps`, replicated over the local devices)."""
-    kind = PmapSteps if config.parallelism == "pmap" else CompiledSteps
-    return kind(config, model, tx, schedule, abstract_state, mesh, rules, num_classes)
+def steps_class(config: ml_collections.ConfigDict) -> type[CompiledSteps]:
+    """What compiles a run's steps, as `config.parallelism` asks: 'jit' (`CompiledSteps`,
+    sharded over the mesh) or 'pmap' (`PmapSteps`, replicated over the local devices)."""
+    return PmapSteps if config.parallelism == "pmap" else CompiledSteps
