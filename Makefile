@@ -8,7 +8,7 @@ WORKDIR ?= runs/default
 # and lists the 25 slowest tests (the suite should stay under about 20 minutes on 2 cores).
 PYTEST_ARGS ?= -n 2 --durations=25
 
-.PHONY: setup venv data train test test-floor lint format clean torch-env floor-env
+.PHONY: setup venv data train test test-fast test-floor lint format clean torch-env floor-env
 
 setup: venv data
 
@@ -44,6 +44,13 @@ format: venv
 test: setup lint torch-env floor-env
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 	$(MAKE) --no-print-directory test-floor
+
+# A minute's check while iterating: lint, the house's shape (no import cycle, the root's modules,
+# module length), data preparation and tokenizers. `make test` is what CI runs.
+FAST_TESTS := tests/test_project_layout.py tests/test_data_setup.py tests/test_prepare_data.py \
+	tests/test_tokenizers.py tests/test_detokenizer.py
+test-fast: setup lint
+	$(PY) -m pytest $(PYTEST_ARGS) $(FAST_TESTS) -k "not new_model and not readme"
 
 # The floor: the versions of a typical GPU image (Python 3.12, jax/jaxlib 0.11.2, no TensorFlow,
 # no TFDS). The language-model path and the GPU check's dry run are tested on it, so what must run
