@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import flags
@@ -28,28 +27,11 @@ from absl import flags
 import config_validation
 import evaluation
 import experiment
-from runtime import cli, distributed
+from runtime import cli
 
-
-def classifier_log_probs(
-    run: experiment.Run, state: Any, batches: Iterable[dict[str, np.ndarray]]
-) -> tuple[np.ndarray, np.ndarray]:
-    """(log-probabilities [N, C] float64, labels [N] int64) over the real (unmasked) examples of
-    `batches`, computed by the run's compiled, sharded predict step."""
-    compiled = run.compiled
-    log_probs, labels = [], []
-    with compiled.context():
-        for batch in batches:
-            placed = compiled.put_batch(batch)
-            out = compiled.predict_step(state, placed)
-            # Whole global batches on the host: small ([batch, classes]); every process sees all.
-            out, targets, mask = distributed.to_host((out, placed["targets"], placed["mask"]))
-            keep = mask > 0
-            log_probs.append(np.asarray(out, np.float64)[keep])
-            labels.append(targets[keep])
-    if not log_probs:
-        raise cli.UserError("The split produced no evaluation batches.")
-    return np.concatenate(log_probs), np.concatenate(labels).astype(np.int64)
+# (log-probabilities [N, C] float64, labels [N] int64) by the run's compiled predict step:
+# evaluation's one loop, under the name this module has always given it (tests/test_serve.py).
+classifier_log_probs = evaluation.predict_log_probs
 
 
 def classification_report(log_probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
@@ -69,21 +51,6 @@ def classification_report(log_probs: np.ndarray, labels: np.ndarray) -> dict[str
     return report
 
 
-def lm_report(
-    run: experiment.Run, state: Any, batches: Iterable[dict[str, np.ndarray]], tokenizer: Any
-) -> dict[str, Any]:
-    """Loss, accuracy, perplexity and bits per unit, with training's own compiled eval step."""
-    compiled = run.compiled
-    totals = None
-    with compiled.context():
-        for batch in batches:
-            sums = compiled.eval_step(state, compiled.put_batch(batch))
-            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    if totals is None:
-        raise cli.UserError("The split produced no evaluation batches.")
-    return evaluation.from_sums(compiled.sums_to_host(totals), 0, tokenizer)
-
-
 def _splits(config: ml_collections.ConfigDict, datasets: Any) -> list[str]:
     if config.task == "classification":
         return ["train", "test"]
@@ -96,10 +63,13 @@ def evaluate_restored(
     """Metrics of a restored run on `split` (default: 'test' for classifiers, 'val' for language
     models) of its own data, or of the data that config `overrides` name (e.g.
     dataset='tiny_shakespeare', eval_batch_size=500, eval_steps=200). The model stays sharded
-    as restored; the compiled steps of the run evaluate it.
+    as restored; the compiled steps of the run evaluate it, through evaluation's one loop:
+    classifiers by the predict step (`classification_report`, with ROC AUC), language models by
+    `evaluation.evaluate`, exactly as training evaluates.
 
-    Raises cli.UserError for a split the data lacks or a vocabulary that differs from the
-    model's, config_validation.ConfigError for overrides that do not fit the devices."""
+    Raises cli.UserError for a split the data lacks, a vocabulary that differs from the model's
+    or a split that gives no batch, config_validation.ConfigError for overrides that do not fit
+    the devices."""
     import input_pipeline  # loading data needs tf.data; restoring does not
 
     run = restored.run
@@ -119,8 +89,9 @@ def evaluate_restored(
         )
     batches = datasets.eval_batches(split)
     if config.task == "classification":
-        return classification_report(*classifier_log_probs(run, restored.state, batches))
-    return lm_report(run, restored.state, batches, datasets.tokenizer)
+        return classification_report(*evaluation.predict_log_probs(run, restored.state, batches))
+    # Training's own evaluation (the tokenizer is the run's, checked above).
+    return evaluation.evaluate(run, restored.state, batches)
 
 
 def evaluate_checkpoint(

@@ -1,15 +1,109 @@
-"""Turns summed evaluation counts into the metrics a paper reports, and the final report."""
+"""Evaluation: the one loop that runs a run's compiled eval (or predict) step over batches, the
+metrics a paper reports from its sums, and the final report.
+
+`eval_sums` / `evaluate` serve training's periodic and final evaluation, `evaluate.py` and the
+tools alike (as big_vision's evaluators serve its trainer and its eval-only tool): the same
+compiled, sharded `eval_step`, the same placement of batches, the same sums, hence the same
+numbers for the same state. `predict_log_probs` is the same loop over the predict step, for the
+scores that need every example's probabilities (ROC AUC).
+"""
 
 from __future__ import annotations
 
 import io
 import math
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+import steps
+from runtime import cli, distributed
+
+if TYPE_CHECKING:
+    import experiment
+
 _LN2 = math.log(2.0)
+
+HostBatch = dict[str, np.ndarray]  # 'inputs', 'targets' and 'mask' [B] float32 (1 real, 0 pad)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _compiled(run: experiment.Run | steps.CompiledSteps) -> steps.CompiledSteps:
+    return run if isinstance(run, steps.CompiledSteps) else run.compiled
+
+
+def _step_over(
+    compiled: steps.CompiledSteps, step: Callable, state: Any, batches: Iterable[HostBatch]
+) -> Iterator[tuple[dict[str, jax.Array], Any]]:
+    """(placed batch, step output) per host batch, each batch placed as the compiled steps take
+    it (a global array split over data x fsdp under 'jit', [devices, ...] under 'pmap'). Iterate
+    it inside `compiled.context()`."""
+    for batch in batches:
+        placed = compiled.put_batch(batch)
+        yield placed, step(state, placed)
+
+
+def eval_sums(
+    run: experiment.Run | steps.CompiledSteps, state: Any, batches: Iterable[HostBatch]
+) -> dict[str, np.ndarray]:
+    """The run's compiled, sharded eval step summed over `batches`, fetched to the host once.
+
+    `state` is in the compiled steps' layout (a restored or trained global state under 'jit';
+    `compiled.from_global(state)` under 'pmap'); each batch is process-local host numpy as
+    `Datasets.eval_batches` yields it, padded examples masked out. Returns float32 numpy
+    {'loss_sum', 'correct', 'count'} scalars (count: real tokens or examples) and, for
+    classifiers, 'confusion' [C, C] (true, predicted); summed on the device in float32.
+
+    Raises cli.UserError if `batches` is empty.
+    """
+    compiled = _compiled(run)
+    totals = None
+    with compiled.context():
+        for _, sums in _step_over(compiled, compiled.eval_step, state, batches):
+            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    if totals is None:
+        raise cli.UserError("The split produced no evaluation batches.")
+    return compiled.sums_to_host(totals)
+
+
+def evaluate(run: experiment.Run, state: Any, batches: Iterable[HostBatch]) -> dict[str, Any]:
+    """`from_sums` of `eval_sums`: loss, accuracy and num_examples, with the confusion matrix and
+    per-class scores for classifiers, perplexity and bits per unit (the run's tokenizer's) for
+    language models. Python floats, ints and lists. Raises cli.UserError if `batches` is empty.
+    """
+    return from_sums(eval_sums(run, state, batches), run.input_spec.num_classes, run.tokenizer)
+
+
+def predict_log_probs(
+    run: experiment.Run | steps.CompiledSteps, state: Any, batches: Iterable[HostBatch]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(log-probabilities [N, C] float64, labels [N] int64) of the real (unmasked) examples of
+    classifier `batches`, in order, by the run's compiled, sharded predict step (state and
+    batches as for `eval_sums`). Every process gets all N.
+
+    Raises cli.UserError if `batches` is empty.
+    """
+    compiled = _compiled(run)
+    log_probs, labels = [], []
+    with compiled.context():
+        for placed, out in _step_over(compiled, compiled.predict_step, state, batches):
+            # Whole global batches on the host: small ([batch, classes]); every process sees all.
+            out, targets, mask = distributed.to_host((out, placed["targets"], placed["mask"]))
+            keep = mask > 0
+            log_probs.append(np.asarray(out, np.float64)[keep])
+            labels.append(targets[keep])
+    if not log_probs:
+        raise cli.UserError("The split produced no evaluation batches.")
+    return np.concatenate(log_probs), np.concatenate(labels).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- the metrics
 
 
 def classification_metrics(confusion: np.ndarray) -> dict[str, Any]:
@@ -78,7 +172,8 @@ def lm_metrics(loss: float, tokenizer: Any) -> dict[str, float]:
 
 
 def from_sums(sums: dict[str, Any], num_classes: int, tokenizer: Any = None) -> dict[str, Any]:
-    """Metrics of one split from the eval step's summed loss, correct count and confusion."""
+    """Metrics of one split from the eval step's summed loss, correct count and confusion
+    (`eval_sums`); `num_classes` 0 for a language model, whose `tokenizer` names the unit."""
     count = float(sums["count"])
     out: dict[str, Any] = {
         "loss": float(sums["loss_sum"]) / count,

@@ -14,6 +14,7 @@ from sklearn.metrics import roc_auc_score
 
 import evaluate
 import evaluation
+import experiment
 from runtime import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,6 +108,37 @@ def test_lm_checkpoint_report(trained_lm_run):
     assert report["perplexity"] == pytest.approx(math.exp(report["loss"]))
     assert report["bits_per_char"] == pytest.approx(report["loss"] / math.log(2))
     assert os.path.exists(os.path.join(trained_lm_run, "eval_val_step12.json"))
+
+
+@pytest.mark.parametrize("run", ["trained_mlp_run", "trained_lm_run"])
+def test_training_and_a_checkpoint_share_one_evaluation(run, request):
+    """evaluation.evaluate on the final checkpoint reproduces every split of final_metrics.json
+    (training's own final evaluation, the same function over the same compiled eval step)."""
+    workdir = request.getfixturevalue(run)
+    with open(os.path.join(workdir, "final_metrics.json")) as f:
+        final = json.load(f)
+    restored = experiment.restore_run(workdir, load_data=True)
+    datasets = restored.run.datasets
+    assert datasets.eval_splits  # classifiers: ('test',); language models: ('train', 'val')
+    for split in datasets.eval_splits:
+        metrics = evaluation.evaluate(restored.run, restored.state, datasets.eval_batches(split))
+        for name, value in metrics.items():
+            np.testing.assert_allclose(value, final[f"{split}_{name}"], rtol=1e-6, err_msg=name)
+    # The sums themselves, from the compiled steps alone: host float32 scalars (and [C, C]).
+    batches = datasets.eval_batches(datasets.eval_splits[0])
+    sums = evaluation.eval_sums(restored.run.compiled, restored.state, batches)
+    assert {"loss_sum", "correct", "count"} <= set(sums)
+    assert all(isinstance(v, np.ndarray) and v.dtype == np.float32 for v in sums.values())
+
+
+def test_no_batches_is_a_user_error(trained_mlp_run):
+    """An evaluation over no batch at all (an empty split) stops with a UserError, by either
+    step."""
+    restored = experiment.restore_run(trained_mlp_run)
+    with pytest.raises(cli.UserError, match="no evaluation batches"):
+        evaluation.evaluate(restored.run, restored.state, [])
+    with pytest.raises(cli.UserError, match="no evaluation batches"):
+        evaluation.predict_log_probs(restored.run, restored.state, iter(()))
 
 
 def test_cli(trained_mlp_run, tmp_path):

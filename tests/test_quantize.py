@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import evaluation
 import experiment
 import sampling
 from runtime import cli, distributed
@@ -38,8 +39,21 @@ def test_trained_gpt_loss_memory_and_sampling(trained_lm_run):
     assert result["quantized_matrices"] == 6  # 1 layer: query, key, value, out, fc, proj
     assert abs(result["loss_change"]) <= 0.02, result
     assert result["int8_param_bytes"] < result["float_param_bytes"]
-    restored = experiment.restore_run(trained_lm_run)
+    # The float loss is training's own (the run's compiled eval step, evaluation.evaluate).
+    with open(os.path.join(trained_lm_run, "final_metrics.json")) as f:
+        assert result["float_loss"] == pytest.approx(json.load(f)["val_loss"], rel=1e-6)
+    restored = experiment.restore_run(trained_lm_run, load_data=True)
     params = distributed.to_host(restored.params)
+    # Parameters from the host take the restored ones' place with their shardings and dtypes;
+    # the int8 loss is the same eval step's on the dequantized weights.
+    targets = jax.tree.leaves(restored.run.abstract_state.params)
+    for host_params, expected in [(params, result["float_loss"]), (qparams, result["int8_loss"])]:
+        state = quantize.with_params(restored, host_params)
+        for leaf, target in zip(jax.tree.leaves(state.params), targets, strict=True):
+            assert leaf.sharding == target.sharding and leaf.dtype == target.dtype
+        batches = restored.run.datasets.eval_batches("val")
+        loss = evaluation.evaluate(restored.run, state, batches)["loss"]
+        assert loss == pytest.approx(expected, rel=1e-6)
     block = params["h_0"]
     q_block = qparams["h_0"]
     assert q_block["mlp"]["fc"]["kernel"]["int8"].dtype == jnp.int8

@@ -4,15 +4,16 @@
 
 Every matrix of the transformer blocks (attention query/key/value/out, MLP fc/proj) is stored as
 int8 with one float32 scale per output channel (symmetric: w ~= int8 * scale, scale = max|w| /
-127 over the input axes); embeddings, norms and biases stay float32. The int8 weights are
-dequantized inside the jitted forward (`dequantize` under jit), so the stored parameters are ~4x
-smaller. The CLI reports the validation loss with float and int8 weights, its change, and the
-bytes of both parameter sets, as one JSON line.
+127 over the input axes); embeddings, norms and biases stay float32. The stored parameters are
+~4x smaller; for sampling they are dequantized inside the jitted forward (`dequantize` under jit).
+The CLI reports the validation loss with float and int8 weights, its change, and the bytes of
+both parameter sets, as one JSON line. Both losses come from the run's own compiled, sharded eval
+step (`evaluation.evaluate`, as training and evaluate.py compute it): the int8 weights,
+dequantized, take the float weights' place in the restored state, with the same shardings.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 from typing import Any
 
@@ -22,8 +23,9 @@ import numpy as np
 from absl import flags
 from flax import traverse_util
 
+import evaluation
 import experiment
-import steps
+import train_state
 from runtime import cli, distributed, workdir_files
 
 # Matrices that are quantized (by the last path element of the kernel's parent module) and the
@@ -70,26 +72,26 @@ def num_bytes(tree: Any) -> int:
     return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree)))
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def _loss_sums(model: Any, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, ...]:
-    """(loss sum, token count) of a masked eval batch; quantized params are dequantized here."""
-    logits = model.apply({"params": dequantize(params)}, batch["inputs"])
-    loss_sum, _, count = steps.cross_entropy(logits, batch["targets"], batch["mask"])
-    return loss_sum, count
+def with_params(restored: experiment.Restored, params: Any) -> train_state.TrainState:
+    """`restored.state` with `params` (a host tree, float or quantized) in place of its own:
+    dequantized on the host, cast to the run's parameter dtypes and placed with the shardings of
+    `restored.run.abstract_state`, so that the run's compiled steps take it unchanged.
 
-
-def eval_loss(model: Any, params: Any, batches) -> float:
-    """Mean per-token cross-entropy of (float or quantized) params over eval batches."""
-    total, count = 0.0, 0.0
-    for batch in batches:
-        loss_sum, n = _loss_sums(model, params, jax.tree.map(jnp.asarray, batch))
-        total, count = total + float(loss_sum), count + float(n)
-    return total / count
+    Raises ValueError if `params` has another tree structure than the run's parameters."""
+    dense = dequantize(jax.tree.map(np.asarray, params))
+    abstract = restored.run.abstract_state.params
+    placed = jax.tree.map(
+        lambda a, x: jax.device_put(np.asarray(x, a.dtype), a.sharding), abstract, dense
+    )
+    return restored.state.replace(params=placed)
 
 
 def report(workdir: str, step: int | None = None, split: str = "val") -> tuple[dict[str, Any], Any]:
-    """Quantizes a run's checkpoint; returns (losses, their change and the parameter bytes;
-    the quantized params)."""
+    """Quantizes a run's checkpoint; returns (the float and int8 mean per-token losses on `split`,
+    their change and the parameter bytes; the quantized params, host arrays).
+
+    Raises cli.UserError for a run that is not a GPT language model or a split that gives no
+    batch, FileNotFoundError for a missing workdir, checkpoint or step."""
     config = workdir_files.load_config(workdir)  # checked before any data or checkpoint is read
     if config.task != "lm" or config.model.name != "gpt":
         raise cli.UserError(
@@ -97,12 +99,12 @@ def report(workdir: str, step: int | None = None, split: str = "val") -> tuple[d
             "runs (config.model.name='gpt'): give the workdir of one."
         )
     restored = experiment.restore_run(workdir, step, load_data=True)
+    run = restored.run
     params = distributed.to_host(restored.params)
-    model = restored.model
-    datasets = restored.run.datasets
     qparams = quantize_params(params)
-    float_loss = eval_loss(model, params, datasets.eval_batches(split))
-    int8_loss = eval_loss(model, qparams, datasets.eval_batches(split))
+    float_loss = evaluation.evaluate(run, restored.state, run.datasets.eval_batches(split))["loss"]
+    int8_state = with_params(restored, qparams)
+    int8_loss = evaluation.evaluate(run, int8_state, run.datasets.eval_batches(split))["loss"]
     matrices = [
         x for x in jax.tree.leaves(qparams, is_leaf=_is_quantized) if _is_quantized(x)
     ]  # fmt: skip
