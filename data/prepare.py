@@ -42,18 +42,12 @@ from typing import Any
 import numpy as np
 from absl import flags
 
-from data import sources, tokenization
+from data import manifest, sources, tokenization
+from data.manifest import MANIFEST, SHARDS, PrepareError, read_manifest, source_stamps
 from runtime import cli
 
-MANIFEST = "manifest.json"
-SHARDS = "shards"
-FORMAT = "jaxlab-token-shards/1"
 UNIT_BYTES = 64 << 20  # a large file is cut into units of about this many bytes
 TOKENIZER_SAMPLE_BYTES = 64 << 20  # what SentencePiece and BPE are trained on, at most
-
-
-class PrepareError(sources.DatasetUnavailableError):
-    """The corpus or the options cannot be prepared; the message names the file and the fix."""
 
 
 # ----------------------------------------------------------------------------- sources
@@ -82,7 +76,11 @@ def source_files(source: str, data_dir: str | None = None) -> list[str]:
 
 
 def _units(files: list[str], unit_bytes: int) -> list[tuple[str, int, int]]:
-    """(file, start, end) byte ranges: whole files, large ones cut after a newline."""
+    """(file, start, end) byte ranges: whole files, large ones cut into pieces of about
+    `unit_bytes`. A cut falls only after a newline that a non-whitespace character follows: no
+    token of a GPT-2-style byte-level BPE (its pre-tokenizer never joins a newline to the
+    next word) or of SentencePiece spans such a point, so a document's tokens do not depend on
+    where preparation cut it for parallel work (tested for every tokenizer kind)."""
     units = []
     for path in files:
         size = os.path.getsize(path)
@@ -92,8 +90,9 @@ def _units(files: list[str], unit_bytes: int) -> list[tuple[str, int, int]]:
                 end = min(start + unit_bytes, size)
                 if end < size:
                     f.seek(end)
-                    rest = f.readline()  # to the end of the line: never inside a character
-                    end += len(rest)
+                    end += len(f.readline())  # to the end of the line: never inside a character
+                    while end < size and _starts_with_space(line := f.readline()):
+                        end += len(line)
                 units.append((path, start, end))
                 start = end
         if size == 0:
@@ -101,10 +100,20 @@ def _units(files: list[str], unit_bytes: int) -> list[tuple[str, int, int]]:
     return units
 
 
-def _documents(unit: tuple[str, int, int], text_field: str) -> Iterator[str]:
-    """The documents of a unit: the whole range of a text file (one document per file), or
-    the text field of each JSONL line. PrepareError naming the file and byte offset if the
-    bytes are not UTF-8."""
+def _starts_with_space(line: bytes) -> bool:
+    """Whether a line (bytes, from the start of a line) begins with whitespace, Unicode's
+    included; undecodable bytes count as text (they are reported when the unit is read)."""
+    try:
+        return line.decode("utf-8")[:1].isspace()
+    except UnicodeDecodeError:
+        return line[:1].isspace()
+
+
+def _documents(unit: tuple[str, int, int], text_field: str) -> Iterator[tuple[str, bool]]:
+    """(text, ends a document) pairs of a unit: a text file is one document (its last unit
+    ends it), a JSONL file one document a line, holding its `text_field`. JSON Lines are split
+    on "\n" alone: U+2028 or U+0085 inside a JSON string is text, not a line break. PrepareError
+    naming the file and byte offset if the bytes are not UTF-8."""
     path, start, end = unit
     with open(path, "rb") as f:
         f.seek(start)
@@ -117,17 +126,17 @@ def _documents(unit: tuple[str, int, int], text_field: str) -> Iterator[str]:
             "does not decode. Convert it (e.g. iconv -t UTF-8) or leave it out of --source."
         ) from None
     if path.endswith((".jsonl", ".json")):
-        for number, line in enumerate(text.splitlines()):
+        for number, line in enumerate(text.split("\n")):
             if line.strip():
                 try:
-                    yield json.loads(line)[text_field]
+                    yield json.loads(line)[text_field], True
                 except (ValueError, KeyError, TypeError) as e:
                     raise PrepareError(
                         f"{path}: a line after byte {start} (line {number + 1} of the range) is "
                         f"not a JSON object with a {text_field!r} field ({e}); set --text_field."
                     ) from None
     else:
-        yield text
+        yield text, end == os.path.getsize(path)
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -138,7 +147,7 @@ def _sample(units: list[tuple[str, int, int]], text_field: str, limit: int) -> I
     per_unit = max(1, limit // max(1, len(units)))
     for unit in units:
         taken = 0
-        for doc in _documents(unit, text_field):
+        for doc, _ in _documents(unit, text_field):
             yield doc[: per_unit - taken]
             taken += len(doc)
             if taken >= per_unit:
@@ -148,7 +157,7 @@ def _sample(units: list[tuple[str, int, int]], text_field: str, limit: int) -> I
 def _char_set(unit_and_field: tuple[tuple[str, int, int], str]) -> set[str]:
     unit, text_field = unit_and_field
     chars: set[str] = set()
-    for doc in _documents(unit, text_field):
+    for doc, _ in _documents(unit, text_field):
         chars.update(doc)
     return chars
 
@@ -203,9 +212,9 @@ def _write_shard(args: tuple[int, tuple[str, int, int], str, str]) -> tuple[int,
     dtype = token_dtype(tokenizer.vocab_size)
     eot = tokenizer.eot_id
     pieces = []
-    for doc in _documents(unit, text_field):
-        pieces.append(tokenizer.encode(doc))
-        if eot is not None:
+    for doc, ends_document in _documents(unit, text_field):
+        pieces.append(tokenizer.encode(doc))  # ordinary text: "<|endoftext|>" is not the id
+        if eot is not None and ends_document:  # the one separator preparation inserts
             pieces.append(np.asarray([eot], np.int32))
     ids = np.concatenate(pieces) if pieces else np.zeros((0,), np.int32)
     base = os.path.join(out, SHARDS, f"{index:05d}")
@@ -215,7 +224,8 @@ def _write_shard(args: tuple[int, tuple[str, int, int], str, str]) -> tuple[int,
         f.write(data)
     os.replace(tmp, base + ".bin")
     record = {"file": f"{SHARDS}/{index:05d}.bin", "tokens": int(ids.size),
-              "sha256": hashlib.sha256(data).hexdigest(), "unit": list(unit)}  # fmt: skip
+              "sha256": hashlib.sha256(data).hexdigest(), "unit": list(unit),
+              "source_file": source_stamps([unit[0]])[0]}  # fmt: skip
     with open(f"{base}.json.tmp{os.getpid()}", "w") as f:
         json.dump(record, f)
     # The shard is done once its sidecar exists.
@@ -285,12 +295,17 @@ def prepare(
     if not 0 <= shard_index < num_shards:
         raise PrepareError(f"--shard_index={shard_index} is not in [0, --num_shards).")
     out = os.path.abspath(out)
-    if os.path.exists(os.path.join(out, MANIFEST)):
-        return read_manifest(out)
+    files = source_files(source, data_dir)
+    wanted = manifest.recipe(source, files, tokenizer, vocab_size=vocab_size,
+                             text_field=text_field, val_fraction=val_fraction,
+                             unit_bytes=unit_bytes)  # fmt: skip
     workers = workers or os.cpu_count() or 1
-    units = _units(source_files(source, data_dir), unit_bytes)
-    os.makedirs(os.path.join(out, SHARDS), exist_ok=True)
-    with _lock(out):  # one builds the tokenizer; the others (array tasks) then load it
+    with _lock(out):  # one records the recipe and builds the tokenizer; the others check them
+        manifest.check_or_record(out, wanted)
+        if os.path.exists(os.path.join(out, MANIFEST)):
+            return read_manifest(out)
+        units = _units(files, unit_bytes)
+        os.makedirs(os.path.join(out, SHARDS), exist_ok=True)
         if not os.path.exists(os.path.join(out, tokenization.TOKENIZER_JSON)):
             build_tokenizer(tokenizer, units, text_field, vocab_size, workers).save(out)
     mine = [i for i in range(len(units)) if i % num_shards == shard_index]
@@ -308,7 +323,7 @@ def prepare(
             return read_manifest(out)
         if not all(os.path.exists(_sidecar(out, i)) for i in range(len(units))):
             return None  # another slice's units are still running: its invocation finishes
-        return _write_manifest(out, source, tokenizer, units, val_fraction)
+        return _write_manifest(out, wanted, units)
 
 
 def _sidecar(out: str, index: int) -> str:
@@ -322,60 +337,53 @@ def _progress(total: int, what: str, enabled: bool) -> Any:
                 file=sys.stderr, smoothing=0.1)  # fmt: skip
 
 
-def _write_manifest(out: str, source: str, tokenizer_arg: str, units: list,
-                    val_fraction: float) -> dict[str, Any]:  # fmt: skip
+def _write_manifest(out: str, wanted: dict[str, Any], units: list) -> dict[str, Any]:
+    """The manifest, once every unit's shard is done: PrepareError if a source file is no
+    longer what the recipe recorded, or a shard was tokenized from another version of it."""
+    now = source_stamps([stamp["path"] for stamp in wanted["source_files"]])
+    if changed := manifest.differences(wanted, {**wanted, "source_files": now}):
+        raise PrepareError(
+            f"A source changed while {out} was being prepared: {'; '.join(changed)}. "
+            f"Delete {out} and prepare it again."
+        )
+    stamps = {stamp["path"]: stamp for stamp in now}
     tokenizer = tokenization.load_tokenizer(out)
     shards = []
-    for i in range(len(units)):
+    for i, unit in enumerate(units):
         with open(_sidecar(out, i)) as f:
             record = json.load(f)
+        if record.get("unit") != list(unit) or record.get("source_file") != stamps[unit[0]]:
+            raise PrepareError(
+                f"{_sidecar(out, i)} was tokenized from another version of {unit[0]}. "
+                f"Delete {out} and prepare it again."
+            )
         shards.append({k: record[k] for k in ("file", "tokens", "sha256")})
     num_tokens = sum(s["tokens"] for s in shards)
-    n_train = int(num_tokens * (1.0 - val_fraction))  # nanoGPT: the first 90% trains
+    n_train = int(num_tokens * (1.0 - wanted["val_fraction"]))  # nanoGPT: the first 90% trains
     files = sorted(n for n in os.listdir(out) if n.startswith("tokenizer"))
-    manifest = {
-        "format": FORMAT,
-        "source": source,
+    record = {
+        "format": manifest.FORMAT,
+        "source": wanted["source"],
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "recipe": wanted,
         "tokenizer": {
             "kind": tokenizer.kind,
-            "argument": tokenizer_arg,
+            "argument": wanted["tokenizer"],
             "files": files,
             "vocab_size": tokenizer.vocab_size,
         },  # fmt: skip
         "dtype": token_dtype(tokenizer.vocab_size).name,
         "document_separator": tokenizer.eot_id,
         "num_tokens": num_tokens,
-        "source_files": source_stamps(sorted({u[0] for u in units})),
-        "val_fraction": val_fraction,
+        "source_files": wanted["source_files"],
+        "val_fraction": wanted["val_fraction"],
         "splits": {"train": [0, n_train], "val": [n_train, num_tokens]},
         "shards": shards,
     }
     with open(os.path.join(out, MANIFEST + ".tmp"), "w") as f:
-        json.dump(manifest, f, indent=1)
+        json.dump(record, f, indent=1)
     os.replace(os.path.join(out, MANIFEST + ".tmp"), os.path.join(out, MANIFEST))
-    return manifest
-
-
-def source_stamps(files: list[str]) -> list[dict[str, Any]]:
-    """(path, size, modification time) of each source file: a changed source is detected."""
-    return [{"path": f, "size": os.path.getsize(f), "mtime_ns": os.stat(f).st_mtime_ns}
-            for f in files]  # fmt: skip
-
-
-def read_manifest(directory: str) -> dict[str, Any]:
-    """The manifest of a prepared directory; FileNotFoundError naming the fix if absent."""
-    path = os.path.join(directory, MANIFEST)
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{path} not found: {directory} is not a prepared dataset (or its preparation has "
-            "not finished: rerun `python -m data.prepare` with the same arguments)."
-        )
-    with open(path) as f:
-        manifest = json.load(f)
-    if manifest.get("format") != FORMAT:
-        raise PrepareError(f"{path} is not a {FORMAT} manifest.")
-    return manifest
+    return record
 
 
 # ----------------------------------------------------------------------------- on first use
@@ -413,14 +421,22 @@ def prepared_cache(source: str, tokenizer: str, *, vocab_size: int | None = None
     out = os.path.join(sources.default_tokens_dir(data_dir),
                        cache_name(source, tokenizer, vocab_size, val_fraction))  # fmt: skip
     manifest_path = os.path.join(out, MANIFEST)
-    if os.path.isfile(manifest_path) and jax.process_index() == 0:
-        stamps = read_manifest(out).get("source_files", [])
-        files = [stamp["path"] for stamp in stamps]
-        if not all(map(os.path.isfile, files)) or source_stamps(files) != stamps:
+    if os.path.isdir(out) and jax.process_index() == 0:
+        # The whole recipe, the source's current file list included (a file added to a
+        # directory counts), against what the tokens were made from.
+        wanted = manifest.recipe(source, source_files(source, data_dir), tokenizer,
+                                 vocab_size=vocab_size, text_field="text",
+                                 val_fraction=val_fraction, unit_bytes=UNIT_BYTES)  # fmt: skip
+        try:
+            with open(os.path.join(out, manifest.RECIPE)) as f:
+                stale = manifest.differences(json.load(f), wanted)
+        except (OSError, ValueError):
+            stale = ["no record of its source"]
+        if stale:
             aside = f"{out}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
             os.rename(out, aside)  # a cache of the source: made again, the old one kept aside
-            print(f"{source} changed since it was prepared; preparing it again (the old tokens "
-                  f"are in {aside}).", flush=True)  # fmt: skip
+            print(f"{source} is not what {out} was prepared from ({'; '.join(stale)}); "
+                  f"preparing it again (the old tokens are in {aside}).", flush=True)  # fmt: skip
     if not os.path.isfile(manifest_path):
         if jax.process_index() == 0:
             print(f"Preparing {source} with the {tokenizer} tokenizer into {out} (once; later "

@@ -356,6 +356,13 @@ class BPETokenizer(Tokenizer):
 
         self._json = serialized
         self._tok = HFTokenizer.from_str(serialized)
+        # Text is encoded as ordinary text, as tiktoken's `encode_ordinary` (which nanoGPT
+        # prepares with) does: a corpus or prompt that contains "<|endoftext|>" gets the
+        # tokens of those 13 characters, never the separator id that only preparation inserts.
+        # Hugging Face matches added special tokens in any text, so they are left out here.
+        spec = json.loads(serialized)
+        spec["added_tokens"] = [t for t in spec.get("added_tokens") or [] if not t.get("special")]
+        self._ordinary = HFTokenizer.from_str(json.dumps(spec))
 
     @classmethod
     def from_file(cls, path: str) -> BPETokenizer:
@@ -437,12 +444,13 @@ class BPETokenizer(Tokenizer):
         return self._tok.token_to_id(END_OF_TEXT)
 
     def encode(self, text: str) -> np.ndarray:
-        """Returns the token ids of text as a 1-D int32 array (no special tokens added)."""
-        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+        """Returns the token ids of text as a 1-D int32 array: ordinary text only (special
+        tokens' text, such as "<|endoftext|>", encodes as its characters; none is added)."""
+        return np.asarray(self._ordinary.encode(text, add_special_tokens=False).ids, dtype=np.int32)
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         """`encode` of many texts at once (the library parallelises it)."""
-        out = self._tok.encode_batch(texts, add_special_tokens=False)
+        out = self._ordinary.encode_batch(texts, add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int32) for e in out]
 
     def decode(self, ids: Any) -> str:

@@ -71,16 +71,17 @@ def prepare_throughput(work: str) -> dict[str, float]:
 
 def synthetic_corpus(out: str, gigabytes: float, shards: int = 8) -> str:
     """A prepared directory of random byte-level tokens (uint16), `gigabytes` GB in all."""
-    from data import prepare, tokenization
+    from data import manifest as shards_format
+    from data import tokenization
 
-    if os.path.isfile(os.path.join(out, prepare.MANIFEST)):
+    if os.path.isfile(os.path.join(out, shards_format.MANIFEST)):
         return out
-    os.makedirs(os.path.join(out, prepare.SHARDS), exist_ok=True)
+    os.makedirs(os.path.join(out, shards_format.SHARDS), exist_ok=True)
     per_shard = int(gigabytes * 1e9 / 2 / shards)
     rng = np.random.default_rng(0)
     records = []
     for i in range(shards):
-        path = os.path.join(out, prepare.SHARDS, f"{i:05d}.bin")
+        path = os.path.join(out, shards_format.SHARDS, f"{i:05d}.bin")
         digest = hashlib.sha256()
         with open(path, "wb") as f:
             for start in range(0, per_shard, 1 << 26):
@@ -88,19 +89,19 @@ def synthetic_corpus(out: str, gigabytes: float, shards: int = 8) -> str:
                 data = chunk.tobytes()
                 f.write(data)
                 digest.update(data)
-        records.append({"file": f"{prepare.SHARDS}/{i:05d}.bin", "tokens": per_shard,
+        records.append({"file": f"{shards_format.SHARDS}/{i:05d}.bin", "tokens": per_shard,
                         "sha256": digest.hexdigest()})  # fmt: skip
     tokenization.ByteTokenizer().save(out)
     total = per_shard * shards
-    manifest = {
-        "format": prepare.FORMAT, "source": "synthetic", "dtype": "uint16",
+    record = {
+        "format": shards_format.FORMAT, "source": "synthetic", "dtype": "uint16",
         "tokenizer": {"kind": "byte", "argument": "byte", "vocab_size": 256, "files": []},
         "document_separator": None, "num_tokens": total, "val_fraction": 0.1,
         "splits": {"train": [0, int(total * 0.9)], "val": [int(total * 0.9), total]},
         "shards": records,
     }  # fmt: skip
-    with open(os.path.join(out, prepare.MANIFEST), "w") as f:
-        json.dump(manifest, f)
+    with open(os.path.join(out, shards_format.MANIFEST), "w") as f:
+        json.dump(record, f)
     return out
 
 
