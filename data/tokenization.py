@@ -49,6 +49,21 @@ def _check_id_range(ids: np.ndarray, vocab_size: int) -> None:
         )
 
 
+def check_text(text: str) -> str:
+    """Returns `text` if every tokenizer can encode it; ValueError naming the first lone
+    surrogate (U+D800-U+DFFF: valid in a JSON string, not in Unicode text) otherwise, so that
+    every tokenizer refuses such text the same way."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"Text is not valid Unicode: a lone surrogate U+{ord(text[e.start]):04X} at "
+            f"character {e.start}. Send text whose surrogates come in pairs (or as the "
+            "character itself)."
+        ) from None
+    return text
+
+
 class Tokenizer(abc.ABC):
     """Common interface: vocab_size, encode(text) -> int32 ids, decode(ids) -> text, save(dir)."""
 
@@ -150,7 +165,7 @@ class CharTokenizer(Tokenizer):
 
     def encode(self, text: str) -> np.ndarray:
         """Returns one id per character; raises ValueError on characters outside the vocabulary."""
-        codepoints = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        codepoints = np.frombuffer(check_text(text).encode("utf-32-le"), dtype=np.uint32)
         pos = np.searchsorted(self._sorted_codepoints, codepoints)
         pos = np.minimum(pos, len(self._sorted_codepoints) - 1)
         known = self._sorted_codepoints[pos] == codepoints
@@ -195,7 +210,7 @@ class ByteTokenizer(Tokenizer):
 
     def encode(self, text: str) -> np.ndarray:
         """Returns the UTF-8 bytes of text as int32 ids."""
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+        return np.frombuffer(check_text(text).encode("utf-8"), dtype=np.uint8).astype(np.int32)
 
     def decode(self, ids: Any) -> str:
         """Returns the UTF-8 decoding of the bytes ids (invalid sequences become U+FFFD)."""
@@ -309,7 +324,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode(self, text: str) -> np.ndarray:
         """Returns the piece ids of text (no BOS/EOS added)."""
-        return np.asarray(self._sp.encode(text, out_type=int), dtype=np.int32)
+        return np.asarray(self._sp.encode(check_text(text), out_type=int), dtype=np.int32)
 
     def decode(self, ids: Any) -> str:
         """Returns the text of piece ids (invalid byte sequences become U+FFFD)."""
@@ -446,11 +461,12 @@ class BPETokenizer(Tokenizer):
     def encode(self, text: str) -> np.ndarray:
         """Returns the token ids of text as a 1-D int32 array: ordinary text only (special
         tokens' text, such as "<|endoftext|>", encodes as its characters; none is added)."""
-        return np.asarray(self._ordinary.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+        ids = self._ordinary.encode(check_text(text), add_special_tokens=False).ids
+        return np.asarray(ids, dtype=np.int32)
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         """`encode` of many texts at once (the library parallelises it)."""
-        out = self._ordinary.encode_batch(texts, add_special_tokens=False)
+        out = self._ordinary.encode_batch([check_text(t) for t in texts], add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int32) for e in out]
 
     def decode(self, ids: Any) -> str:

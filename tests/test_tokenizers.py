@@ -168,3 +168,19 @@ def test_build_tokenizer(tmp_path: pathlib.Path, shakespeare: str) -> None:
     assert tokenization.load_tokenizer(str(tmp_path)).vocab_size == 400
     with pytest.raises(ValueError, match="char, byte, sentencepiece"):
         tokenization.build_tokenizer("wordpiece", text)
+
+
+def test_every_tokenizer_refuses_a_lone_surrogate_the_same_way(
+    shakespeare: str, sp_tokenizer: tokenization.SentencePieceTokenizer
+) -> None:
+    """ "ab\\ud83d" is a valid JSON string but not Unicode text: every kind raises the same
+    ValueError (which the server answers with a 400), none a TypeError from its library."""
+    bpe = tokenization.BPETokenizer.train(iter([shakespeare[:50_000]]), 300)
+    kinds = [tokenization.CharTokenizer.from_text("ab"), tokenization.ByteTokenizer(),
+             sp_tokenizer, bpe]  # fmt: skip
+    for tokenizer in kinds:
+        with pytest.raises(ValueError, match="lone surrogate U\\+D83D at character 2"):
+            tokenizer.encode("ab\ud83d")
+    with pytest.raises(ValueError, match="lone surrogate"):
+        bpe.encode_batch(["fine", "\udfff"])
+    assert bpe.encode("ab\U0001f600").size  # a pair, as one character, is text
