@@ -424,6 +424,28 @@ def test_sweep_cli_with_real_training(tmp_path, fashion_mnist_ready):
     assert (sweep_dir / "plots" / "learning_curves.png").exists()
 
 
+def test_a_sweep_whose_runs_failed_exits_1(tmp_path):
+    """Every run failing (here: a length train.py refuses) is a failed sweep: exit status 1,
+    the failed runs named; a scheduler or a script must not read it as success."""
+    sweep_file = tmp_path / "bad_sweep.py"
+    sweep_file.write_text(
+        textwrap.dedent(
+            """
+            def get_sweep():
+                return {"config": "configs/fashion_mnist_mlp.py",
+                        "grid": {"num_train_steps": [-5, -6]}, "seeds": [0]}
+            """
+        )
+    )
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO}
+    result = _sweep_command(f"--sweep={sweep_file}", f"--sweep_dir={tmp_path / 'sw'}",
+                            cwd=str(tmp_path), env=env, timeout=300)  # fmt: skip
+    assert result.returncode == 1, (result.stdout[-2000:], result.stderr[-2000:])
+    assert "2 run(s) did not finish: num_train_steps=-5/seed=0, num_train_steps=-6/seed=0" in (
+        result.stdout
+    )
+
+
 def test_readme_command_dry_run(tmp_path):
     """The sweep command of README.md, run from the repository root with --dry_run (and another
     sweep_dir), lists the shipped CNN sweep's 27 runs as train.py commands and starts none."""

@@ -81,8 +81,9 @@ def _options(names: dict[str, str], cls: type) -> SlurmOptions | KubernetesOptio
     return cls(**given)
 
 
-def main(argv: Sequence[str]) -> None:
-    """absl entry point. Failed runs are reported, not fatal: the exit status stays 0."""
+def main(argv: Sequence[str]) -> int:
+    """absl entry point. A failed run does not stop the others; the exit status is 1 when any
+    run of a local sweep did not finish (a scheduler or script sees the sweep failed)."""
     del argv  # cli.run rejects positional arguments
     if not FLAGS.sweep or not FLAGS.sweep_dir:
         raise cli.UserError("--sweep=configs/sweeps/<name>.py and --sweep_dir are required.")
@@ -111,16 +112,16 @@ def main(argv: Sequence[str]) -> None:
     sweep.fixed.update(extra)
     if FLAGS.summarize:
         summarize_finished(sweep, FLAGS.sweep_dir)
-        return
+        return 0
     if launcher == "local":
-        run_sweep(
+        summary = run_sweep(
             sweep,
             FLAGS.sweep_dir,
             parallel=FLAGS.parallel,
             dry_run=FLAGS.dry_run,
             timeout=FLAGS.run_timeout or None,
         )
-        return
+        return 1 if summary.get("failed") else 0
     flag_names, options_cls = {
         "slurm": (SLURM_FLAGS, SlurmOptions),
         "kubernetes": (K8S_FLAGS, KubernetesOptions),
@@ -132,6 +133,7 @@ def main(argv: Sequence[str]) -> None:
         )
     except ValueError as e:
         raise cli.UserError(str(e)) from e
+    return 0
 
 
 if __name__ == "__main__":

@@ -98,7 +98,8 @@ def run_sweep(
     command_fn: Callable[[Sweep, Run, Sequence[str]], list[str]] = train_command,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Plans, runs (unless dry_run) and summarises a sweep; returns summarize()'s dict."""
+    """Plans, runs (unless dry_run) and summarises a sweep; returns summarize()'s dict, with
+    'runs', 'outcomes' and 'failed' (the outcomes of runs that did not finish)."""
     runs = plan_runs(sweep, sweep_dir)
     log(
         f"Sweep {sweep.source}: {len(sweep.settings)} setting(s) x {len(sweep.seeds)} seed(s) = "
@@ -121,7 +122,7 @@ def run_sweep(
             + ", ".join(o.run.name for o in failed)
             + ". Rerun the same command to retry (finished runs are skipped)."
         )
-    summary["runs"], summary["outcomes"] = runs, outcomes
+    summary["runs"], summary["outcomes"], summary["failed"] = runs, outcomes, failed
     return summary
 
 
