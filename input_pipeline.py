@@ -2,7 +2,7 @@
 
 `get_datasets(config)` returns a `data.Datasets`: images from TFDS through tf.data
 (data/images.py, the only place TensorFlow is imported), language-model text from prepared token
-shards through np.memmap (data/text_windows.py, no TensorFlow), or a synthetic source
+shards (data/text_windows.py, no TensorFlow), or a synthetic source
 (data/synthetic.py). Every training batch is a pure function of (seed, step, process), so resuming
 needs no iterator state and N processes see exactly one process's batch. It reads the config's
 data fields and, for the shape of an example, `config.model.block_size` (a language model's
@@ -23,11 +23,16 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from data import Batch, Datasets
+from data import Batch, Datasets, synthetic
 
 
 def get_datasets(config: ml_collections.ConfigDict) -> Datasets:
-    """Builds the train and eval pipelines that `config.task` and `config.dataset` ask for."""
+    """Builds the train and eval pipelines that `config.task` and `config.dataset` ask for.
+
+    Raises config_validation.ConfigError for data fields that cannot work, and
+    data.sources.DatasetUnavailableError for data that is missing."""
+    if synthetic.is_synthetic(config):  # no files, no TensorFlow
+        return synthetic.synthetic_datasets(config)
     if config.task == "classification":
         from data import images  # tf.data: only image runs import TensorFlow
 

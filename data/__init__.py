@@ -3,7 +3,7 @@
   sources.py       where raw data comes from: Fashion-MNIST, Tiny Shakespeare, the KJV text,
                    TFDS text sets; corpus names; the data and tokens folders
   prepare.py       tokenizes a corpus once into token shards (`python -m data.prepare`)
-  text_windows.py  language-model batches read from the shards with np.memmap (no TensorFlow)
+  text_windows.py  language-model batches read from the shards by pread (no TensorFlow)
   images.py        image batches through tf.data (the only module that imports TensorFlow)
   tokenization.py  the tokenizers (char, byte, SentencePiece, BPE, a tokenizer.json), their files
   synthetic.py     random batches of a config's shapes, for benchmarks and compilation

@@ -1,17 +1,19 @@
-"""Language-model batches from prepared token shards (data/prepare.py): np.memmap, no TensorFlow.
+"""Language-model batches from prepared token shards (data/prepare.py), read without TensorFlow.
 
-Host memory does not grow with the corpus: the shards are memory-mapped and a batch copies only
-its windows. Every training batch is a pure function of (seed, step, process): the global
-batch's window starts are drawn by a Philox generator keyed by (seed, step), uniformly over the
-split's valid starts (nanoGPT's get_batch), and each process keeps its own slice, so a resumed
-run sees the same batches and N processes together see exactly one process's batch. Evaluation
-uses the same fixed, seeded windows every time (keyed by seed + 7919 and the batch's index).
+Host memory does not grow with the corpus or the run's length: a batch reads only its windows
+from the shards (`os.pread`, see `TokenStream`). Every training batch is a pure function of
+(seed, step, process): the global batch's window starts are drawn by a Philox generator keyed
+by (seed, step), uniformly over the split's valid starts (nanoGPT's get_batch), and each process
+keeps its own slice, so a resumed run sees the same batches and N processes together see exactly
+one process's batch. Evaluation uses the same fixed, seeded windows every time (keyed by
+seed + 7919 and the batch's index).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,16 +28,25 @@ DEFAULT_EVAL_STEPS = 20
 
 
 class TokenStream:
-    """The shards of a prepared dataset as one read-only sequence of token ids."""
+    """The shards of a prepared dataset as one read-only sequence of token ids.
+
+    Windows are read with `os.pread` into fresh arrays, not through a memory map: a random
+    window read from a map faults in neighbouring pages too (the kernel's fault-around and
+    read-ahead), and those pages stay mapped into the process, so a long run's resident memory
+    would grow towards the corpus's size (nanoGPT re-opens its map every batch for this
+    reason). Read this way, the pages live in the kernel's page cache, shared and reclaimable,
+    and the process's memory does not depend on the corpus or the run's length."""
+
+    MAX_OPEN_FILES = 64  # shard files kept open at once (the rest are reopened when read)
 
     def __init__(self, directory: str, manifest: dict[str, Any], verify: bool = True):
-        """Maps every shard; DatasetUnavailableError naming a shard that is missing, truncated
-        or (with `verify`) does not match its checksum."""
-        dtype = np.dtype(manifest["dtype"])
-        self._maps, offsets = [], [0]
+        """Checks every shard; DatasetUnavailableError naming a shard that is missing,
+        truncated or (with `verify`) does not match its checksum."""
+        self._dtype = np.dtype(manifest["dtype"])
+        self._paths, offsets = [], [0]
         for shard in manifest["shards"]:
             path = os.path.join(directory, shard["file"])
-            expected = shard["tokens"] * dtype.itemsize
+            expected = shard["tokens"] * self._dtype.itemsize
             size = os.path.getsize(path) if os.path.exists(path) else None
             if size != expected:
                 raise sources.DatasetUnavailableError(
@@ -48,33 +59,45 @@ class TokenStream:
                     f"delete it and its .json sidecar and run `python -m data.prepare` again."
                 )
             if shard["tokens"]:
-                self._maps.append(np.memmap(path, dtype=dtype, mode="r"))
+                self._paths.append(path)
                 offsets.append(offsets[-1] + shard["tokens"])
         self._offsets = np.asarray(offsets, np.int64)
         self.size = int(self._offsets[-1])
+        self._files: dict[int, int] = {}  # shard index -> open descriptor, oldest first
+        weakref.finalize(self, _close_all, self._files)
 
     def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
         """int32 [len(starts), length]: the tokens from each start (across shard boundaries)."""
         out = np.empty((len(starts), length), np.int32)
-        shard = np.searchsorted(self._offsets, starts, side="right") - 1
-        local = starts - self._offsets[shard]
-        for i, (s, j) in enumerate(zip(shard, local, strict=True)):
-            piece = self._maps[s][j : j + length]
-            if len(piece) == length:
-                out[i] = piece
-            else:  # the window runs into the next shard(s)
-                out[i] = self._read_across(int(starts[i]), length)
+        for i, start in enumerate(np.asarray(starts, np.int64)):
+            out[i] = self._read(int(start), length)
         return out
 
-    def _read_across(self, start: int, length: int) -> np.ndarray:
+    def _read(self, start: int, length: int) -> np.ndarray:
         parts, position = [], start
         while position < start + length:
             s = int(np.searchsorted(self._offsets, position, side="right") - 1)
-            j = position - int(self._offsets[s])
-            part = self._maps[s][j : j + start + length - position]
-            parts.append(part)
-            position += len(part)
-        return np.concatenate(parts)
+            count = min(start + length - position, int(self._offsets[s + 1]) - position)
+            offset = (position - int(self._offsets[s])) * self._dtype.itemsize
+            data = os.pread(self._fd(s), count * self._dtype.itemsize, offset)
+            parts.append(np.frombuffer(data, self._dtype))
+            position += count
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _fd(self, shard: int) -> int:
+        fd = self._files.pop(shard, None)
+        if fd is None:
+            if len(self._files) >= self.MAX_OPEN_FILES:
+                os.close(self._files.pop(next(iter(self._files))))
+            fd = os.open(self._paths[shard], os.O_RDONLY)
+        self._files[shard] = fd  # most recently used last
+        return fd
+
+
+def _close_all(files: dict[int, int]) -> None:
+    for fd in files.values():
+        os.close(fd)
+    files.clear()
 
 
 def _sha256(path: str) -> str:

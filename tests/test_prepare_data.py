@@ -1,4 +1,4 @@
-"""Tokenize once, read windows by memmap: round trips, resumable and sliced
+"""Tokenize once, read windows from the shards: round trips, resumable and sliced
 preparation, exact and process-sliced batches, and one clear error per kind of bad input."""
 
 from __future__ import annotations
