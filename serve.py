@@ -70,6 +70,7 @@ def main(argv: Sequence[str]) -> None:
     import uvicorn
 
     from serving import api
+    from serving.service import Service
 
     for name in ("max_batch_size", "max_queue", "classify_batch_size"):
         if FLAGS[name].value < 1:
@@ -78,7 +79,7 @@ def main(argv: Sequence[str]) -> None:
         raise cli.UserError(f"--port={FLAGS.port}: must be in [0, 65535].")
     _check_port_free(FLAGS.host, FLAGS.port)  # before the (slower) restore
     restored = experiment.restore_run(FLAGS.workdir, FLAGS.step)
-    service = api.Service(
+    service = Service(
         restored,
         FLAGS.workdir,
         num_slots=FLAGS.max_batch_size,

@@ -7,11 +7,13 @@ For each number of concurrent clients (--concurrency, default 1, 8 and 32), ever
 completion requests back to back (--max_tokens new tokens after --prompt, sampled at
 --temperature, a different seed each) for --duration_s seconds or until --max_requests have
 been sent, and the script prints requests/s, generated tokens/s, p50 and p99 latency and the
-number of errors. Then a soak at the highest concurrency for --soak_s seconds prints the
-server's resident memory (RSS, from /proc) at its start and end. Last, the serving targets:
-tokens/s at the highest concurrency at least 8x one client's, its p99 latency within 3x one
-client's p50, memory within 50 MB over the soak. Only loopback addresses are accepted: this is
-a measurement of our server, not a tool to load anyone else's.
+number of errors. Then a soak at the highest concurrency for --soak_s seconds (when the
+server's pid is known) prints the server's resident memory (RSS, from /proc) at its start and
+end. Last, it prints whether each target is met: when --concurrency includes 1 and a higher
+level, tokens/s at the highest concurrency at least 8x one client's, zero errors there, and its
+p99 latency within 3x one client's p50; after a soak, the server's RSS within 50 MB of its
+start. Only loopback addresses are accepted: this is a measurement of our server, not a tool to
+load anyone else's.
 """
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
-"""Serving trained runs over HTTP (serve.py): the batching engine for language models
-(`engine`), the classifier (`classifier`), request schemas (`schemas`) and the FastAPI app
-(`api`). docs/serving.md describes the design."""
+"""Serving trained runs over HTTP (serve.py): the FastAPI app (`api`) over the served run
+(`service`: request checks, admission control, answers), the batching engine for language
+models (`engine`) and its compiled slot programs (`slots`), the classifier (`classifier`), the
+incremental detokenizer (`detokenizer`) and request schemas (`schemas`). docs/serving.md
+describes the design."""

@@ -1,16 +1,17 @@
-"""Continuous batching for a GPT: one background thread decodes every request in flight together.
+"""Continuous batching for a language model: one background thread decodes every request in
+flight together.
 
 A fixed number of slots (the compiled batch) each hold one sequence: its KV cache (on device,
-`sampling.init_slot_cache`), its last token, position, seed and sampling settings (on the host,
+`slots.init_slot_cache`), its last token, position, seed and sampling settings (on the host,
 small arrays sent with each step). Between two decoding steps the loop admits waiting sequences
-into free slots (one prefill each, its prompt padded to a power-of-two bucket), then runs one
-`sampling.decode_slots` step over all slots and hands each sequence its new text. A sequence
-that ends (its length, a stop string, the end-of-text token) or is cancelled (its client left)
-frees its slot for the next step. Shapes never change after `warm_up`, so nothing compiles
-while serving (`compilations()` counts XLA compilations to prove it).
+into free slots (one `slots.prefill_slot` each, its prompt padded to a power-of-two bucket),
+then runs one `slots.decode_slots` step over all slots and hands each sequence its new text. A
+sequence that ends (its length, a stop string, the end-of-text token) or is cancelled (its
+client left) frees its slot for the next step. Shapes never change after `warm_up`, so nothing
+compiles while serving (`compilations()` counts XLA compilations to prove it).
 
 Sequences never wait unboundedly: `submit` refuses (`OverloadedError`) when the waiting line
-is full.
+is full (its length is the service's choice: serving/service.py turns the refusal into a 503).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import jax
 import numpy as np
 from absl import logging
 
-import sampling
+from serving import slots
 from serving.detokenizer import IncrementalText
 
 # XLA compilations in this process (jax.monitoring has no way to unregister a listener, so one
@@ -73,7 +74,7 @@ class Sequence:
     """
 
     prompt_ids: np.ndarray  # int32 [prompt_len], 1 <= prompt_len <= block_size
-    max_tokens: int  # 1 <= max_tokens <= sampling.max_slot_tokens(prompt_len, block_size)
+    max_tokens: int  # 1 <= max_tokens <= slots.max_slot_tokens(prompt_len, block_size)
     temperature: float
     top_k: int  # 0 = all
     top_p: float  # 1 = all
@@ -93,10 +94,12 @@ class Sequence:
 
 
 class LMEngine:
-    """The batching engine of one GPT (see the module docstring). Thread-safe `submit`/`cancel`.
+    """The batching engine of one language model (see the module docstring). Thread-safe
+    `submit`/`cancel`.
 
     Args:
-      model: the run's GPT (its `decode=False` form; decoding clones it).
+      model: the run's model (a GPT, or any module keeping serving/slots.py's cache contract;
+        its `decode=False` form: decoding clones it).
       params: its parameters (device arrays).
       tokenizer: the run's tokenizer (data.tokenization): decodes the generated ids.
       num_slots: sequences decoded together (the compiled batch).
@@ -133,7 +136,7 @@ class LMEngine:
         return them (`P(None, ...)`, one entry per axis: jit keys its cache on the spec, and
         `P()` would compile every program a second time), so that the first call compiles what
         every later call runs."""
-        cache = sampling.init_slot_cache(self.model, self.num_slots)
+        cache = slots.init_slot_cache(self.model, self.num_slots)
         if self._on_mesh():
             sharding = jax.tree.leaves(self.params)[0].sharding
             cache = jax.tree.map(
@@ -160,8 +163,8 @@ class LMEngine:
         # it (a sharded model's mesh may decide so): the next call would compile anew.
         for _ in range(2):
             taken = _shardings(self._cache)
-            for bucket in sampling.prompt_buckets(self.block_size):
-                _, self._cache = sampling.prefill_slot(
+            for bucket in slots.prompt_buckets(self.block_size):
+                _, self._cache = slots.prefill_slot(
                     self.model, self.params, self._cache, np.int32(0),
                     np.zeros((1, bucket), np.int32), np.int32(1), np.uint32(0),
                     np.float32(1.0), np.int32(0), np.float32(1.0),
@@ -259,9 +262,9 @@ class LMEngine:
         waited for)."""
         seq = self._slots[slot]
         prompt_len = len(seq.prompt_ids)
-        padded = np.zeros((1, sampling.bucket_for(prompt_len, self.block_size)), np.int32)
+        padded = np.zeros((1, slots.bucket_for(prompt_len, self.block_size)), np.int32)
         padded[0, :prompt_len] = seq.prompt_ids
-        token, self._cache = sampling.prefill_slot(
+        token, self._cache = slots.prefill_slot(
             self.model, self.params, self._cache, np.int32(slot), padded, np.int32(prompt_len),
             np.uint32(seq.seed), np.float32(seq.temperature), np.int32(seq.top_k),
             np.float32(seq.top_p),
@@ -276,7 +279,7 @@ class LMEngine:
     def _step(self, active: np.ndarray) -> jax.Array:
         """One decoding step of every slot: the next token of each (garbage for idle slots)."""
         next_index = self._token_index + 1
-        tokens, self._cache = sampling.decode_slots(
+        tokens, self._cache = slots.decode_slots(
             self.model, self.params, self._cache, self._tokens, next_index, self._seeds,
             self._temperature, self._top_k, self._top_p, active,
         )  # fmt: skip

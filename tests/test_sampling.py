@@ -82,6 +82,45 @@ def test_greedy_matches_full_forward_on_cropped_context(
     np.testing.assert_array_equal(out, expected)
 
 
+class _PrefixMeanLM(nn.Module):
+    """A language model that is not a GPT: each position's logits from the mean of the token
+    embeddings so far. Its decode mode keeps sampling.py's cache contract (a 'cache' collection:
+    the running sum and the cache_index), so generate's cached path is exercised on it."""
+
+    vocab_size: int = TINY["vocab_size"]
+    block_size: int = BLOCK
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        x = nn.Embed(self.vocab_size, 8)(tokens)  # [batch, length, 8]
+        total = jnp.cumsum(x, axis=1)
+        count = jnp.arange(1, tokens.shape[1] + 1, dtype=jnp.float32)
+        if self.decode:
+            initialized = self.has_variable("cache", "cache_index")
+            index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+            cached = self.variable("cache", "cached_sum", jnp.zeros, (tokens.shape[0], 8))
+            if initialized:  # init only creates the cache
+                total = total + cached.value[:, None]
+                count = count + index.value
+                cached.value = total[:, -1]
+                index.value = index.value + tokens.shape[1]
+        return nn.Dense(self.vocab_size)(3 * jnp.tanh(total / count[None, :, None]))
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0.0), dict(temperature=0.9, top_k=6)])
+def test_generate_takes_any_language_model(settings: dict) -> None:
+    """generate needs only the cache contract (block_size, decode, the 'cache' collection): on
+    a model of another architecture it draws nanoGPT's loop's tokens, inside the window and
+    past it."""
+    model = _PrefixMeanLM()
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, BLOCK), jnp.int32))["params"]
+    prompt = _prompt(length=4, seed=3)
+    out = sampling.generate(model, params, prompt, jax.random.key(2), 20, **settings)
+    expected = _reference(model, params, prompt, jax.random.key(2), 20, **settings)
+    np.testing.assert_array_equal(out, expected)
+
+
 def test_cached_tokens_split_point() -> None:
     """The KV cache serves exactly the tokens whose context fits the window."""
     assert sampling.num_cached_tokens(5, 6, 12) == 6

@@ -2,8 +2,8 @@
 a tiny MLP, trained first) answer as sample.py and evaluate.py do, batch requests without
 changing any request's text, stream the same text, refuse bad input with a 4xx naming the
 field and keep serving, shed overload with 503, compile nothing after warm-up, and finish
-in-flight requests on SIGTERM. The per-slot sampling underneath is checked against
-sampling.py's own functions."""
+in-flight requests on SIGTERM. The per-slot sampling underneath (serving/slots.py) is checked
+against sampling.py's own functions."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import httpx
 import jax
@@ -31,23 +32,24 @@ import models
 import sampling
 from models import gpt
 from models.gpt import GPT
+from serving import slots
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCK = 32  # the tiny GPT's context (conftest's tiny LM config)
 
 
-# ----- slot decoding (sampling.py), no server
+# ----- slot decoding (serving/slots.py), no server
 
 
 def test_buckets_and_room() -> None:
     """Prompt buckets are the powers of two below the context, then the context; a prompt of
     p tokens leaves room for block - p + 1 new tokens (the KV cache's limit)."""
-    assert sampling.prompt_buckets(64) == [1, 2, 4, 8, 16, 32, 64]
-    assert sampling.prompt_buckets(48) == [1, 2, 4, 8, 16, 32, 48]
-    assert sampling.bucket_for(5, 64) == 8 and sampling.bucket_for(33, 48) == 48
-    assert sampling.max_slot_tokens(1, 64) == 64 and sampling.max_slot_tokens(64, 64) == 1
+    assert slots.prompt_buckets(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert slots.prompt_buckets(48) == [1, 2, 4, 8, 16, 32, 48]
+    assert slots.bucket_for(5, 64) == 8 and slots.bucket_for(33, 48) == 48
+    assert slots.max_slot_tokens(1, 64) == 64 and slots.max_slot_tokens(64, 64) == 1
     with pytest.raises(ValueError, match="prompt length"):
-        sampling.bucket_for(65, 64)
+        slots.bucket_for(65, 64)
 
 
 def test_per_row_sampling_equals_sample_logits() -> None:
@@ -61,7 +63,7 @@ def test_per_row_sampling_equals_sample_logits() -> None:
     temperature, top_k, top_p = (np.array(c) for c in zip(*settings, strict=True))
     for draw in range(2):
         keys = jax.random.split(keys[0], 7)
-        rows = sampling.sample_logits_per_row(
+        rows = slots.sample_logits_per_row(
             logits, keys, temperature.astype(np.float32), top_k.astype(np.int32),
             top_p.astype(np.float32),
         )  # fmt: skip
@@ -69,7 +71,7 @@ def test_per_row_sampling_equals_sample_logits() -> None:
             alone = sampling.sample_logits(logits[i : i + 1], keys[i], t, k or None, p)
             assert int(rows[i]) == int(alone[0]), (draw, i, settings[i])
     # No row filtering (the sorts are skipped): still each row's own draw.
-    unfiltered = sampling.sample_logits_per_row(
+    unfiltered = slots.sample_logits_per_row(
         logits, keys, temperature.astype(np.float32), np.zeros(7, np.int32), np.ones(7, np.float32)
     )
     for i, t in enumerate(temperature):
@@ -89,20 +91,20 @@ def test_slots_joining_between_steps_decode_as_generate_alone() -> None:
     # prompt, temperature, top_k, top_p, seed
     requests = {0: ([1, 2, 3], 0.0, 0, 1.0, 0), 2: ([4, 5, 6, 7, 8], 1.0, 5, 0.9, 7),
                 3: ([9], 0.8, 0, 1.0, 3), 1: ([5], 0.0, 0, 1.0, 0)}  # fmt: skip
-    slots, n = 4, 9
-    cache = sampling.init_slot_cache(model, slots)
+    num_slots, n = 4, 9
+    cache = slots.init_slot_cache(model, num_slots)
     names = ["tokens", "index", "seed", "t", "k", "p"]
     dtypes = [np.int32, np.int32, np.uint32, np.float32, np.int32, np.float32]
-    host = {name: np.zeros(slots, dtype) for name, dtype in zip(names, dtypes, strict=True)}
-    active = np.zeros(slots, bool)
+    host = {name: np.zeros(num_slots, dtype) for name, dtype in zip(names, dtypes, strict=True)}
+    active = np.zeros(num_slots, bool)
     out: dict[int, list[int]] = {}
 
     def join(slot: int, request: tuple) -> None:
         nonlocal cache
         prompt, t, k, p, seed = request
-        padded = np.zeros((1, sampling.bucket_for(len(prompt), block)), np.int32)
+        padded = np.zeros((1, slots.bucket_for(len(prompt), block)), np.int32)
         padded[0, : len(prompt)] = prompt
-        token, cache = sampling.prefill_slot(
+        token, cache = slots.prefill_slot(
             model, params, cache, np.int32(slot), padded, np.int32(len(prompt)),
             np.uint32(seed), np.float32(t), np.int32(k), np.float32(p),
         )  # fmt: skip
@@ -113,7 +115,7 @@ def test_slots_joining_between_steps_decode_as_generate_alone() -> None:
 
     def step() -> None:
         nonlocal cache
-        tokens, cache = sampling.decode_slots(
+        tokens, cache = slots.decode_slots(
             model, params, cache, host["tokens"], host["index"] + 1, host["seed"], host["t"],
             host["k"], host["p"], active,
         )  # fmt: skip
@@ -446,6 +448,29 @@ def test_no_compilation_after_warm_up(lm_server) -> None:
 
 
 # ----- classification
+
+
+def test_classification_admission_sheds_load_past_max_waiting(tmp_path) -> None:
+    """Service.admit_classification holds one of max_waiting places for its block: with every
+    place taken, the next request is refused at once (503, overloaded, nothing held), and a
+    place frees when its block ends, by an exception too."""
+    from serving.service import ApiError, Service
+
+    spec = types.SimpleNamespace(example_input=np.zeros((1, 2, 2, 1), np.uint8), num_classes=3)
+    restored = types.SimpleNamespace(
+        config=types.SimpleNamespace(task="classification"),
+        run=types.SimpleNamespace(input_spec=spec, mesh=types.SimpleNamespace(size=1)),
+    )
+    service = Service(restored, str(tmp_path), max_waiting=2)
+    with service.admit_classification(), service.admit_classification():
+        with pytest.raises(ApiError) as refused, service.admit_classification():
+            pass
+        assert (refused.value.status, refused.value.kind) == (503, "unavailable")
+        assert refused.value.message == "overloaded: 2 requests are waiting; retry after 1 s"
+    with pytest.raises(RuntimeError), service.admit_classification():
+        raise RuntimeError("predict failed")
+    with service.admit_classification(), service.admit_classification():
+        pass  # both places are free again
 
 
 @pytest.fixture(scope="module")
