@@ -80,7 +80,8 @@ def _same_kind(value: Any, default: Any) -> bool:
 
 
 def _check_model(config: ml_collections.ConfigDict) -> None:
-    """The model file exists, the config sets only its fields, and it has what the task needs."""
+    """The model file exists, the config sets only its fields, it has what the task needs, and
+    the module accepts their values (its `check_fields()`, where it has one)."""
     name = config.model.get("name")
     try:
         fields = models.constructor_fields(name)
@@ -104,6 +105,14 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
             f"models/{name}.py's Model lacks the field(s) {missing} that a {task!r} model needs "
             "(see models/__init__.py)."
         )
+    # The model's own checks of its field values (models/__init__.py's `check_fields`), here
+    # rather than at its first trace: a bad value is then a ConfigError, one ERROR line.
+    check_fields = getattr(models.build_model(config), "check_fields", None)
+    if check_fields is not None:
+        try:
+            check_fields()
+        except models.ModelConfigError as e:
+            raise ConfigError(str(e)) from e
 
 
 def _check_axis_rules(config: ml_collections.ConfigDict) -> None:

@@ -11,7 +11,13 @@ Contracts a task places on the module's fields (checked by config_validation bef
 - "lm": `vocab_size` (set from the tokenizer) and `block_size` (the context length); a
   `decode` field enables cached sampling (sampling.py).
 Optional: a module-level `training_flops_per_token(model, seq_len)` gives the analytic FLOPs the
-benchmark's MFU uses (otherwise it counts the traced matmuls).
+benchmark's MFU uses (otherwise it counts the traced matmuls); a `check_fields()` method raises
+`ModelConfigError` for a field value the module cannot use, and config_validation calls it on
+the configured module before anything compiles (so a bad field is one `ERROR:` line, without
+the model depending on the command-line code).
+
+A file here that defines no `Model` is a helper of the model files, not a model (layers.py,
+preprocessing.py, gpt_flops.py).
 """
 
 from __future__ import annotations
@@ -35,6 +41,12 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 class UnknownModelError(ValueError):
     """config.model.name names no model file, or the file does not define a model."""
+
+
+class ModelConfigError(ValueError):
+    """A model field has a value the module cannot use; the message names the field and the fix
+    in one line. Raised by a model's `check_fields()` (and its forward pass); config_validation
+    reports it as a ConfigError."""
 
 
 def _files() -> list[str]:

@@ -2,7 +2,9 @@
 the variants papers ablate as fields of the one model (defaults: GPT-2): LayerNorm or RMSNorm,
 QK-norm, GELU / tanh-GELU / SwiGLU / squared-ReLU MLPs, multi-head, grouped-query or multi-query
 attention, attention-logit soft-capping, biases, tied or untied output embedding and a padded
-vocabulary. docs/models.md has the table of fields and their sources."""
+vocabulary. docs/models.md has the table of fields and their sources. What the model costs
+(its exact parameter count, training FLOPs per token for MFU) is models/gpt_flops.py,
+re-exported here."""
 
 from __future__ import annotations
 
@@ -13,7 +15,17 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from runtime import cli
+from models import ModelConfigError
+
+# The model's cost (models/gpt_flops.py), importable from here: the registry looks up
+# `training_flops_per_token` in the model file (tools/bench.py's MFU).
+from models.gpt_flops import (  # noqa: F401
+    flops_per_token,
+    non_embedding_params,
+    num_params,
+    training_flops_per_token,
+)
+from models.layers import padded_vocab_size
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "plain")
 NORMS = ("layernorm", "rmsnorm")
@@ -35,8 +47,9 @@ def _zeros(names: tuple[str | None, ...]) -> nn.initializers.Initializer:
     return nn.with_logical_partitioning(nn.initializers.zeros, names)
 
 
-class GPTConfigError(cli.UserError, ValueError):
-    """A GPT field has a value the model cannot use; the message names the field and the fix."""
+class GPTConfigError(ModelConfigError):
+    """A GPT field has a value the model cannot use; the message names the field and the fix
+    (config_validation reports it as a ConfigError: one ERROR line)."""
 
 
 def _norm(
@@ -61,12 +74,6 @@ def _norm(
         bias_init=_zeros((axis,)),
         name=name,
     )
-
-
-def padded_vocab_size(vocab_size: int, multiple: int) -> int:
-    """`vocab_size` rounded up to a multiple of `multiple`: the rows of the embedding (and of an
-    untied lm_head). E.g. GPT-2's 50,257 tokens with multiple 64 -> 50,304."""
-    return -(-vocab_size // multiple) * multiple
 
 
 class HeadsDense(nn.Module):
@@ -399,7 +406,7 @@ class GPT(nn.Module):
 
         Raises GPTConfigError (a ValueError) for an invalid field, ValueError for a sequence
         longer than block_size."""
-        self._check_config()
+        self.check_fields()
         length = tokens.shape[1]
         if length > self.block_size:
             raise ValueError(f"Sequence length {length} exceeds block_size {self.block_size}.")
@@ -470,7 +477,11 @@ class GPT(nn.Module):
             num_heads=self.num_heads,
             num_kv_heads=self.num_kv_heads or self.num_heads,
             block_size=self.block_size,
-            mlp_hidden_dim=_mlp_hidden_dim(self),
+            mlp_hidden_dim=(
+                self.mlp_ratio * self.embed_dim
+                if self.mlp_hidden_dim is None
+                else self.mlp_hidden_dim
+            ),
             mlp_activation=self.mlp_activation,
             norm=self.norm,
             norm_epsilon=self.norm_epsilon,
@@ -485,9 +496,10 @@ class GPT(nn.Module):
             dtype=self.dtype,
         )
 
-    def _check_config(self) -> None:
-        """Raises GPTConfigError (a ValueError and a cli.UserError) naming the field and the
-        fix, for unknown options or inconsistent shapes."""
+    def check_fields(self) -> None:
+        """Raises GPTConfigError (a models.ModelConfigError) naming the field and the fix, for
+        unknown options or inconsistent shapes. Called by every forward pass, and by
+        config_validation before anything compiles (models/__init__.py's contract)."""
         choices = {
             "position_embedding": ("learned", "rope"),
             "attention_impl": ATTENTION_IMPLS,
@@ -540,43 +552,6 @@ class GPT(nn.Module):
             )
 
 
-def _mlp_hidden_dim(model: GPT) -> int:
-    """The MLP's hidden width: mlp_hidden_dim, or mlp_ratio * embed_dim when it is None."""
-    if model.mlp_hidden_dim is not None:
-        return model.mlp_hidden_dim
-    return model.mlp_ratio * model.embed_dim
-
-
-def num_params(model: GPT) -> int:
-    """Exact parameter count of `model`, as initialised, for every variant.
-
-    Per block: two norms (scale, plus bias for LayerNorm with use_bias); attention with
-    query and out [embed, heads * head_dim], key and value [embed, kv_heads * head_dim] (and
-    their biases), QK-norm scales 2 * head_dim; an MLP of 2 (SwiGLU: 3) matrices of embed x
-    hidden (and biases). Plus the final norm, the token embedding [padded vocab, embed], the
-    learned position table [block_size, embed] (not with rope) and an untied lm_head
-    [embed, padded vocab] (no bias).
-    """
-    e, b = model.embed_dim, int(model.use_bias)
-    heads = model.num_heads
-    kv_heads = model.num_kv_heads or heads
-    head_dim = e // heads
-    hidden = _mlp_hidden_dim(model)
-    vocab = padded_vocab_size(model.vocab_size, model.vocab_pad_multiple)
-    norm = e + (b * e if model.norm == "layernorm" else 0)
-    attention = (
-        (e * heads * head_dim + b * heads * head_dim)  # query
-        + 2 * (e * kv_heads * head_dim + b * kv_heads * head_dim)  # key, value
-        + (heads * head_dim * e + b * e)  # out
-        + (2 * head_dim if model.qk_norm else 0)  # query_norm, key_norm
-    )
-    up_matrices = 2 if model.mlp_activation == "swiglu" else 1  # fc (and gate)
-    mlp = up_matrices * (e * hidden + b * hidden) + (hidden * e + b * e)
-    block = 2 * norm + attention + mlp
-    head = 0 if model.tie_embeddings else e * vocab
-    return vocab * e + _position_params(model) + model.num_layers * block + norm + head
-
-
 def stack_layers(params: dict, num_layers: int) -> dict:
     """Unrolled GPT parameters (h_0 ... h_{L-1}) in the scan_layers layout (one `h` whose
     arrays have a leading [num_layers] axis); the other parameters are kept as they are."""
@@ -592,44 +567,6 @@ def unstack_layers(params: dict) -> dict:
     rest = {k: v for k, v in params.items() if k != "h"}
     layers = {f"h_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(num_layers)}
     return {**rest, **layers}
-
-
-def _position_params(model: GPT) -> int:
-    """Size of the learned position table (none with rotary positions)."""
-    return model.block_size * model.embed_dim if model.position_embedding == "learned" else 0
-
-
-def non_embedding_params(model: GPT) -> int:
-    """nanoGPT's convention: num_params minus the position table. The token embedding counts
-    when it is tied (it is then the output projection's matrix, a matmul per token); with an
-    untied lm_head the input embedding (a table lookup) does not count and lm_head does."""
-    untied_input = 0
-    if not model.tie_embeddings:
-        untied_input = padded_vocab_size(model.vocab_size, model.vocab_pad_multiple)
-        untied_input *= model.embed_dim
-    return num_params(model) - _position_params(model) - untied_input
-
-
-def flops_per_token(
-    n_params_non_embedding: int, num_layers: int, num_heads: int, head_dim: int, seq_len: int
-) -> float:
-    """Training FLOPs per token, 6N + 12·L·H·Q·T (PaLM appendix B, as in nanoGPT's estimate_mfu)."""
-    return 6.0 * n_params_non_embedding + 12.0 * num_layers * num_heads * head_dim * seq_len
-
-
-def training_flops_per_token(model: GPT, seq_len: int) -> float:
-    """Training FLOPs per token of `model` on sequences of `seq_len` tokens: `flops_per_token`
-    with nanoGPT's non-embedding parameter count (what MFU figures are computed from).
-
-    It follows the variant through N: grouped-query attention's smaller key/value matrices,
-    SwiGLU's three matrices, an untied lm_head (the input table, a lookup, is not counted) and
-    the padded vocabulary rows the head multiplies. The attention term 12·L·H·Q·T counts the
-    query heads (each computes its own scores, whatever the key/value heads); norms, QK-norm
-    and soft-capping are elementwise and left out, as nanoGPT leaves out LayerNorm.
-    """
-    n = non_embedding_params(model)
-    head_dim = model.embed_dim // model.num_heads
-    return flops_per_token(n, model.num_layers, model.num_heads, head_dim, seq_len)
 
 
 # The registry (models/__init__.py) finds this file by its name: config.model.name = "gpt".

@@ -17,3 +17,10 @@ def dense(features: int, axes: tuple[str, str], dtype: jnp.dtype, name: str) -> 
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
         name=name,
     )
+
+
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    """`vocab_size` rounded up to a multiple of `multiple`: the rows of a language model's
+    embedding (and of an untied output layer). E.g. GPT-2's 50,257 tokens with multiple 64 ->
+    50,304."""
+    return -(-vocab_size // multiple) * multiple

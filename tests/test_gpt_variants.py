@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-import data
 import sampling
 from models.gpt import (
     GPT,
@@ -391,8 +390,11 @@ def test_vocab_padding_never_scored_or_sampled() -> None:
 
 
 def test_bad_variant_fields_fail_with_one_line_naming_the_field() -> None:
-    """Invalid combinations raise GPTConfigError (a ValueError and a cli.UserError: one
-    `ERROR:` line) naming the field."""
+    """Invalid combinations raise GPTConfigError (a ValueError, in one line) naming the field;
+    config_validation reports it before anything compiles as a ConfigError (a cli.UserError:
+    one `ERROR:` line)."""
+    import config_validation
+    from configs import shakespeare_char_cpu
     from runtime import cli
 
     cases = {
@@ -408,6 +410,11 @@ def test_bad_variant_fields_fail_with_one_line_naming_the_field() -> None:
     for field, kwargs in cases.items():
         with pytest.raises(GPTConfigError, match=f"model.{field}") as error:
             GPT(**{**TINY, **kwargs}).init(jax.random.key(0), _tokens(4))
+        assert "\n" not in str(error.value)
+        config = shakespeare_char_cpu.get_config()
+        config.model.update({**TINY, **kwargs})
+        with pytest.raises(config_validation.ConfigError, match=f"model.{field}") as error:
+            config_validation.validate(config, num_devices=1)
         assert isinstance(error.value, cli.UserError) and "\n" not in str(error.value)
     with pytest.raises(GPTConfigError, match="attention_impl"):
         GPT(**TINY, attn_logit_softcap=5.0, attention_impl="cudnn").init(
@@ -429,11 +436,9 @@ def _tiny_run(z_loss: float, grad_accum_steps: int = 1):
     config.weight_decay = 0.0
     config.b1 = 0.0  # plain SGD (no Nesterov momentum): the update is -lr * gradient
     config.grad_accum_steps = grad_accum_steps
-    example = np.zeros((1, config.model.block_size), np.int32)
-    tokens = np.random.default_rng(0).integers(0, 32, (32, 17), dtype=np.int32)
-    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-    spec = data.InputSpec(example, num_classes=0, num_train_examples=320)
-    run = experiment.build_run(config, input_spec=spec, devices=jax.devices()[:1])
+    config.dataset = "synthetic"  # random windows [32, 16] of the config's 32 tokens
+    run = experiment.build_run(config, devices=jax.devices()[:1])
+    batch = next(run.datasets.train_batches())
     state = run.init_state()
     initial = jax.device_get(state.params)
     with run.compiled.context():
