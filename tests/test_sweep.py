@@ -702,6 +702,40 @@ def test_slurm_array_tasks_run_locally_then_summarize(tmp_path, fashion_mnist_re
     assert "echo setup ran" not in script.read_text()  # flags are not remembered
 
 
+def test_a_sweep_larger_than_slurms_array_limit_is_submitted_in_parts(tmp_path):
+    """SLURM refuses task ids >= MaxArraySize (1001 by default): with --slurm_max_array_size=4
+    the 6 runs are two arrays, 0-3 and 0-1 with offset 4, and task 1 of the second trains run 5."""
+    result = _launch(tmp_path, "slurm", "--slurm_max_array_size=4", "--slurm_python=echo")
+    assert result.returncode == 0, result.stderr[-3000:]
+    script = tmp_path / "sw" / "slurm_array.sh"
+    text = script.read_text()
+    assert "#SBATCH --array=0-3\n" in text
+    second = f"sbatch --array=0-1 --export=ALL,SWEEP_INDEX_OFFSET=4 {script}"
+    assert f"#   {second}" in text and second in result.stdout
+    runs = spec.plan_runs(spec.load_sweep(str(tmp_path / "cluster_sweep.py")), str(tmp_path / "sw"))
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "1", "SWEEP_INDEX_OFFSET": "4"}
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env,
+                          cwd=str(tmp_path), timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    with open(os.path.join(runs[5].workdir, "sweep_run.json")) as f:
+        assert json.load(f)["index"] == 5
+
+
+def test_a_kubernetes_sweep_too_large_for_a_pods_command_is_refused(tmp_path):
+    """The pods run the task script as one argument of `sh -c`, which Linux caps at 128 KiB:
+    a sweep whose script is longer is refused with the reason, not written to fail at exec."""
+    grid = [round(1e-4 * (i + 1), 6) for i in range(400)]
+    sweep_text = (
+        f"def get_sweep():\n    return {{'config': 'configs/fashion_mnist_mlp.py', "
+        f"'grid': {{'learning_rate': {grid!r}}}, 'seeds': [0]}}\n"
+    )
+    result = _launch(tmp_path, "kubernetes", "--k8s_image=img", "--k8s_pvc=runs",
+                     sweep_text=sweep_text)  # fmt: skip
+    assert result.returncode == 1
+    assert "ERROR: The pods' task script for 400 runs is" in result.stderr
+    assert "more than one command-line argument may hold on Linux (131,072)" in result.stderr
+
+
 def test_kubernetes_manifest_is_an_indexed_job_with_one_index_per_run(tmp_path):
     """The manifest parses as YAML: a batch/v1 Job, completionMode Indexed, completions = runs;
     its container's script, run by sh with JOB_COMPLETION_INDEX=i, executes run i's train.py

@@ -50,6 +50,7 @@ SLURM_FLAGS = {
     "slurm_mem": "mem",
     "slurm_gpus_per_task": "gpus_per_task",
     "slurm_max_concurrent": "max_concurrent",
+    "slurm_max_array_size": "max_array_size",
     "slurm_sbatch": "sbatch_lines",
     "slurm_setup": "setup",
     "slurm_python": "python",
@@ -163,6 +164,12 @@ if __name__ == "__main__":
     flags.DEFINE_string("slurm_mem", None, "slurm: memory per run, e.g. 16G.")
     flags.DEFINE_integer("slurm_gpus_per_task", None, "slurm: GPUs per run.")
     flags.DEFINE_integer("slurm_max_concurrent", None, "slurm: at most this many runs at once.")
+    flags.DEFINE_integer(
+        "slurm_max_array_size",
+        SlurmOptions.max_array_size,
+        "slurm: the cluster's MaxArraySize (scontrol show config); larger sweeps become several "
+        "arrays.",
+    )
     flags.DEFINE_multi_string("slurm_sbatch", [], "slurm: a further sbatch option (--qos=high).")
     flags.DEFINE_multi_string(
         "slurm_setup", [], "slurm: a shell line run before train.py (source .venv/bin/activate)."

@@ -15,8 +15,10 @@ from tools.sweep.launchers import (
     SLURM_SCRIPT,
     KubernetesOptions,
     SlurmOptions,
+    array_parts,
     index_ranges,
     kubernetes_manifest,
+    sbatch_commands,
     slurm_script,
     summarize_hint,
     to_yaml,
@@ -187,7 +189,7 @@ def launch_on_cluster(
             log("Every run has finished; nothing to submit. Summarize with:")
             log(f"  {summarize_hint(sweep, sweep_dir, sets)}")
             return None
-        how = f"sbatch {path}"
+        how = "\n  ".join(sbatch_commands(path, array_parts(todo, options)))
         what = f"array tasks {index_ranges(todo)} ({len(todo)} of {len(runs)} runs)"
     elif launcher == "kubernetes":
         if not isinstance(options, KubernetesOptions):

@@ -42,6 +42,9 @@ from tools.sweep.spec import (
 LAUNCHERS = ("local", "slurm", "kubernetes")
 SLURM_SCRIPT = "slurm_array.sh"
 KUBERNETES_MANIFEST = "k8s_job.yaml"
+# Linux's limit on one argument of a command (MAX_ARG_STRLEN, 32 pages): the pods run the task
+# script as `sh -c <script>`, so a longer script would fail at exec with E2BIG.
+MAX_ARGUMENT_BYTES = 128 * 1024
 
 
 def index_ranges(indices: Sequence[int]) -> str:
@@ -78,6 +81,8 @@ def task_script(
         *setup,  # before `set -u`: environment scripts (module, activate) read unset variables
         "set -eu",
         f'index="${{{index_var}:?is not set: it picks the run (0-{last}) this task trains}}"',
+        # SLURM arrays larger than MaxArraySize are submitted in parts, each with its offset.
+        "index=$((index + ${SWEEP_INDEX_OFFSET:-0}))",
         'case "$index" in',
     ]
     for i, (run, command) in enumerate(commands):
@@ -146,6 +151,9 @@ class SlurmOptions:
     mem: str | None = None  # per node, e.g. '16G'
     gpus_per_task: int | None = None
     max_concurrent: int | None = None  # the array's '%N': at most N tasks at once
+    # SLURM refuses an array task id >= MaxArraySize (1001 unless the cluster's slurm.conf says
+    # otherwise): larger sweeps are submitted as several arrays, each with an index offset.
+    max_array_size: int = 1001
     sbatch_lines: Sequence[str] = ()
     setup: Sequence[str] = ()
     python: str = sys.executable
@@ -162,7 +170,7 @@ class SlurmOptions:
             )
         if self.mem is not None and not _SLURM_MEM.match(self.mem):
             raise ValueError(f"--slurm_mem={self.mem!r}: use a size such as 16G or 4000M.")
-        for name in ("cpus_per_task", "gpus_per_task", "max_concurrent"):
+        for name in ("cpus_per_task", "gpus_per_task", "max_concurrent", "max_array_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--slurm_{name}={value}: give a positive number (or omit it).")
@@ -192,12 +200,10 @@ def slurm_script(
     todo = [
         i for i, r in enumerate(runs) if not (options.only_unfinished and is_finished(r.workdir))
     ]
-    array = index_ranges(todo)
-    if options.max_concurrent:
-        array += f"%{options.max_concurrent}"
+    parts = array_parts(todo, options)
     directives = {
         "job-name": options.job_name,
-        "array": array,
+        "array": parts[0][1] if parts else "",
         "output": os.path.join(sweep_dir, "slurm", "%A_%a.out"),
         "partition": options.partition,
         "account": options.account,
@@ -217,10 +223,37 @@ def slurm_script(
         "# Afterwards (whatever finished is tabulated, the rest listed):",
         f"#   {summarize_hint(sweep, sweep_dir, sets)}",
     ]
+    if len(parts) > 1:
+        header += [
+            f"# {len(todo)} tasks are more than one array may hold (task ids below "
+            f"--slurm_max_array_size={options.max_array_size}): submit all of",
+            *[f"#   {command}" for command in sbatch_commands(script_path, parts)],
+        ]
     header += [f"#SBATCH --{k}={v}" for k, v in directives.items() if v is not None]
     header += [f"#SBATCH {line}" for line in options.sbatch_lines]
     body = task_script(commands, "SLURM_ARRAY_TASK_ID", REPO_ROOT, options.setup)
     return "\n".join(header) + "\n\n" + body, todo
+
+
+def array_parts(todo: Sequence[int], options: SlurmOptions) -> list[tuple[int, str]]:
+    """(index offset, --array value) of each array to submit: run indices `todo` cut so that
+    every task id (run index - offset) is below `options.max_array_size`."""
+    size = options.max_array_size
+    parts = []
+    for offset in sorted({i // size * size for i in todo}):
+        array = index_ranges([i - offset for i in todo if offset <= i < offset + size])
+        if options.max_concurrent:
+            array += f"%{options.max_concurrent}"
+        parts.append((offset, array))
+    return parts
+
+
+def sbatch_commands(script_path: str, parts: Sequence[tuple[int, str]]) -> list[str]:
+    """The sbatch command of each part (the first is the script's own #SBATCH --array)."""
+    quoted = shlex.quote(script_path)
+    return [f"sbatch {quoted}" if not offset else
+            f"sbatch --array={array} --export=ALL,SWEEP_INDEX_OFFSET={offset} {quoted}"
+            for offset, array in parts]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- Kubernetes
@@ -324,6 +357,14 @@ def kubernetes_manifest(
         (r, train_command(sweep, r, extra_flags, python=options.python, repo_root=options.repo_dir))
         for r in runs
     ]
+    script = task_script(commands, "JOB_COMPLETION_INDEX", options.repo_dir)
+    if len(script.encode()) > MAX_ARGUMENT_BYTES:
+        raise ValueError(
+            f"The pods' task script for {len(runs)} runs is {len(script.encode()):,} bytes, more "
+            f"than one command-line argument may hold on Linux ({MAX_ARGUMENT_BYTES:,}): the "
+            "pods would fail to start. Split the sweep into several sweep files (or runs with "
+            "--set), each under about 250 runs."
+        )
     name = options.job_name or default_job_name(sweep_dir)
     labels = {"app.kubernetes.io/name": "jaxlab-sweep", "jaxlab/sweep": name}
     metadata: dict[str, Any] = {"name": name, "labels": labels}
@@ -339,11 +380,7 @@ def kubernetes_manifest(
         "name": "train",
         "image": options.image,
         "workingDir": options.repo_dir,
-        "command": [
-            "/bin/sh",
-            "-c",
-            task_script(commands, "JOB_COMPLETION_INDEX", options.repo_dir),
-        ],
+        "command": ["/bin/sh", "-c", script],
         "env": env,
         "volumeMounts": [{"name": "runs", "mountPath": options.mount_path}],
     }
