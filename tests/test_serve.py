@@ -477,12 +477,12 @@ def test_classification_admission_sheds_load_past_max_waiting(tmp_path) -> None:
 def test_images(trained_mlp_run) -> tuple[np.ndarray, np.ndarray]:
     """The first 8 Fashion-MNIST test images and evaluate.py's probabilities for them (the
     run's compiled predict step on the eval pipeline's first batch)."""
-    import evaluate
+    import evaluation
     import experiment
 
     restored = experiment.restore_run(trained_mlp_run, load_data=True)
     batch = next(iter(restored.run.datasets.eval_batches("test")))
-    log_probs, _ = evaluate.classifier_log_probs(restored.run, restored.state, [batch])
+    log_probs, _ = evaluation.predict_log_probs(restored.run, restored.state, [batch])
     return np.asarray(batch["inputs"][:8]), np.exp(log_probs[:8])
 
 
