@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 from collections.abc import Callable, Sequence
 
 from absl import app, flags, logging
@@ -53,8 +54,15 @@ def quiet_libtpu_without_tpu() -> None:
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a misspelt --config.<field> reported in one readable line
     (ml_collections raises a bare AttributeError from deep inside the parser)."""
+    kept, nones = _none_overrides(argv)
+    given = sys.argv
+    # ml_collections also reads a config flag's overrides from sys.argv itself.
+    sys.argv = [a for a in sys.argv if a in kept or a not in argv]
     try:
-        return app.parse_flags_with_usage(argv)
+        remaining = app.parse_flags_with_usage(kept)
+        for flag, path in nones:
+            _set_none(flag, path)
+        return remaining
     except UserError as e:  # a config file's get_config refusing its argument
         raise SystemExit(f"ERROR: {e}") from None
     except (AttributeError, KeyError) as e:
@@ -69,6 +77,40 @@ def parse_flags(argv: list[str]) -> list[str]:
             f"ERROR: {bad[0] if bad else '--config'}: the config has no field {field!r}. "
             f"{hint} Every field is defined in configs/base.py (model fields in models/)."
         ) from None
+    finally:
+        sys.argv = given
+
+
+def _none_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Takes `--<config flag>.<field>=None` out of argv: ml_collections parses a typed field's
+    text with its type (int('None') fails), so None, valid wherever a field's default is None,
+    could not be given on the command line. Returns (the other arguments, [(flag, field)])."""
+    kept, nones = [], []
+    for arg in argv:
+        name, eq, value = arg.removeprefix("--").partition("=")
+        flag, dot, path = name.partition(".")  # only a config flag's overrides have a dot
+        if arg.startswith("--") and eq and dot and flag in flags.FLAGS and value == "None":
+            nones.append((flag, path))
+        else:
+            kept.append(arg)
+    return kept, nones
+
+
+def _set_none(flag: str, path: str) -> None:
+    """Sets the config field `path` (dotted) of config flag `flag` to None, or raises a
+    UserError naming the field when None is not one of its values."""
+    *parents, field = path.split(".")
+    node = flags.FLAGS[flag].value
+    try:
+        for parent in parents:
+            node = node[parent]
+        if field not in node:
+            raise KeyError(field)
+        node[field] = None
+    except KeyError:
+        raise UserError(f"--{flag}.{path}=None: the config has no field {path!r}.") from None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"--{flag}.{path}=None: this field cannot be None ({e}).") from None
 
 
 def run(main: Callable[[Sequence[str]], object]) -> None:
