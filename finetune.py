@@ -1,6 +1,6 @@
 """Start a run from another run's checkpoint (`config.init_from`): pretraining -> fine-tuning.
-The source may also be a Hugging Face GPT-2 directory: it is imported once (hf/importing.py)
-into a cached workdir and used from there.
+The source may also be a Hugging Face GPT-2 directory: it is imported here, when the run starts
+(configs only name it), once (hf/importing.py) into a cached workdir, and used from there.
 
 The source is restored with `experiment.restore_run`, the same verified path that resuming and
 every inference command use (a damaged checkpoint is skipped or refused exactly as on resume).
@@ -20,6 +20,7 @@ from flax import traverse_util
 import config_validation
 import experiment
 import train_state
+from hf import importing
 from runtime import distributed
 
 
@@ -55,13 +56,13 @@ def init_from(run: experiment.Run, state: train_state.TrainState) -> train_state
     shardings.
 
     Raises FileNotFoundError (no such run or step), checkpointing.CheckpointMismatchError (its
-    checkpoints are damaged) and config_validation.ConfigError (mode='state' with other shapes).
+    checkpoints are damaged), config_validation.ConfigError (mode='state' with other shapes)
+    and hf.gpt2_files.HFConvertError (a Hugging Face directory that does not import).
     """
     spec = run.config.init_from
     devices = list(run.mesh.devices.flat)
-    # A Hugging Face GPT-2 directory is imported once into a cached workdir (hf/importing.py).
-    from hf import importing
-
+    # A Hugging Face GPT-2 directory is imported now (the config only names it), once, into a
+    # cached workdir that later runs reuse (hf/importing.py); a jaxlab workdir is used as is.
     source_workdir = importing.imported_workdir(spec.workdir)
     source = experiment.restore_run(source_workdir, spec.step, devices=devices)
     source_state = distributed.to_host(source.state)

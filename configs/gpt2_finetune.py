@@ -3,15 +3,19 @@
     python train.py --config=configs/gpt2_finetune.py:runs/gpt2 --workdir=runs/gpt2_shakespeare
 
 The part after the colon is the model to start from: a workdir written by
-`python -m tools.hf_convert import` (or any jaxlab GPT run), or a Hugging Face GPT-2 directory
-(imported once into a cache by tools/hf/importing.py). The model's shape, its GPT-2 tokenizer and
-`init_from` come from it, so every parameter is copied; the rest is nanoGPT's fine-tuning recipe.
+`python -m tools.hf_convert import` (or any jaxlab GPT run), or a Hugging Face GPT-2 directory.
+The model's shape and its GPT-2 tokenizer are read from the source's description (the run's
+config.json, or the Hugging Face config.json through hf.importing.source_config), so every
+parameter is copied; `init_from` names the source; the rest is nanoGPT's fine-tuning recipe.
+This config only reads: a Hugging Face directory is imported (once, into a cache) when the run
+starts (finetune.py), not here.
 """
 
 import os
 
 import ml_collections
 
+from hf import gpt2_files, importing
 from runtime import cli, workdir_files
 
 
@@ -21,33 +25,35 @@ def get_config(source: str | None = None) -> ml_collections.ConfigDict:
     here, the same update), constant learning rate 3e-5, evaluations every 5 iterations on 40
     windows per split, AdamW (b2 0.95, weight decay 0.1, clip 1.0), no dropout.
 
-    Raises cli.UserError when `source` is missing or not a run/GPT-2 directory."""
+    Raises cli.UserError when `source` is missing or not a run/GPT-2 directory (an
+    hf.gpt2_files.HFConvertError for a Hugging Face directory jaxlab cannot use)."""
     if not source:
         raise cli.UserError(
             "configs/gpt2_finetune.py needs the model to start from after a colon: "
             "--config=configs/gpt2_finetune.py:runs/gpt2 (an imported workdir or a Hugging Face "
             "GPT-2 directory)."
         )
-    from hf import importing
-
-    workdir = importing.imported_workdir(os.path.expanduser(source))
-    try:
-        pretrained = workdir_files.load_config(workdir)
-    except FileNotFoundError as e:
-        raise cli.UserError(
-            f"{source} is neither a jaxlab workdir nor a Hugging Face GPT-2 directory ({e})."
-        ) from e
-    c = pretrained
+    source = os.path.expanduser(source)
+    if gpt2_files.is_hugging_face_dir(source):
+        c = importing.source_config(source)
+    else:
+        try:
+            c = workdir_files.load_config(source)
+        except FileNotFoundError as e:
+            raise cli.UserError(
+                f"{source} is neither a jaxlab workdir nor a Hugging Face GPT-2 directory ({e})."
+            ) from e
+        # The pretrained model's own tokenizer (a Hugging Face tokenizer.json), so that the
+        # data is tokenized as in pretraining and the embedding rows are copied.
+        bpe = os.path.join(source, "tokenizer_bpe.json")
+        if os.path.isfile(bpe):
+            c.tokenizer, c.tokenizer_vocab_size = bpe, None
+    # The source by name; finetune.py restores it (importing a Hugging Face directory first).
     c.init_from = ml_collections.ConfigDict(
-        {"workdir": workdir, "step": None, "mode": "params", "freeze": ()}
+        {"workdir": source, "step": None, "mode": "params", "freeze": ()}
     )
     c.restart = False
     c.dataset = "tiny_shakespeare"
-    # The pretrained model's own tokenizer (a Hugging Face tokenizer.json), so that the data
-    # is tokenized as in pretraining and the embedding rows are copied.
-    bpe = os.path.join(workdir, "tokenizer_bpe.json")
-    if os.path.isfile(bpe):
-        c.tokenizer, c.tokenizer_vocab_size = bpe, None
     c.model.dropout_rate = 0.0
     c.batch_size = 32
     c.grad_accum_steps = 32

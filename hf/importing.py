@@ -1,5 +1,7 @@
 """A Hugging Face GPT-2 directory imported as a jaxlab workdir (config, tokenizer, a verified
-step-0 checkpoint), once per directory when a fine-tuning run names one."""
+step-0 checkpoint): by `python -m tools.hf_convert import`, or once per directory when a
+fine-tuning run names one in `config.init_from.workdir` (finetune.py, at run time). A config
+that names a directory reads only its config.json (`source_config`): it converts nothing."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -16,12 +18,16 @@ from hf.gpt2_files import (
     ACTIVATIONS,
     IMPORT_RECORD,
     GPT2Shape,
+    HFConvertError,
     is_hugging_face_dir,
     read_hf_config,
     read_hf_tokenizer,
     read_hf_weights,
 )
 from hf.gpt2_layout import hf_to_jaxlab
+
+if TYPE_CHECKING:
+    import ml_collections
 
 
 def jaxlab_config(
@@ -31,7 +37,7 @@ def jaxlab_config(
     dtype: str = "float32",
     vocab_pad_multiple: int = 1,
     scan_layers: bool = False,
-):
+) -> ml_collections.ConfigDict:
     """A jaxlab run config (ml_collections.ConfigDict) for a GPT-2 of `shape`: the training
     settings of configs/gpt2_small.py, the tokenizer at `tokenizer_path` (a Hugging Face
     tokenizer.json), Tiny Shakespeare as the stand-in dataset (what evaluate.py reads; a
@@ -67,6 +73,29 @@ def jaxlab_config(
     # each stays settable from the command line when the run is fine-tuned.
     config.model = gpt_model(**model)
     return config
+
+
+def source_config(hf_dir: str) -> ml_collections.ConfigDict:
+    """The run config (ml_collections.ConfigDict) that importing `hf_dir` with the default
+    options would write, from its config.json alone: no weight is read and nothing is written.
+    Its tokenizer is the directory's own tokenizer.json (the import keeps it unchanged, so the
+    fine-tuning run's tokenizer equals the imported model's and the embedding rows are copied).
+    What configs/gpt2_finetune.py starts from when it names a Hugging Face directory.
+
+    Raises HFConvertError as `read_hf_config` does (not a GPT-2, a variant jaxlab does not
+    compute), and when the directory has no tokenizer.json (vocab.json + merges.txt cannot be
+    named as a run's tokenizer: import the directory first, whose workdir holds one)."""
+    from data import tokenization
+
+    shape = read_hf_config(hf_dir)
+    tokenizer_json = os.path.join(os.path.abspath(hf_dir), tokenization.TOKENIZER_JSON)
+    if not os.path.isfile(tokenizer_json):
+        raise HFConvertError(
+            f"{hf_dir} has no {tokenization.TOKENIZER_JSON} for the run to tokenize its data "
+            "with; import it first (python -m tools.hf_convert import "
+            f"--hf_dir={hf_dir} --workdir=DIR) and start from that workdir."
+        )
+    return jaxlab_config(shape, tokenizer_json)
 
 
 def _source_stamps(hf_dir: str) -> list[list]:
@@ -201,10 +230,14 @@ def hf_import_cache_dir() -> str:
 def imported_workdir(path: str) -> str:
     """`path` itself if it is a jaxlab workdir; for a Hugging Face GPT-2 directory, its import
     (made once, with the defaults, into hf_import_cache_dir(); made again if the directory's
-    files changed). What `config.init_from.workdir` and configs/gpt2_finetune.py accept.
-    Raises HFConvertError as `import_hf` does (another model type than GPT-2, say)."""
+    files changed). What `config.init_from.workdir` accepts: finetune.py calls this when the run
+    starts. Raises HFConvertError as `import_hf` does (another model type than GPT-2, say), and
+    in a run of several processes when the import is not made yet (each process would write
+    it: import first with tools.hf_convert and name that workdir)."""
     if not is_hugging_face_dir(path):
         return path
+    import jax
+
     source = os.path.abspath(path)
     digest = hashlib.sha256(source.encode()).hexdigest()[:8]
     workdir = os.path.join(hf_import_cache_dir(), f"{os.path.basename(source)}-{digest}")
@@ -214,6 +247,14 @@ def imported_workdir(path: str) -> str:
             record = json.load(f)
         if record.get("source_files") == _source_stamps(source):
             return workdir
+    if jax.process_count() > 1:
+        raise HFConvertError(
+            f"{path} is a Hugging Face directory not imported yet, and this run has "
+            f"{jax.process_count()} processes, which would each import it; import it once first "
+            f"(python -m tools.hf_convert import --hf_dir={path} --workdir=DIR) and start from "
+            "that workdir (config.init_from.workdir, or configs/gpt2_finetune.py:DIR)."
+        )
+    if os.path.isfile(record_path):
         aside = f"{workdir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
         os.rename(workdir, aside)
         print(f"{source} changed since it was imported; importing it again (the old import is "

@@ -260,29 +260,42 @@ def test_exported_run_loads_in_transformers_with_equal_logits(ref, shakespeare_t
 def test_finetuning_from_the_hugging_face_directory_lowers_the_loss(
     ref, shakespeare_tokens, tmp_path, monkeypatch, capsys
 ):
-    """configs/gpt2_finetune.py pointed at the Hugging Face directory itself: the directory is
-    imported once into the cache, every parameter is copied (none re-initialised), and a few
-    steps on Tiny Shakespeare lower the validation loss that evaluate.py reports (the imported
-    run evaluated on its config's own dataset, Tiny Shakespeare with GPT-2's tokenizer)."""
+    """configs/gpt2_finetune.py pointed at the Hugging Face directory itself: the config only
+    names it (and reads its config.json: the import's model and the directory's tokenizer),
+    importing nothing; the run imports it once into the cache when it starts (finetune.py),
+    every parameter is copied (none re-initialised), and a few steps on Tiny Shakespeare lower
+    the validation loss that evaluate.py reports (the imported run evaluated on its config's
+    own dataset, Tiny Shakespeare with GPT-2's tokenizer)."""
     import evaluate
     from configs import gpt2_finetune
 
-    monkeypatch.setenv("JAXLAB_HF_CACHE", str(tmp_path / "cache"))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("JAXLAB_HF_CACHE", str(cache))
     monkeypatch.setenv("JAXLAB_TOKENS_DIR", str(tmp_path / "tokens"))  # evaluate.py prepares
     config = gpt2_finetune.get_config(ref.hf_dir)
-    cached = config.init_from.workdir
-    assert cached.startswith(str(tmp_path / "cache"))
-    assert gpt2_finetune.get_config(ref.hf_dir).init_from.workdir == cached  # imported once
+    assert not cache.exists()  # a config is data: parsing it converts nothing
+    assert config.init_from.workdir == ref.hf_dir
+    assert config.tokenizer == os.path.join(ref.hf_dir, "tokenizer.json")
+    # The same run as when starting from an import of the directory (ref.workdir), but the
+    # source's name and where its tokenizer file lies.
+    from_import = gpt2_finetune.get_config(ref.workdir)
+    for c in (config, from_import):
+        c.init_from.workdir, c.tokenizer = "SOURCE", "TOKENIZER"
+    assert config.to_dict() == from_import.to_dict()
+
+    config = gpt2_finetune.get_config(ref.hf_dir)
     config.dataset = shakespeare_tokens
-    config.tokenizer = os.path.join(ref.hf_dir, "tokenizer.json")  # what the data was made with
     config.update(batch_size=8, grad_accum_steps=1, num_train_steps=6, learning_rate=3e-3,
                   min_learning_rate=3e-3, eval_every_steps=100, eval_steps=1, eval_batch_size=8,
                   checkpoint_every_steps=100, async_checkpointing=False, sample_every_eval=False,
                   log_every_steps=3)  # fmt: skip
-    config.init_from.workdir = ref.hf_dir  # init_from also takes the directory directly
     workdir = str(tmp_path / "finetuned")
     train.train_and_evaluate(config, workdir)
     out = capsys.readouterr().out
+    cached = importing.imported_workdir(ref.hf_dir)  # made by the run: reused, not imported again
+    assert cached.startswith(str(cache))
+    assert out.count(f"Importing the Hugging Face GPT-2 in {ref.hf_dir} into {cached}") == 1
+    assert "Importing" not in capsys.readouterr().out
     num_arrays = len(jax.tree.leaves(experiment.restore_run(cached).params))
     assert (
         f"init_from {cached} (step 0): copied {num_arrays} parameter arrays; "
@@ -334,6 +347,25 @@ def test_bad_hugging_face_directories_are_refused(ref, tmp_path, edit, remove, m
         importing.import_hf(broken, str(tmp_path / "out"))
     assert "\n" not in str(error.value)
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_finetune_config_refuses_what_it_cannot_name_without_importing(ref, tmp_path):
+    """configs/gpt2_finetune.py on a directory that is not a usable GPT-2 (another model type),
+    or whose tokenizer is only vocab.json + merges.txt (no file to name as the run's tokenizer),
+    refuses in one line naming the fix, and writes nothing."""
+    from configs import gpt2_finetune
+
+    cases = [
+        (_broken_copy(ref, tmp_path / "llama", edit={"model_type": "llama"}),
+         "describes a 'llama' model"),
+        (_broken_copy(ref, tmp_path / "legacy", remove=("tokenizer.json",)),
+         "has no tokenizer.json for the run to tokenize its data with; import it first"),
+    ]  # fmt: skip
+    for hf_dir, message in cases:
+        with pytest.raises(gpt2_files.HFConvertError, match=message) as error:
+            gpt2_finetune.get_config(hf_dir)
+        assert "\n" not in str(error.value)
+    assert sorted(os.listdir(tmp_path)) == ["legacy", "llama"]
 
 
 def test_command_line_errors_are_one_line(ref, trained_lm_run, tmp_path):

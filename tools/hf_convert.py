@@ -16,8 +16,11 @@ it like any run. Export restores a run through `experiment.restore_run` and writ
 files, which `transformers.GPT2LMHeadModel.from_pretrained` and `AutoTokenizer.from_pretrained`
 load. A model GPT-2's architecture cannot express is refused with the reasons.
 
-The work is in the hf/ package: gpt2_files.py (reading and checking the directory), gpt2_layout.py
-(the two parameter layouts, and what GPT-2 cannot express), importing.py and exporting.py.
+This file is only the command; the library is the hf/ package at the repository root, which
+never imports tools/: hf/gpt2_files.py (reading and checking the directory), hf/gpt2_layout.py
+(the two parameter layouts, and what GPT-2 cannot express), hf/importing.py (also what
+finetune.py uses to import a directory named by `config.init_from.workdir` when a run starts)
+and hf/exporting.py.
 """
 
 from __future__ import annotations
