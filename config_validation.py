@@ -215,7 +215,9 @@ def check_parallelism(
     and microbatches (the training batch only if `training`)."""
     num_devices = num_devices or jax.device_count()
     try:
-        data, fsdp, tensor = sharding.resolve_mesh_shape(dict(config.mesh_shape), num_devices)
+        sizes = sharding.resolve_mesh_shape(dict(config.mesh_shape), num_devices)
+        axes = dict(zip(sharding.MESH_AXES, sizes, strict=True))
+        data, fsdp = axes["data"], axes["fsdp"]
     except sharding.MeshError as e:
         raise ConfigError(str(e)) from e
     if config.parallelism == "pmap":
@@ -244,4 +246,3 @@ def check_parallelism(
             f"not divide over {dp} data-parallel devices (data={data} x fsdp={fsdp}) and "
             f"{jax.process_count()} processes; use a batch size that is a multiple of {need * k}."
         )
-    del tensor

@@ -1,7 +1,8 @@
 """Device mesh and logical-axis sharding: the one module that decides how arrays are laid out.
 
 Models name their parameter and activation axes logically (batch, embed, mlp, heads, ...); the
-rules below map those names onto the mesh axes `data`, `fsdp` and `tensor`:
+rules below map those names onto the mesh axes `data`, `fsdp` and `tensor` (and `context` and
+`expert`, see MESH_AXES):
 - batch over data x fsdp (data parallelism; FSDP is data parallelism with sharded state),
 - parameters and optimizer state over fsdp along `embed` (ZeRO-3 style),
 - attention heads, MLP hidden units and the vocabulary over tensor (Megatron style);
@@ -23,7 +24,10 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# Outermost to innermost (the innermost axes get the closest devices: tensor and expert
+# parallelism communicate every layer). `context` splits sequences, `expert` the experts of a
+# Mixture-of-Experts layer; both are 1 unless a config asks for them.
+MESH_AXES = ("data", "fsdp", "context", "tensor", "expert")
 
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
@@ -46,7 +50,8 @@ class MeshError(ValueError):
 
 
 def resolve_mesh_shape(mesh_shape: dict[str, int], num_devices: int) -> tuple[int, ...]:
-    """Returns (data, fsdp, tensor) sizes, filling a single -1 with the remaining devices."""
+    """Returns the sizes of MESH_AXES, in order (an axis not given is 1), filling a single -1
+    with the remaining devices."""
     unknown = set(mesh_shape) - set(MESH_AXES)
     if unknown:
         raise MeshError(f"config.mesh_shape has unknown axes {sorted(unknown)}; use {MESH_AXES}.")
@@ -72,7 +77,7 @@ def resolve_mesh_shape(mesh_shape: dict[str, int], num_devices: int) -> tuple[in
 
 
 def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[Any] | None = None) -> Mesh:
-    """Builds the (data, fsdp, tensor) mesh over all (or the given) devices."""
+    """Builds the mesh of MESH_AXES over all (or the given) devices."""
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(dict(config.mesh_shape), len(devices))
     # Auto axis types: shardings are propagated by XLA (the classic pjit behaviour).
