@@ -60,7 +60,7 @@ FLOOR := .venv-floor
 FLOOR_PACKAGES := jax==0.11.2 jaxlib==0.11.2 flax optax orbax-checkpoint ml-collections absl-py \
 	numpy sentencepiece tokenizers safetensors tensorboard tqdm flatbuffers pytest pytest-xdist
 FLOOR_TESTS := tests/test_environment.py tests/test_gpt.py tests/test_sampling.py tests/test_gpu_check.py \
-	tests/test_prepare_data.py tests/test_tokenizers.py
+	tests/test_prepare_data.py tests/test_tokenizers.py tests/test_synthetic.py
 floor-env: $(FLOOR)/.installed
 $(FLOOR)/.installed: Makefile constraints.txt
 	@python="$$(scripts/find_python.sh)" || exit 1; test -x $(FLOOR)/bin/python || "$$python" -m venv $(FLOOR)

@@ -15,15 +15,27 @@ def get_config() -> ml_collections.ConfigDict:
     # Task and data.
     c.task = "classification"  # 'classification' (images -> class) or 'lm' (next token)
     # A TFDS image set; for 'lm' a prepared token directory (data/prepare.py), a corpus name
-    # ('tiny_shakespeare', 'kjv', 'tfds:NAME') or a text path, prepared on first use.
+    # ('tiny_shakespeare', 'kjv', 'tfds:NAME') or a text path, prepared on first use. Either
+    # task: 'synthetic', random batches of the config's shapes (data/synthetic.py; fields below).
     c.dataset = "fashion_mnist"
     c.data_dir = placeholder(str)  # TFDS data dir; None: sources.default_data_dir()
     c.tokenizer = "char"  # lm: 'char', 'byte', 'sentencepiece', 'bpe' or a tokenizer.json path
     c.tokenizer_vocab_size = placeholder(int)  # sentencepiece only; None: its default size
     c.val_fraction = 0.1  # lm only: the last 10% of the corpus is validation (as nanoGPT)
     c.augment = ml_collections.ConfigDict({"random_crop_pad": 0, "random_flip": False})
+    # dataset='synthetic' only. Tokens take block_size and vocab_size from `model`, labels its
+    # num_classes (one source: the data cannot disagree with the model's output).
+    c.synthetic = ml_collections.ConfigDict(
+        {
+            "image_shape": (28, 28, 1),  # classification: one uint8 image [H, W, C]
+            # An epoch, for num_epochs (examples; tokens for 'lm', as text data counts them).
+            "num_train_examples": 60_000,
+            "num_eval_examples": 10_000,  # classification: the 'test' split (lm: eval_steps)
+        }
+    )
 
-    # Model: `name` picks the family in models/__init__.py, the rest are its constructor kwargs.
+    # Model: `name` is the file models/<name>.py (found by file name, models/__init__.py); the
+    # other fields are its Model's constructor arguments.
     c.model = ml_collections.ConfigDict({"name": "mlp"})
     c.dtype = "float32"  # compute dtype; parameters and optimizer state stay float32
 
@@ -33,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.grad_accum_steps = 1  # microbatches per step (batch_size must divide by it)
     # Training steps per compiled call (a lax.scan; Keras's steps_per_execution). Same updates,
     # less host work per step: worth it when steps are short. Lowered where needed to divide the
-    # log, eval and checkpoint intervals (train.steps_per_dispatch); 1 under pmap.
+    # log, eval and checkpoint intervals (steps.effective_steps_per_dispatch); 1 under pmap.
     c.steps_per_dispatch = 1
     c.num_epochs = 10.0
     c.num_train_steps = placeholder(int)  # when set, overrides num_epochs
@@ -104,7 +116,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Parallelism.
     c.parallelism = "jit"  # 'jit' (NamedSharding over the mesh) or 'pmap' (data parallel)
-    c.mesh_shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    c.mesh_shape = ml_collections.ConfigDict(
+        {"data": -1, "fsdp": 1, "context": 1, "tensor": 1, "expert": 1}
+    )
     c.logical_axis_rules = ()  # overrides, e.g. (('embed', None),)
 
     # Fine-tuning: start from another run's checkpoint.
