@@ -17,7 +17,7 @@ the configured module before anything compiles (so a bad field is one `ERROR:` l
 the model depending on the command-line code).
 
 A file here that defines no `Model` is a helper of the model files, not a model (layers.py,
-preprocessing.py, gpt_flops.py).
+preprocessing.py, gpt_flops.py, attention.py).
 """
 
 from __future__ import annotations

@@ -17,6 +17,15 @@ from flax import linen as nn
 
 from models import ModelConfigError
 
+# The attention layer and its parts (models/attention.py), importable from here as before.
+from models.attention import (  # noqa: F401
+    ATTENTION_IMPLS,
+    CausalSelfAttention,
+    HeadsDense,
+    apply_rope,
+    plain_attention,
+)
+
 # The model's cost (models/gpt_flops.py), importable from here: the registry looks up
 # `training_flops_per_token` in the model file (tools/bench.py's MFU).
 from models.gpt_flops import (  # noqa: F401
@@ -25,9 +34,11 @@ from models.gpt_flops import (  # noqa: F401
     num_params,
     training_flops_per_token,
 )
+from models.layers import logical_normal as _normal
+from models.layers import logical_zeros as _zeros
+from models.layers import norm_layer as _norm
 from models.layers import padded_vocab_size
 
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "plain")
 NORMS = ("layernorm", "rmsnorm")
 MLP_ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "relu2")
 REMAT_POLICIES = {
@@ -37,120 +48,9 @@ REMAT_POLICIES = {
 }
 
 
-def _normal(std: float, names: tuple[str | None, ...]) -> nn.initializers.Initializer:
-    """Normal(0, std) initializer annotated with logical axis names."""
-    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
-
-
-def _zeros(names: tuple[str | None, ...]) -> nn.initializers.Initializer:
-    """Zeros initializer annotated with logical axis names."""
-    return nn.with_logical_partitioning(nn.initializers.zeros, names)
-
-
 class GPTConfigError(ModelConfigError):
     """A GPT field has a value the model cannot use; the message names the field and the fix
     (config_validation reports it as a ConfigError: one ERROR line)."""
-
-
-def _norm(
-    kind: str,
-    epsilon: float,
-    use_bias: bool,
-    dtype: jnp.dtype,
-    name: str,
-    axis: str = "embed",
-) -> nn.Module:
-    """A normalisation over the last axis (logical name `axis`), scale 1 (and bias 0):
-    'layernorm' (Ba et al. 2016; GPT-2's epsilon is 1e-5) or 'rmsnorm' (Zhang & Sennrich
-    2019: x / sqrt(mean(x^2) + epsilon) * scale, no centring and no bias; Llama's)."""
-    scale_init = nn.with_logical_partitioning(nn.initializers.ones, (axis,))
-    if kind == "rmsnorm":
-        return nn.RMSNorm(epsilon=epsilon, dtype=dtype, scale_init=scale_init, name=name)
-    return nn.LayerNorm(
-        epsilon=epsilon,
-        use_bias=use_bias,
-        dtype=dtype,
-        scale_init=scale_init,
-        bias_init=_zeros((axis,)),
-        name=name,
-    )
-
-
-class HeadsDense(nn.Module):
-    """A dense layer to or from a (heads, head_dim) pair of axes: an einsum over a kernel kept
-    in its true shape. (Flax's DenseGeneral initialises a flattened kernel, which clashes with
-    sharding constraints on the logical axis names.)"""
-
-    equation: str  # e.g. 'ble,ehd->blhd' (in) or 'blhd,hde->ble' (out)
-    kernel_shape: tuple[int, ...]
-    kernel_axes: tuple[str, ...]
-    bias_axes: tuple[str, ...]
-    std: float
-    use_bias: bool = True
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        """Applies the projection (and bias) in the compute dtype."""
-        kernel = self.param("kernel", _normal(self.std, self.kernel_axes), self.kernel_shape)
-        # Batch and length merged into one axis ('bl' -> 'l'): XLA:CPU then computes the weight
-        # gradient as a plain matmul instead of through a slow transposing copy
-        # (docs/performance.md).
-        batch, length = x.shape[:2]
-        flat = x.reshape((batch * length,) + x.shape[2:]).astype(self.dtype)
-        y = jnp.einsum(self.equation.replace("b", ""), flat, kernel.astype(self.dtype))
-        y = y.reshape((batch, length) + y.shape[1:])
-        if self.use_bias:
-            bias_shape = y.shape[-len(self.bias_axes) :]
-            y = y + self.param("bias", _zeros(self.bias_axes), bias_shape).astype(self.dtype)
-        return y
-
-
-def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, base: float = 10000.0) -> jnp.ndarray:
-    """Rotary position embedding (rotate-half form) of x[batch, length, heads, head_dim]."""
-    half = x.shape[-1] // 2
-    inv_freq = 1.0 / base ** (jnp.arange(half, dtype=jnp.float32) / half)
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq  # [length, half]
-    sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
-
-
-def plain_attention(
-    q: jnp.ndarray,
-    k: jnp.ndarray,
-    v: jnp.ndarray,
-    mask: jnp.ndarray,
-    softcap: float | None = None,
-) -> jnp.ndarray:
-    """Explicit softmax(cap(q k^T / sqrt(d)) + mask) v.
-
-    q[batch, q_len, heads, head_dim]; k, v[batch, kv_len, kv_heads, head_dim], kv_heads dividing
-    heads: query head h attends with key/value head h // (heads // kv_heads) (grouped-query
-    attention, Ainslie et al. 2023; the grouping of jax.nn.dot_product_attention and of Llama's
-    repeat_kv). mask: bool, broadcastable to [batch, heads, q_len, kv_len], True = attend.
-    softcap: None, or c > 0 for c * tanh(scores / c) (Gemma 2's attention-logit soft-capping).
-    Scores and softmax in float32; returns [batch, q_len, heads, head_dim] in v's dtype.
-    """
-    batch, q_len, heads, head_dim = q.shape
-    kv_heads, kv_len = k.shape[2], k.shape[1]
-    scale = 1.0 / math.sqrt(head_dim)
-    if kv_heads == heads:  # multi-head: the plain einsums
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
-    else:  # the query heads of a group share one key/value head: no copies of k and v
-        q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) * scale
-        scores = scores.reshape(batch, heads, q_len, kv_len)
-    if softcap is not None:
-        scores = softcap * jnp.tanh(scores / softcap)
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    if kv_heads == heads:
-        return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-    weights = weights.reshape(batch, kv_heads, heads // kv_heads, q_len, kv_len)
-    y = jnp.einsum("bkgqs,bskd->bqkgd", weights, v)
-    return y.reshape(batch, q_len, heads, head_dim)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,99 +73,6 @@ class BlockConfig:
     dropout_rate: float
     decode: bool  # append to the KV cache (sampling)
     dtype: jnp.dtype  # compute dtype
-
-
-class CausalSelfAttention(nn.Module):
-    """Causal self-attention with num_heads query heads and num_kv_heads key/value heads
-    (multi-head, grouped-query or multi-query); in decode mode keys/values accumulate in the
-    'cache', [batch, block_size, num_kv_heads, head_dim] each."""
-
-    config: BlockConfig
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray, positions: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        """Attends each position of x[batch, length, embed] to itself and earlier positions."""
-        c = self.config
-        batch, length, embed_dim = x.shape
-        head_dim = embed_dim // c.num_heads
-        # Key/value heads have their own logical axis when there are fewer of them than query
-        # heads: sharding.py splits them over `tensor` only where it divides them. Multi-head
-        # attention keeps 'heads' (today's layout and checkpoints).
-        kv_axis = "heads" if c.num_kv_heads == c.num_heads else "kv_heads"
-
-        def project(name: str, heads: int, axis: str) -> jnp.ndarray:
-            return HeadsDense(
-                "ble,ehd->blhd",
-                (embed_dim, heads, head_dim),
-                ("embed", axis, "kv"),
-                (axis, "kv"),
-                std=0.02,
-                use_bias=c.use_bias,
-                dtype=c.dtype,
-                name=name,
-            )(x)
-
-        q_axes = ("batch", "length", "heads", "kv")
-        # An activation constraint must divide evenly; grouped key/value heads may not divide
-        # the tensor axis, so their activations follow the kernel's sharding unconstrained.
-        kv_axes = ("batch", "length", "heads" if kv_axis == "heads" else None, "kv")
-        q = nn.with_logical_constraint(project("query", c.num_heads, "heads"), q_axes)
-        k = nn.with_logical_constraint(project("key", c.num_kv_heads, kv_axis), kv_axes)
-        v = nn.with_logical_constraint(project("value", c.num_kv_heads, kv_axis), kv_axes)
-        if c.qk_norm:  # before rotary positions, as OLMo 2 and Gemma 3 do
-            q = _norm("rmsnorm", c.norm_epsilon, False, c.dtype, "query_norm", "kv")(q)
-            k = _norm("rmsnorm", c.norm_epsilon, False, c.dtype, "key_norm", "kv")(k)
-        if c.rope:
-            q, k = apply_rope(q, positions), apply_rope(k, positions)
-
-        impl = c.attention_impl
-        if impl == "auto" and jax.default_backend() == "cpu":
-            # XLA:CPU has no fused kernel; the explicit einsum form is faster there
-            # (docs/performance.md).
-            impl = "plain"
-        if c.attn_logit_softcap is not None:  # jax.nn.dot_product_attention has no soft cap
-            impl = "plain"
-        mask = jnp.tril(jnp.ones((length, length), bool))
-        is_causal = True
-        if c.decode:
-            # Keys/values of every position so far; `init` only creates the (empty) cache.
-            initialized = self.has_variable("cache", "cached_key")
-            cache_shape = (batch, c.block_size, c.num_kv_heads, head_dim)
-            cached_k = self.variable("cache", "cached_key", jnp.zeros, cache_shape, k.dtype)
-            cached_v = self.variable("cache", "cached_value", jnp.zeros, cache_shape, v.dtype)
-            if initialized:
-                start = (0, positions[0], 0, 0)
-                cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, start)
-                cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, start)
-                k, v = cached_k.value, cached_v.value
-                mask = jnp.arange(c.block_size)[None, :] <= positions[:, None]
-                is_causal = False
-                if impl == "cudnn":  # an explicit mask over the cache: let XLA handle decoding
-                    impl = "xla"
-
-        if impl == "plain":
-            y = plain_attention(q, k, v, mask[None, None], c.attn_logit_softcap)
-        else:
-            y = jax.nn.dot_product_attention(
-                q,
-                k,
-                v,
-                mask=None if is_causal else mask[None, None],
-                is_causal=is_causal,
-                implementation=None if impl == "auto" else impl,
-            )
-        y = nn.with_logical_constraint(y, q_axes)
-        y = HeadsDense(
-            "blhd,hde->ble",
-            (c.num_heads, head_dim, embed_dim),
-            ("heads", "kv", "embed"),
-            ("embed",),
-            std=c.residual_init_std,
-            use_bias=c.use_bias,
-            dtype=c.dtype,
-            name="out",
-        )(y)
-        return nn.Dropout(c.dropout_rate, deterministic=not train)(y)
 
 
 class FeedForward(nn.Module):

@@ -24,3 +24,37 @@ def padded_vocab_size(vocab_size: int, multiple: int) -> int:
     embedding (and of an untied output layer). E.g. GPT-2's 50,257 tokens with multiple 64 ->
     50,304."""
     return -(-vocab_size // multiple) * multiple
+
+
+def logical_normal(std: float, names: tuple[str | None, ...]) -> nn.initializers.Initializer:
+    """Normal(0, std) initializer whose parameter carries the logical axis `names`."""
+    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+def logical_zeros(names: tuple[str | None, ...]) -> nn.initializers.Initializer:
+    """Zeros initializer whose parameter carries the logical axis `names`."""
+    return nn.with_logical_partitioning(nn.initializers.zeros, names)
+
+
+def norm_layer(
+    kind: str,
+    epsilon: float,
+    use_bias: bool,
+    dtype: jnp.dtype,
+    name: str,
+    axis: str = "embed",
+) -> nn.Module:
+    """A normalisation over the last axis (logical name `axis`), scale 1 (and bias 0):
+    'layernorm' (Ba et al. 2016; GPT-2's epsilon is 1e-5) or 'rmsnorm' (Zhang & Sennrich
+    2019: x / sqrt(mean(x^2) + epsilon) * scale, no centring and no bias; Llama's)."""
+    scale_init = nn.with_logical_partitioning(nn.initializers.ones, (axis,))
+    if kind == "rmsnorm":
+        return nn.RMSNorm(epsilon=epsilon, dtype=dtype, scale_init=scale_init, name=name)
+    return nn.LayerNorm(
+        epsilon=epsilon,
+        use_bias=use_bias,
+        dtype=dtype,
+        scale_init=scale_init,
+        bias_init=logical_zeros((axis,)),
+        name=name,
+    )
