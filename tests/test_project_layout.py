@@ -34,10 +34,12 @@ def _python(code: str, cwd: str, timeout: float = 300) -> subprocess.CompletedPr
 
 def test_installing_adds_no_top_level_module_of_ours(tmp_path):
     """From outside the repository (the venv has jaxlab installed, editable), none of our
-    modules or packages is importable: `import distributed` or `import evaluate` finds another
-    package or nothing, never ours."""
+    modules or packages is importable: `import evaluate` finds another package (Hugging Face's,
+    which lm-eval brings) or nothing, never ours."""
     names = ROOT_MODULES + PACKAGES + ["tests"]
-    code = f"import importlib.util; print([n for n in {names!r} if importlib.util.find_spec(n)])"
+    ours = {n: [f"{REPO}/{n}.py", f"{REPO}/{n}/__init__.py"] for n in names}
+    code = (f"import importlib.util as u; print([n for n, paths in {ours!r}.items() "
+            f"if (s := u.find_spec(n)) and s.origin in paths])")  # fmt: skip
     result = _python(code, cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
