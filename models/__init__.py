@@ -16,8 +16,15 @@ benchmark's MFU uses (otherwise it counts the traced matmuls); a `check_fields()
 the configured module before anything compiles (so a bad field is one `ERROR:` line, without
 the model depending on the command-line code).
 
+Optional, for training: during a forward pass with `train=True` a model may `sow` float32
+scalars into the collections LOSSES (terms steps.train_step adds to the objective: summed over
+where they are sown, logged under their names) and METRICS (logged, averaged over where they are
+sown), and arrays into PARAM_UPDATES (additive updates, outside the gradient, that train_step
+applies after the optimizer step to the parameter of the same path and name, e.g. the routing
+bias of models/moe.py). A model must not sow while it is initialised (`self.is_initializing()`).
+
 A file here that defines no `Model` is a helper of the model files, not a model (layers.py,
-preprocessing.py, gpt_flops.py, attention.py).
+preprocessing.py, gpt_flops.py, attention.py, moe.py).
 """
 
 from __future__ import annotations
@@ -35,6 +42,9 @@ from flax import linen as nn
 TASKS = ("classification", "lm")
 # Fields each task needs its module to have (besides `dtype`, which every model needs).
 TASK_FIELDS = {"classification": (), "lm": ("vocab_size", "block_size")}
+
+# The collections a model may sow into for steps.train_step (the docstring).
+LOSSES, METRICS, PARAM_UPDATES = "losses", "metrics", "param_updates"
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 

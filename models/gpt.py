@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from models import ModelConfigError
+from models import LOSSES, METRICS, PARAM_UPDATES, ModelConfigError, moe
 
 # The attention layer and its parts (models/attention.py), importable from here as before.
 from models.attention import (  # noqa: F401
@@ -73,6 +73,7 @@ class BlockConfig:
     dropout_rate: float
     decode: bool  # append to the KV cache (sampling)
     dtype: jnp.dtype  # compute dtype
+    moe: moe.MoEConfig | None = None  # the sparse layers' settings (None: a dense model)
 
 
 class FeedForward(nn.Module):
@@ -116,11 +117,15 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
 
-    With `scan_step=True` it returns (x, None), the (carry, output) pair of an `nn.scan` step.
+    With `sparse=True` the MLP is a Mixture-of-Experts layer ('moe', models/moe.py), plus a
+    dense 'shared_mlp' of the shared experts' total width when config.moe asks for them
+    (DeepSeekMoE's always-on experts). With `scan_step=True` it returns (x, None), the
+    (carry, output) pair of an `nn.scan` step.
     """
 
     config: BlockConfig
     scan_step: bool = False
+    sparse: bool = False
 
     @nn.compact
     def __call__(
@@ -131,15 +136,24 @@ class Block(nn.Module):
         attn = CausalSelfAttention(c, name="attn")
         ln_1 = _norm(c.norm, c.norm_epsilon, c.use_bias, c.dtype, "ln_1")
         x = x + attn(ln_1(x), positions, train)
-        mlp = FeedForward(c, name="mlp")
         ln_2 = _norm(c.norm, c.norm_epsilon, c.use_bias, c.dtype, "ln_2")
-        x = x + mlp(ln_2(x), train)
+        h = ln_2(x)
+        if not self.sparse:
+            x = x + FeedForward(c, name="mlp")(h, train)
+        else:
+            x = x + moe.MoEFeedForward(c.moe, name="moe")(h, train)
+            if c.moe.shared_hidden_dim:
+                shared = dataclasses.replace(c, mlp_hidden_dim=c.moe.shared_hidden_dim)
+                x = x + FeedForward(shared, name="shared_mlp")(h, train)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return (x, None) if self.scan_step else x
 
 
-def scanned_blocks(config: BlockConfig, num_layers: int, remat_policy: str | None, name: str):
-    """`num_layers` blocks as one `nn.scan` over a stack of their parameters (and KV caches):
+def scanned_blocks(
+    config: BlockConfig, num_layers: int, remat_policy: str | None, name: str, sparse: bool = False
+):
+    """`num_layers` blocks (`sparse`: Mixture-of-Experts blocks) as one `nn.scan` over a stack
+    of their parameters (and KV caches, and what they sow while training):
     each parameter gets a leading logical 'layers' axis (left unsharded by sharding.py's
     rules), so the compiled program holds one block whatever the depth. Each layer draws its
     own parameter and dropout randomness. `remat_policy` (a REMAT_POLICIES value, None for no
@@ -151,13 +165,13 @@ def scanned_blocks(config: BlockConfig, num_layers: int, remat_policy: str | Non
         block = nn.remat(block, policy=remat_policy, static_argnums=(3,), prevent_cse=False)
     scan = nn.scan(
         block,
-        variable_axes={"params": 0, "cache": 0},
+        variable_axes={"params": 0, "cache": 0, LOSSES: 0, METRICS: 0, PARAM_UPDATES: 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast, nn.broadcast),  # positions and train: the same for every layer
         length=num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
-    return scan(config, scan_step=True, name=name)
+    return scan(config, scan_step=True, sparse=sparse, name=name)
 
 
 class GPT(nn.Module):
@@ -179,6 +193,9 @@ class GPT(nn.Module):
     attn/query_norm and attn/key_norm (`scale` [head_dim]); SwiGLU adds mlp/gate beside mlp/fc
     (up) and mlp/proj (down); grouped-query attention gives attn/key and attn/value kernels
     [embed, num_kv_heads, head_dim]; an untied output adds lm_head/kernel [embed, padded vocab].
+    A sparse block (moe_num_experts > 0) has h_i/moe (router/kernel [embed, E], router/bias [E],
+    fc, gate, proj/kernel [E, ...]) and h_i/shared_mlp in place of h_i/mlp; with scan_layers
+    the first moe_first_dense blocks are stacked in `h_dense`, the sparse ones in `h`.
     """
 
     vocab_size: int = 65
@@ -203,6 +220,20 @@ class GPT(nn.Module):
     attention_impl: str = "auto"
     remat_policy: str = "none"
     scan_layers: bool = False  # the blocks as one nn.scan over stacked parameters
+    # Mixture-of-Experts (models/moe.py, docs/models.md); moe_num_experts=0: every MLP dense.
+    moe_num_experts: int = 0  # routed experts per sparse layer
+    moe_top_k: int = 2  # experts per token
+    moe_hidden_dim: int | None = None  # each expert's width; None: the dense MLP's
+    moe_shared_experts: int = 0  # always-on experts (DeepSeekMoE), each moe_hidden_dim wide
+    moe_layer_freq: int = 1  # every n-th block sparse (after the first dense ones)
+    moe_first_dense: int = 0  # the first k blocks stay dense (DeepSeek)
+    moe_router: str = "softmax"  # 'softmax' (Switch, Mixtral) or 'sigmoid' (DeepSeek-V3)
+    moe_norm_topk: bool = False  # renormalise the top-k gate weights to sum 1
+    moe_dispatch: str = "dropless"  # 'dropless' (sort + ragged_dot) or 'capacity' (GShard)
+    moe_capacity_factor: float = 1.25  # capacity dispatch: slots per expert, x k*length/E
+    moe_aux_loss_coef: float = 0.01  # Switch Transformer's load-balancing loss
+    moe_z_loss_coef: float = 0.001  # ST-MoE's router z-loss
+    moe_bias_update_rate: float = 0.0  # > 0: DeepSeek-V3's aux-loss-free balancing bias
     dtype: jnp.dtype = jnp.float32
     decode: bool = False
 
@@ -246,9 +277,13 @@ class GPT(nn.Module):
 
         remat = self.remat_policy != "none" and not self.decode
         config = self.block_config()
-        if self.scan_layers:
+        k = self.moe_first_dense if self.moe_num_experts else 0
+        if self.scan_layers:  # MoE: the first k (dense) blocks in 'h_dense', the sparse in 'h'
             policy = REMAT_POLICIES[self.remat_policy] if remat else None
-            x, _ = scanned_blocks(config, self.num_layers, policy, name="h")(x, positions, train)
+            segments = (("h_dense", k, False), ("h", self.num_layers - k, self.moe_num_experts > 0))
+            for name, n, sparse in segments:
+                if n:
+                    x, _ = scanned_blocks(config, n, policy, name, sparse)(x, positions, train)
         else:
             block = Block
             if remat:
@@ -257,7 +292,10 @@ class GPT(nn.Module):
                     Block, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(3,)
                 )
             for i in range(self.num_layers):
-                x = block(config, name=f"h_{i}")(x, positions, train)
+                sparse = self.moe_num_experts > 0 and moe.is_sparse_layer(
+                    i, self.moe_first_dense, self.moe_layer_freq
+                )
+                x = block(config, sparse=sparse, name=f"h_{i}")(x, positions, train)
 
         x = _norm(self.norm, self.norm_epsilon, self.use_bias, self.dtype, "ln_f")(x)
         flat = x.reshape(-1, x.shape[-1])  # a 2-D matmul (see HeadsDense)
@@ -298,6 +336,33 @@ class GPT(nn.Module):
             use_bias=self.use_bias,
             rope=self.position_embedding == "rope",
             attention_impl=self.attention_impl,
+            dropout_rate=self.dropout_rate,
+            decode=self.decode,
+            dtype=self.dtype,
+            moe=self.moe_config(),
+        )
+
+    def moe_config(self) -> moe.MoEConfig | None:
+        """The sparse layers' settings from the moe_* fields (None for a dense model)."""
+        if not self.moe_num_experts:
+            return None
+        dense_width = self.mlp_hidden_dim or self.mlp_ratio * self.embed_dim
+        width = self.moe_hidden_dim or dense_width
+        return moe.MoEConfig(
+            num_experts=self.moe_num_experts,
+            top_k=self.moe_top_k,
+            hidden_dim=width,
+            shared_hidden_dim=self.moe_shared_experts * width,
+            activation=self.mlp_activation,
+            router=self.moe_router,
+            norm_topk=self.moe_norm_topk,
+            dispatch=self.moe_dispatch,
+            capacity_factor=self.moe_capacity_factor,
+            aux_loss_coef=self.moe_aux_loss_coef,
+            z_loss_coef=self.moe_z_loss_coef,
+            bias_update_rate=self.moe_bias_update_rate,
+            num_sparse_layers=moe.num_sparse_layers(self),
+            residual_init_std=0.02 / math.sqrt(2 * self.num_layers),
             dropout_rate=self.dropout_rate,
             decode=self.decode,
             dtype=self.dtype,
@@ -357,6 +422,7 @@ class GPT(nn.Module):
             raise GPTConfigError(
                 f"model.vocab_pad_multiple={self.vocab_pad_multiple} must be >= 1 (1: no padding)."
             )
+        moe.check_fields(self)  # the moe_* fields (a moe.MoEConfigError)
 
 
 def stack_layers(params: dict, num_layers: int) -> dict:

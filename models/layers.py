@@ -58,3 +58,15 @@ def norm_layer(
         bias_init=logical_zeros((axis,)),
         name=name,
     )
+
+
+def mlp_activation(kind: str, h: jnp.ndarray, gate: jnp.ndarray | None = None) -> jnp.ndarray:
+    """A feed-forward network's nonlinearity on its hidden units h (and, for 'swiglu', the
+    gate projection of the same input): 'gelu' exact (erf), 'gelu_tanh' (GPT-2's tanh
+    approximation; Hendrycks & Gimpel 2016), 'relu2' (squared ReLU; So et al. 2021, Primer),
+    'swiglu' (silu(gate) * h; Shazeer 2020). Elementwise: any shape, h's dtype."""
+    if kind == "swiglu":
+        return nn.silu(gate) * h
+    if kind == "relu2":
+        return jnp.square(nn.relu(h))
+    return nn.gelu(h, approximate=kind == "gelu_tanh")
