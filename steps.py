@@ -24,8 +24,10 @@ import ml_collections
 import numpy as np
 import optax
 from flax import linen as nn
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+import models
 import optim
 import sharding
 from models import preprocessing
@@ -89,40 +91,54 @@ def train_step(
     gradients over `grad_accum_steps` equal microbatches of B / grad_accum_steps.
 
     `seed` and the step number fix dropout's randomness; `label_smoothing` softens the targets of
-    the training loss; `z_loss_weight` > 0 adds PaLM's z-loss (`z_loss`). With `axis_name` (pmap)
-    gradients, metrics and model state are averaged over that axis. Returns the new state and
-    float32 scalar metrics: loss (the cross-entropy alone), accuracy, grad_norm, learning_rate,
-    skipped_steps and, when on, z_loss."""
+    the training loss; `z_loss_weight` > 0 adds PaLM's z-loss (`z_loss`). What the model sows
+    while training (models/__init__.py) joins in: the terms it sows into models.LOSSES are added
+    to the objective (e.g. models/moe.py's load-balancing and router z-losses), and they and the
+    statistics it sows into models.METRICS are returned as metrics under their names; its
+    models.PARAM_UPDATES are added to the parameters after the optimizer's update. With
+    `axis_name` (pmap) gradients, metrics, model state and those updates are averaged over that
+    axis. Returns the new state and float32 scalar metrics: loss (the cross-entropy alone),
+    accuracy, grad_norm, learning_rate, skipped_steps and, when on, z_loss and the sown ones."""
     # Dropout randomness is a pure function of (seed, step): resumed runs repeat it exactly.
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
     if axis_name is not None:
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-    mutable = list(state.model_state.keys())
+    sown = (models.LOSSES, models.METRICS, models.PARAM_UPDATES)  # never part of the state
+    mutable = list(state.model_state.keys()) + list(sown)
 
     def loss_fn(params, model_state, microbatch, micro_rng):
         variables = {"params": params, **model_state}
-        out = model.apply(
+        logits, variables = model.apply(
             variables,
             microbatch["inputs"],
             train=True,
             rngs={"dropout": micro_rng},
-            mutable=mutable or False,
+            mutable=mutable,
         )
-        logits, new_model_state = out if mutable else (out, {})
+        new_model_state = {k: v for k, v in variables.items() if k not in sown}
         loss_sum, correct, count = cross_entropy(
             logits, microbatch["targets"], label_smoothing=label_smoothing
         )
-        # The objective is the cross-entropy plus the z-loss when it is on; `loss` stays the
-        # cross-entropy alone, comparable with evaluation and with runs without z-loss.
+        # The objective is the cross-entropy plus the z-loss when it is on, plus the model's
+        # own terms; `loss` stays the cross-entropy alone, comparable with evaluation and with
+        # runs without the others.
         aux = {"loss": loss_sum / count, "accuracy": correct / count}
         if z_loss_weight:
             aux["z_loss"] = z_loss(logits, z_loss_weight)
-        return aux["loss"] + aux.get("z_loss", 0.0), (new_model_state, aux)
+        terms = {k: total for k, (total, _) in sown_scalars(variables.get(models.LOSSES)).items()}
+        statistics = sown_scalars(variables.get(models.METRICS))
+        objective = aux["loss"] + aux.get("z_loss", 0.0) + sum(terms.values())
+        aux.update(terms)
+        aux.update({k: total / count for k, (total, count) in statistics.items()})
+        updates = variables.get(models.PARAM_UPDATES, {})
+        return objective, (new_model_state, aux, updates)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     k = int(grad_accum_steps)
     if k == 1:
-        (_, (model_state, aux)), grads = grad_fn(state.params, state.model_state, batch, rng)
+        (_, (model_state, aux, param_updates)), grads = grad_fn(
+            state.params, state.model_state, batch, rng
+        )
     else:
         # Mean of k equal-sized microbatch gradients == gradient of the mean loss on the batch.
         # Model state (BatchNorm's running statistics) is updated once per optimizer step, as
@@ -132,38 +148,34 @@ def train_step(
         # own statistics ("ghost" batch norm), as it does each device's batch without a
         # cross-device reduction.
         def accumulate(carry, xs):
-            grads_sum, aux_sum, model_state_sum = carry
             microbatch, i = xs
-            (_, (model_state, aux)), grads = grad_fn(
+            (_, outputs), grads = grad_fn(
                 state.params, state.model_state, microbatch, jax.random.fold_in(rng, i)
             )
-            grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-            aux_sum = jax.tree.map(jnp.add, aux_sum, aux)
-            model_state_sum = jax.tree.map(jnp.add, model_state_sum, model_state)
-            return (grads_sum, aux_sum, model_state_sum), None
+            return jax.tree.map(jnp.add, carry, (grads, *outputs)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        zero_state = jax.tree.map(jnp.zeros_like, state.model_state)
-        zero_aux = {"loss": jnp.zeros(()), "accuracy": jnp.zeros(())}
-        if z_loss_weight:
-            zero_aux["z_loss"] = jnp.zeros(())
         microbatches = (_split_microbatches(batch, k), jnp.arange(k))
-        (grads, aux, model_state), _ = jax.lax.scan(
-            accumulate, (zeros, zero_aux, zero_state), microbatches
-        )
-        grads = jax.tree.map(lambda g: g / k, grads)
-        model_state = jax.tree.map(lambda s: s / k, model_state)
-        aux = jax.tree.map(lambda a: a / k, aux)
+        # The sums start at zeros shaped like one microbatch's (gradients, model state,
+        # metrics and parameter updates: whatever the model sows).
+        shapes = jax.eval_shape(
+            grad_fn, state.params, state.model_state, jax.tree.map(lambda x: x[0], microbatches[0]),
+            rng,
+        )  # fmt: skip
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (shapes[1], *shapes[0][1]))
+        sums, _ = jax.lax.scan(accumulate, zeros, microbatches)
+        grads, model_state, aux, param_updates = jax.tree.map(lambda s: s / k, sums)
 
     if axis_name is not None:  # pmap: average over the data-parallel replicas
-        grads, aux, model_state = jax.lax.pmean((grads, aux, model_state), axis_name)
+        grads, aux, model_state, param_updates = jax.lax.pmean(
+            (grads, aux, model_state, param_updates), axis_name
+        )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params = apply_param_updates(optax.apply_updates(state.params, updates), param_updates)
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state
     )
     metrics = {
-        **aux,  # loss (the cross-entropy), accuracy and, when on, z_loss (the added term)
+        **aux,  # loss (the cross-entropy), accuracy, and z_loss and what the model sows, if any
         "grad_norm": optax.tree.norm(grads),
         # The rate this update used: the schedule at the optimizer's own step count (which a
         # skipped non-finite update does not advance), not at the train step.
@@ -171,6 +183,31 @@ def train_step(
         "skipped_steps": optim.nonfinite_count(opt_state),
     }
     return new_state, metrics
+
+
+def sown_scalars(collection: Any) -> dict[str, tuple[jax.Array, int]]:
+    """{name: (float32 sum, count)} of the scalars a model sowed into one collection (a nested
+    dict of tuples, as model.apply returns it; None or {} for none): leaves grouped by the name
+    they were sown under, each element one occurrence (a scanned stack [layers] counts each
+    layer)."""
+    sums: dict[str, tuple[jax.Array, int]] = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(collection or {}):
+        name = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)][-1]
+        total, count = sums.get(name, (jnp.zeros((), jnp.float32), 0))
+        sums[name] = (total + jnp.sum(leaf.astype(jnp.float32)), count + int(np.size(leaf)))
+    return sums
+
+
+def apply_param_updates(params: Any, param_updates: Any) -> Any:
+    """`params` with each array of `param_updates` (what a model sowed into
+    models.PARAM_UPDATES: a nested dict whose paths are parameters' paths) added to the
+    parameter of the same path."""
+    if not param_updates:
+        return params
+    flat = traverse_util.flatten_dict(params)
+    for path, update in traverse_util.flatten_dict(param_updates).items():
+        flat[path] = flat[path] + update.astype(flat[path].dtype)
+    return traverse_util.unflatten_dict(flat)
 
 
 def scan_steps(step_fn: Callable[..., tuple[TrainState, Metrics]]) -> Callable:
