@@ -8,7 +8,12 @@ rules below map those names onto the mesh axes `data`, `fsdp` and `tensor` (and 
 - attention heads, MLP hidden units and the vocabulary over tensor (Megatron style);
 - grouped key/value heads (`kv_heads`, GPT's num_kv_heads < num_heads) over tensor too, which
   `_fit_spec` keeps only where the tensor axis divides their number (else they are replicated,
-  as Megatron replicates kv heads when tensor parallelism exceeds them).
+  as Megatron replicates kv heads when tensor parallelism exceeds them);
+- the experts of a Mixture-of-Experts layer (`expert`, models/moe.py) over expert, and the
+  batch over expert as well, so that the expert axis is data-parallel outside the MoE layers
+  and tokens travel to their experts' devices inside them (expert parallelism, as GShard,
+  DeepSpeed-MoE and MaxText do); `batch_no_expert` names the batch of tokens that sit on their
+  experts' devices.
 A config can override single rules with `config.logical_axis_rules`.
 """
 
@@ -30,7 +35,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "context", "tensor", "expert")
 
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
+    # The batch splits over expert too: outside the MoE layers the expert axis is data-parallel.
+    ("batch", ("data", "fsdp", "expert")),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
@@ -42,6 +48,8 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("classes", None),
     ("conv_h", None),
     ("conv_w", None),
+    ("expert", "expert"),  # the experts of an MoE layer (models/moe.py), and tokens sent to them
+    ("batch_no_expert", ("data", "fsdp")),  # tokens' groups while on their experts' devices
 )
 
 
