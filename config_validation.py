@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from flax import linen as nn
 
 import models
 import sharding
@@ -217,16 +218,24 @@ def check_parallelism(
     try:
         sizes = sharding.resolve_mesh_shape(dict(config.mesh_shape), num_devices)
         axes = dict(zip(sharding.MESH_AXES, sizes, strict=True))
-        data, fsdp = axes["data"], axes["fsdp"]
     except sharding.MeshError as e:
         raise ConfigError(str(e)) from e
+    experts = config.model.get("moe_num_experts", 0) or 0
+    if experts and experts % axes["expert"]:
+        raise ConfigError(
+            f"config.mesh_shape.expert={axes['expert']} does not divide model.moe_num_experts="
+            f"{experts}; use an expert axis that divides the experts."
+        )
+    # The mesh axes the batch splits over, as the logical rules say (data x fsdp x expert).
+    spec = nn.logical_to_mesh_axes(("batch",), sharding.logical_axis_rules(config))[0]
+    split = {a: axes[a] for a in ((spec,) if isinstance(spec, str) else tuple(spec or ()))}
     if config.parallelism == "pmap":
-        data, fsdp = jax.local_device_count() * jax.process_count(), 1
+        split = {"data": jax.local_device_count() * jax.process_count()}
         if jax.process_count() > 1:
             raise ConfigError(
                 "config.parallelism='pmap' runs on one process here; use 'jit' on several hosts."
             )
-    dp = data * fsdp
+    dp = math.prod(split.values())
     need = math.lcm(dp, jax.process_count())
     if config.eval_batch_size % need:
         raise ConfigError(
@@ -241,8 +250,9 @@ def check_parallelism(
             f"config.batch_size={b} does not divide into config.grad_accum_steps={k} microbatches."
         )
     if (b // k) % need:
+        named = " x ".join(f"{a}={n}" for a, n in split.items())
         raise ConfigError(
             f"The microbatch of {b // k} examples (batch_size={b} / grad_accum_steps={k}) does "
-            f"not divide over {dp} data-parallel devices (data={data} x fsdp={fsdp}) and "
+            f"not divide over {dp} data-parallel devices ({named}) and "
             f"{jax.process_count()} processes; use a batch size that is a multiple of {need * k}."
         )
