@@ -119,11 +119,12 @@ def muon_dimension_numbers(
     heads*head_dim -> embed (Flax's [inputs..., outputs] layout: the last axis is the output).
     That is exactly the 2-D [embed, embed] weight of nanoGPT's or modded-nanogpt's q, k, v and
     c_proj, so the update does not depend on how the code splits heads. A leading 'layers' axis
-    (GPT scan_layers) is a batch axis: each layer's matrix is orthogonalized on its own.
+    (GPT scan_layers) is a batch axis: each layer's matrix is orthogonalized on its own; so is
+    an 'expert' axis (the stacked experts of an MoE layer, models/moe.py): each expert's matrix.
     """
     if path.rsplit("/", 1)[-1] != "kernel" or any(a in OUTPUT_AXES for a in axes):
         return None
-    dims = [i for i, a in enumerate(axes) if a != "layers"]
+    dims = [i for i, a in enumerate(axes) if a not in ("layers", "expert")]
     if len(dims) < 2:
         return None
     if axes[dims[0]] == "embed":
