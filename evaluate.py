@@ -9,7 +9,9 @@ Classifiers: loss, accuracy, per-class and macro precision / recall / F1, one-vs
 `eval_<split>_step<N>_confusion.png`; every example of the split is evaluated exactly once.
 Language models: loss, perplexity and bits per character / byte / token over `eval_steps`
 batches of fixed, seeded windows (the ones training evaluates on).
-The report is `<workdir>/eval_<split>_step<N>.json` unless --output names another file.
+The report is `<workdir>/eval_<split>_step<N>.json` unless --output names another file; it
+names the code that evaluated (`git_commit`, `git_dirty`: runtime/provenance.py) and the commit
+the run was trained at (`trained_git_commit`, from the workdir's provenance.json).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from absl import flags
 import config_validation
 import evaluation
 import experiment
-from runtime import cli
+from runtime import cli, provenance
 
 # (log-probabilities [N, C] float64, labels [N] int64) by the run's compiled predict step:
 # evaluation's one loop, under the name this module has always given it (tests/test_serve.py).
@@ -103,7 +105,10 @@ def evaluate_checkpoint(
     eval_steps: int | None = None,
 ) -> dict[str, Any]:
     """Evaluates `workdir`'s checkpoint (latest, or `step`) on `split`; writes and returns the
-    report (plus, for classifiers, a confusion-matrix PNG next to it)."""
+    report (plus, for classifiers, a confusion-matrix PNG next to it). The report names the
+    commit of the code that evaluated (git_commit, git_dirty; 'unknown' and None outside a git
+    checkout) and the one the run was trained at (trained_git_commit: the newest attempt in the
+    workdir's provenance.json, 'unknown' for a run trained before runs recorded it)."""
     restored = experiment.restore_run(workdir, step)
     config = restored.config
     overrides = {}
@@ -123,6 +128,9 @@ def evaluate_checkpoint(
         **metrics,
     }
     if jax.process_index() == 0:
+        git = provenance.git_state()
+        report["git_commit"], report["git_dirty"] = git["commit"], git["dirty"]
+        report["trained_git_commit"] = provenance.trained_commit(workdir)
         path = output or os.path.join(workdir, f"eval_{split}_step{restored.step}.json")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
@@ -142,6 +150,9 @@ def evaluate_checkpoint(
 def format_report(report: dict[str, Any]) -> str:
     """A few readable lines: the headline metrics, then per-class scores for classifiers."""
     head = f"{report['workdir']} step {report['step']}, split {report['split']}"
+    if "git_commit" in report:
+        dirty = " (uncommitted changes)" if report.get("git_dirty") else ""
+        head += f", code at commit {report['git_commit'][:12]}{dirty}"
     scalars = {k: v for k, v in report.items() if isinstance(v, float)}
     lines = [head, "  " + ", ".join(f"{k}={v:.4f}" for k, v in scalars.items())]
     if "f1_per_class" in report:

@@ -7,6 +7,8 @@ The steps and their compilation live in steps.py, the run's parts are built by
 experiment.build_run; this file is the loop around them, top to bottom:
 build the run (config, data, model, optimizer, mesh, compiled steps) -> sharded state (or
 restore) -> loop of (step, log, evaluate, checkpoint) -> final evaluation -> final_metrics.json.
+Each attempt appends what made it (commit, libraries, devices) and where its time went (goodput)
+to provenance.json (runtime/provenance.py).
 """
 
 from __future__ import annotations
@@ -38,7 +40,16 @@ import experiment
 import finetune
 import sampling
 import steps
-from runtime import cli, distributed, metrics_writer, preemption, profiling, tracking, workdir_files
+from runtime import (
+    cli,
+    distributed,
+    metrics_writer,
+    preemption,
+    profiling,
+    provenance,
+    tracking,
+    workdir_files,
+)
 
 # Random numbers that do not depend on how arrays are sharded (same dropout on 1 or 8 devices).
 jax.config.update("jax_threefry_partitionable", True)
@@ -64,19 +75,26 @@ def _format_eval(split: str, metrics: dict[str, Any]) -> str:
     return f"{split}: " + ", ".join(f"{k}={v:.4f}" for k, v in shown.items())
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, started: float | None = None
+) -> dict[str, Any]:
     """Trains `config` in `workdir` (resuming if it holds checkpoints); returns final metrics.
 
     The run holds the workdir while it trains (workdir_files.claim): a second run started on it
     is refused. Raises cli.UserError subclasses for what the user can fix (the config, the
-    workdir, the data) before anything trains."""
+    workdir, the data) before anything trains. `started`: when this attempt began, as a
+    time.perf_counter() value, for its goodput (default: now; the command passes its process's
+    start, so that imports count as start-up)."""
+    goodput = provenance.Goodput(started)  # where the attempt's time goes (runtime/provenance.py)
     workdir = os.path.abspath(workdir)
     checkpointing.check_path(workdir)
     with workdir_files.claim(workdir):
-        return _train_and_evaluate(config, workdir)
+        return _train_and_evaluate(config, workdir, goodput)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, goodput: provenance.Goodput
+) -> dict[str, Any]:
     _print(distributed.describe_devices())  # a run that fell back to the CPU says so first
     run = experiment.build_run(config)  # validates a copy of `config`, loads the data
     config, datasets, compiled = run.config, run.datasets, run.compiled
@@ -108,8 +126,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
             state = finetune.init_from(run, state)
     state = compiled.from_global(state)
     workdir_files.save_run_records(workdir, config, run.input_spec, run.tokenizer)
+    attempt = provenance.start_attempt(workdir, start_step, goodput)  # code, libraries, devices
 
-    tracker = tracking.start(config, workdir, start_step)  # None unless config.wandb asks
+    tracker = tracking.start(config, workdir, start_step, attempt)  # None unless config.wandb asks
     writer = metrics_writer.MetricsWriter(workdir, resume_step=start_step, tracker=tracker)
     if start_step == 0:
         writer.write_text(0, "config", "```\n" + config.to_json_best_effort(indent=2) + "\n```")
@@ -121,9 +140,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     example_input = run.input_spec.example_input
     items_per_example = int(np.prod(example_input.shape[1:])) if config.task == "lm" else 1
 
+    @goodput.phase("checkpointing")
     def save(step: int, force: bool = False) -> None:
         ckpt.save(step, compiled.to_global(state), {"step": step}, force=force)
+        provenance.save_goodput(workdir, goodput, step)  # a killed attempt keeps its time
 
+    @goodput.phase("evaluating")
     def run_eval(step: int) -> dict[str, dict[str, Any]]:
         results = {}
         for split in datasets.eval_splits:
@@ -145,7 +167,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     # transfer fetches them all and checks every step for NaN/Inf. The host thus never waits for
     # a step just to read its loss, and dispatches run at most two ahead of the device.
     host_batches = datasets.train_batches(start_step, compiled.steps_per_dispatch, total_steps)
-    batches = prefetch_to_device(host_batches, compiled.put_train_batch)
+    batches = goodput.timed(prefetch_to_device(host_batches, compiled.put_train_batch))
     unchecked: list[tuple[int, int, Any]] = []  # (first step number, steps, device metrics)
     window: list[dict[str, float]] = []  # checked per-step metrics since the last log line
     in_flight = []
@@ -158,6 +180,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     profiler = profiling.StepProfiler(
         config.profile_steps, os.path.join(workdir, "tensorboard"), step, log=_print
     )
+    goodput.enter("training")  # the loop's time, less data waits, evals, saves and compiles
     with compiled.context(), _finish_saves_on_error(ckpt), profiler:
         for batch in batches:
             n = compiled.steps_in(batch)
@@ -191,21 +214,26 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
             if watcher.should_stop(done):
                 check()
                 save(done, force=True)
-                ckpt.close()
+                with goodput.phase("checkpointing"):
+                    ckpt.close()
+                provenance.save_goodput(workdir, goodput, done)
                 writer.close()
                 _print(f"Preempted: saved a checkpoint at step {done}; rerun to resume.")
                 return {"preempted_at_step": done}
         profiler.stop(step, state)  # a window reaching past the last step ends here
     check()
     train_seconds = time.perf_counter() - t_start
+    goodput.enter("other")
 
     # ------------------------------------------------------------------ final evaluation
     results = run_eval(total_steps)
     save(total_steps, force=True)
-    ckpt.close()
+    with goodput.phase("checkpointing"):
+        ckpt.close()
     watcher.close()
     final = evaluation.final_report(config, results, total_steps, num_params)
     final["train_seconds_this_run"] = train_seconds
+    final.update(provenance.finish_attempt(workdir, goodput, total_steps))  # commit, goodput
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
             json.dump(final, f, indent=2)
@@ -312,7 +340,7 @@ def main(argv: list[str]) -> None:
     distributed.initialize(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.cpu_devices
     )
-    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    train_and_evaluate(FLAGS.config, FLAGS.workdir, started=provenance.process_start())
 
 
 if __name__ == "__main__":

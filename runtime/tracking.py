@@ -4,7 +4,9 @@
 run is written under `config.wandb.dir`, by default the workdir, for a later `wandb sync`) or
 'online'. metrics_writer.MetricsWriter hands every scalar it writes to the tracker, so W&B's
 history holds exactly the TensorBoard scalars (same names, same steps); the run's config is the
-W&B run config and the final metrics its summary. Only process 0 logs.
+W&B run config and the final metrics its summary (goodput included). The attempt's provenance
+record (runtime/provenance.py: commit, libraries, devices, hosts) is the run config's
+`provenance` entry and the summary's, replaced by each resume. Only process 0 logs.
 
 The W&B run id is kept in <workdir>/wandb_run_id, so a resumed run continues the same W&B run
 and a restart (config.restart=True, which moves the workdir's records aside) starts a new one.
@@ -50,9 +52,16 @@ class WandbTracker:
         self.run.finish()
 
 
-def start(config: ml_collections.ConfigDict, workdir: str, resume_step: int) -> WandbTracker | None:
+def start(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    resume_step: int,
+    provenance: dict[str, Any] | None = None,
+) -> WandbTracker | None:
     """Starts (or, when `resume_step` > 0 and the workdir names one, resumes) the W&B run
     `config.wandb` asks for; None when mode is 'disabled' or on processes other than 0.
+    `provenance`: this attempt's record (provenance.start_attempt's), put in the run's config
+    and summary under 'provenance'.
 
     Never prompts: online mode without credentials (WANDB_API_KEY, a `wandb login` entry in
     ~/.netrc, or WANDB_IDENTITY_TOKEN_FILE) raises TrackingError naming the fixes."""
@@ -89,6 +98,9 @@ def start(config: ml_collections.ConfigDict, workdir: str, resume_step: int) -> 
         # No console capture (the progress lines stay ours) and no system-metrics sampler.
         settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
     )
+    if provenance is not None:  # a resume records its own attempt: the value may change
+        run.config.update({"provenance": provenance}, allow_val_change=True)
+        run.summary["provenance"] = provenance
     return WandbTracker(run)
 
 
@@ -105,11 +117,14 @@ def _has_credentials() -> bool:
 
 
 def _summary_values(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The scalar entries (numbers, strings, booleans) of `metrics`; arrays are left out."""
+    """The scalar entries (numbers, strings, booleans) of `metrics`, and its dicts (final
+    metrics' goodput) as their scalar entries; arrays and lists are left out."""
     out = {}
     for key, value in metrics.items():
         if isinstance(value, np.generic):
             value = value.item()
-        if isinstance(value, bool | int | float | str):
+        if isinstance(value, dict):
+            value = _summary_values(value)
+        if isinstance(value, bool | int | float | str | dict):
             out[key] = value
     return out

@@ -7,7 +7,9 @@
 - `config.json`: the config the run trained with (read back by every command that loads a run);
 - `input_spec.json`: the shape and dtype of one model input and the data facts a model needs to
   be rebuilt without loading any data (classes, training examples);
-- the tokenizer files, written by `data.tokenization` (language models).
+- the tokenizer files, written by `data.tokenization` (language models);
+- `provenance.json`: what made each attempt of the run and where its time went, written by
+  `runtime.provenance` (moved aside with the other records).
 - `check_resume`: a rerun whose config changes the run's meaning is refused, naming the fields.
 - `move_records_aside`: `restart` (or a fresh start over a dead attempt's records) moves every
   record of the old run into `previous_runs/<time>/`, so that all that remains describes the
@@ -33,7 +35,7 @@ import ml_collections
 from absl import logging
 
 import data
-from runtime import cli, distributed
+from runtime import cli, distributed, provenance
 
 CONFIG_FILE = "config.json"
 INPUT_SPEC_FILE = "input_spec.json"
@@ -41,7 +43,8 @@ CLAIM_FILE = ".claim"
 PREVIOUS_RUNS = "previous_runs"
 # Everything a run writes into its workdir (besides the claim and previous runs).
 RUN_RECORDS = ("checkpoints", "damaged_checkpoints", "tensorboard", "metrics.jsonl",
-               "final_metrics.json", CONFIG_FILE, INPUT_SPEC_FILE)  # fmt: skip
+               "final_metrics.json", CONFIG_FILE, INPUT_SPEC_FILE,
+               provenance.PROVENANCE_FILE)  # fmt: skip
 RUN_RECORD_PREFIXES = ("tokenizer", "eval_", "wandb")  # wandb: tracking.py's run id and files
 # Config fields whose change gives a workdir's checkpoints another meaning: resuming with
 # another value is refused (config.restart=True starts afresh instead).

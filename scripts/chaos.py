@@ -181,9 +181,10 @@ def train_rows(workdir: str) -> dict[int, dict[str, float]]:
 
 
 def final_metrics(workdir: str) -> dict[str, Any]:
-    """final_metrics.json without wall-clock times."""
+    """final_metrics.json without wall-clock times (seconds, goodput) and provenance (git_*)."""
     with open(os.path.join(workdir, "final_metrics.json")) as f:
-        return {k: v for k, v in json.load(f).items() if "seconds" not in k}
+        return {k: v for k, v in json.load(f).items()
+                if "seconds" not in k and k != "goodput" and not k.startswith("git_")}  # fmt: skip
 
 
 def compare(chaos_dir: str, reference_dir: str) -> list[str]:
