@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 import train
-from runtime import metrics_writer, tracking
+from runtime import metrics_writer, provenance, tracking
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,8 +74,8 @@ def test_offline_run_holds_the_tensorboard_scalars_config_and_summary(
     tiny_lm_config, wandb_sandbox
 ) -> None:
     """Every scalar of metrics.jsonl (the TensorBoard scalars) is in the W&B history at its
-    step with the same value; the config and the final metrics are the run's config and
-    summary."""
+    step with the same value; the config and the final metrics (goodput included) are the run's
+    config and summary; the attempt's provenance record is in both."""
     workdir = os.path.join(wandb_sandbox, "run")
     tiny_lm_config.wandb.mode = "offline"
     tiny_lm_config.wandb.name = "tiny-offline"
@@ -94,8 +94,10 @@ def test_offline_run_holds_the_tensorboard_scalars_config_and_summary(
         elif kind == "summary":
             summary.update({_key(i): json.loads(i.value_json) for i in record.summary.update})
         elif kind == "run":
-            config = {i.key: json.loads(i.value_json) for i in record.run.config.update}
+            config.update({i.key: json.loads(i.value_json) for i in record.run.config.update})
             name = record.run.display_name
+        elif kind == "config":  # run.config.update after the start
+            config.update({_key(i): json.loads(i.value_json) for i in record.config.update})
 
     expected = {}
     for row in metrics_writer.read_jsonl(os.path.join(workdir, "metrics.jsonl")):
@@ -109,8 +111,13 @@ def test_offline_run_holds_the_tensorboard_scalars_config_and_summary(
     assert name == "tiny-offline"
     assert config["optimizer"] == "adamw" and config["model"]["embed_dim"] == 32
     assert config["wandb"]["mode"] == "offline"
-    for key in ("val_loss", "train_loss", "val_bits_per_char", "num_params"):
+    for key in ("val_loss", "train_loss", "val_bits_per_char", "num_params", "git_commit"):
         assert summary[key] == final[key]
+    assert summary["goodput"]["goodput"] == final["goodput"]["goodput"]
+    with open(os.path.join(workdir, provenance.PROVENANCE_FILE)) as f:
+        (attempt,) = json.load(f)["attempts"]
+    attempt.pop("goodput")  # written after W&B got the record
+    assert config["provenance"] == attempt and summary["provenance"] == attempt
 
 
 def test_resumed_run_continues_the_same_wandb_run(tiny_lm_config, wandb_sandbox) -> None:
@@ -142,7 +149,7 @@ def test_disabled_never_imports_wandb(tmp_path) -> None:
     """The default (mode 'disabled'): training's modules and tracking.start leave wandb
     unimported (in a fresh interpreter, as other tests here import it)."""
     code = (
-        "import sys, train, tracking\n"
+        "import sys, train\nfrom runtime import tracking\n"
         "from configs import shakespeare_char_cpu\n"
         f"assert tracking.start(shakespeare_char_cpu.get_config(), {str(tmp_path)!r}, 0) is None\n"
         "assert 'wandb' not in sys.modules, 'wandb imported'\n"
