@@ -36,7 +36,9 @@ FAKE_TRAINER = textwrap.dedent(
             f.write(json.dumps({"step": step, "train/loss": 1.0 / step + seed}) + "\\n")
         f.write(json.dumps({"step": 30, "test/accuracy": acc}) + "\\n")
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-        json.dump({"test_accuracy": acc, "test_loss": 1 - acc, "step": 30, "model": "mlp"}, f)
+        json.dump({"test_accuracy": acc, "test_loss": 1 - acc, "step": 30, "model": "mlp",
+                   "git_commit": "0123456789abcdef", "git_dirty": seed == 1,
+                   "goodput": {"goodput": 0.25 + 0.5 * seed, "shares": {}}}, f)
     """
 )
 
@@ -342,6 +344,13 @@ def test_tables_report_mean_and_std_over_seeds_and_plots_are_drawn(tmp_path, fak
     assert len(rows) == 12 and {"learning_rate", "model.width", "seed", "test_accuracy"} <= set(
         rows[0]
     )
+    # Each run's goodput and commit, right after its status; per setting, the mean goodput
+    # (0.25 and 0.75 over the two seeds) and the commits (seed 1's tree was dirty).
+    assert list(rows[0])[4:8] == ["status", "goodput", "git_commit", "git_dirty"]
+    assert {r["git_commit"] for r in rows} == {"0123456789abcdef"}
+    assert sorted({r["goodput"] for r in rows}) == ["0.25", "0.75"]
+    assert "| seeds | goodput | commit |" in table
+    assert table.count("| 2/2 | 50% | 0123456789ab, 0123456789ab+dirty |") == 4
     names = sorted(os.path.basename(p) for p in summary["plots"])
     assert names == [
         "learning_curves.png",
@@ -420,6 +429,9 @@ def test_sweep_cli_with_real_training(tmp_path, fashion_mnist_ready):
         rows = list(csv.DictReader(f))
     assert [r["status"] for r in rows] == ["finished"]
     assert float(rows[0]["test_accuracy"]) == pytest.approx(metrics["test_accuracy"])
+    assert rows[0]["git_commit"] == metrics["git_commit"]  # 'unknown' outside a checkout
+    assert float(rows[0]["goodput"]) == pytest.approx(metrics["goodput"]["goodput"])
+    assert 0 < float(rows[0]["goodput"]) < 1
     assert "test_accuracy" in (sweep_dir / "results.md").read_text()
     assert (sweep_dir / "plots" / "learning_curves.png").exists()
 

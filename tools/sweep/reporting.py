@@ -1,7 +1,8 @@
 """A sweep's results: final metrics and curves of its runs, results.csv and results.md.
 
-results.csv has one row per run (setting, seed, status, every scalar of final_metrics.json);
-results.md has one line per setting with the mean ± sample standard deviation over its seeds.
+results.csv has one row per run (setting, seed, status, goodput, the git commit it was trained
+at, every scalar of final_metrics.json); results.md has one line per setting with the mean ±
+sample standard deviation over its seeds, the mean goodput and the commits of its runs.
 """
 
 from __future__ import annotations
@@ -65,8 +66,13 @@ def higher_is_better(metric: str) -> bool:
     return any(w in metric for w in ("accuracy", "f1", "auc", "precision", "recall"))
 
 
+# Run facts shown right after the status (from final_metrics.json: runtime/provenance.py).
+RUN_FACTS = ("goodput", "git_commit", "git_dirty")
+
+
 def collect_rows(runs: list[Run], outcomes: list[Outcome] | None = None) -> list[dict[str, Any]]:
-    """One row per run: its setting, seed, status and scalar final metrics."""
+    """One row per run: its setting, seed, status and scalar final metrics, with 'goodput' (the
+    share of the run's wall time spent training, over its attempts) and 'git_commit'."""
     status = {id(o.run): o.status for o in outcomes or []}
     rows = []
     for run in runs:
@@ -77,13 +83,17 @@ def collect_rows(runs: list[Run], outcomes: list[Outcome] | None = None) -> list
         row.update(
             {k: v for k, v in metrics.items() if isinstance(v, int | float | str) and k not in row}
         )
+        if isinstance(metrics.get("goodput"), dict) and "goodput" in metrics["goodput"]:
+            row["goodput"] = metrics["goodput"]["goodput"]
         rows.append(row)
     return rows
 
 
 def write_csv(rows: list[dict[str, Any]], fields: list[str], path: str) -> None:
-    """results.csv: the swept fields, seed and status first, then every metric column."""
-    first = ["run", *fields, "seed", "status"]
+    """results.csv: the swept fields, seed, status, goodput and commit first, then every metric
+    column."""
+    present = {k for row in rows for k in row}
+    first = ["run", *fields, "seed", "status", *(k for k in RUN_FACTS if k in present)]
     rest = sorted({k for row in rows for k in row} - set(first))
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=first + rest, restval="")
@@ -133,13 +143,22 @@ def report_metrics(metric: str, rows: list[dict[str, Any]]) -> list[str]:
     return [metric] + [m for m in extra if m in present and m != metric]
 
 
+def commits_cell(rows: list[dict[str, Any]]) -> str:
+    """The commits a setting's runs were trained at, each once (12 characters; '+dirty' where
+    the tree had uncommitted changes), or 'n/a'."""
+    commits = [f"{r['git_commit'][:12]}{'+dirty' if r.get('git_dirty') is True else ''}"
+               for r in rows if r.get("git_commit") not in (None, "", "unknown")]  # fmt: skip
+    return ", ".join(dict.fromkeys(commits)) or "n/a"
+
+
 def markdown_table(sweep: Sweep, groups: list[Group], metric: str, rows: list[dict]) -> str:
-    """Markdown: one line per setting with mean ± std over seeds; the best setting in bold."""
+    """Markdown: one line per setting with mean ± std over seeds, the mean goodput and the
+    commits of its runs; the best setting in bold."""
     columns = report_metrics(metric, rows)
     means = [g.mean_std(metric)[0] for g in groups]
     finite = [m for m in means if math.isfinite(m)]
     best = (max if higher_is_better(metric) else min)(finite) if finite else None
-    header = [*sweep.fields, *columns, "seeds"]
+    header = [*sweep.fields, *columns, "seeds", "goodput", "commit"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for group, mean in zip(groups, means, strict=True):
         cells = [format_value(group.setting.get(f, "")) for f in sweep.fields]
@@ -148,6 +167,9 @@ def markdown_table(sweep: Sweep, groups: list[Group], metric: str, rows: list[di
             cells.append("n/a" if n == 0 else f"{m:.4f} ± {s:.4f}")
         n = group.mean_std(metric)[2]
         cells.append(f"{n}/{len(group.rows)}")
+        goodput, _, timed = group.mean_std("goodput")
+        cells.append(f"{100 * goodput:.0f}%" if timed else "n/a")
+        cells.append(commits_cell(group.rows))
         if best is not None and mean == best:
             cells = [f"**{c}**" for c in cells]
         lines.append("| " + " | ".join(cells) + " |")
@@ -166,7 +188,9 @@ def write_markdown(
         f"Base config `{sweep.config}`; fixed overrides: {fixed}; "
         f"seeds: {', '.join(map(str, sweep.seeds))}.",
         f"Key metric **{metric}** ({goal} is better): mean ± sample standard deviation over "
-        "seeds; 'seeds' counts finished/planned runs. Best setting in bold.",
+        "seeds; 'seeds' counts finished/planned runs; 'goodput' is the mean share of a run's "
+        "wall time spent training (runtime/provenance.py); 'commit' the code the runs were "
+        "trained at. Best setting in bold.",
     ]
     for axis, labels in sweep.bundles.items():
         text.append("")
