@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
@@ -69,4 +72,22 @@ def mlp_activation(kind: str, h: jnp.ndarray, gate: jnp.ndarray | None = None) -
         return nn.silu(gate) * h
     if kind == "relu2":
         return jnp.square(nn.relu(h))
-    return nn.gelu(h, approximate=kind == "gelu_tanh")
+    return gelu_exact(h) if kind == "gelu" else nn.gelu(h, approximate=True)
+
+
+@jax.custom_jvp
+def gelu_exact(x: jnp.ndarray) -> jnp.ndarray:
+    """nn.gelu(x, approximate=False): x * Phi(x), Phi the standard normal CDF (erf-based).
+
+    Its derivative Phi(x) + x * phi(x) is written out with jnp.exp because jax's own (through
+    erfc's JVP, jax 0.12) builds a polynomial that `jax.shard_map`'s varying-axes check refuses
+    when x varies over a mesh axis (models/moe.py's experts run inside a shard_map)."""
+    return nn.gelu(x, approximate=False)
+
+
+@gelu_exact.defjvp
+def _gelu_exact_jvp(primals: tuple, tangents: tuple) -> tuple:
+    (x,), (t,) = primals, tangents
+    cdf = 0.5 * jax.lax.erfc(-x * (1 / math.sqrt(2)))
+    pdf = jnp.exp(-0.5 * jnp.square(x)) * (1 / math.sqrt(2 * math.pi))
+    return gelu_exact(x), t * (cdf + x * pdf).astype(t.dtype)
