@@ -31,10 +31,6 @@ import evaluation
 import experiment
 from runtime import cli, provenance
 
-# (log-probabilities [N, C] float64, labels [N] int64) by the run's compiled predict step:
-# evaluation's one loop, under the name this module has always given it (tests/test_serve.py).
-classifier_log_probs = evaluation.predict_log_probs
-
 
 def classification_report(log_probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     """Every classifier metric from log-probabilities [N, C] and labels [N]."""
