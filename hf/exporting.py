@@ -36,6 +36,8 @@ def export_hf(workdir: str, hf_dir: str, step: int | None = None,
     restored = experiment.restore_run(workdir, step)
     model, tokenizer = restored.model, restored.tokenizer
     reasons = gpt2_refusals(model, tokenizer)
+    if getattr(model, "moe_num_experts", 0):  # models/moe.py: GPT-2 has one dense MLP a block
+        reasons.insert(0, f"moe_num_experts={model.moe_num_experts} (Mixture-of-Experts layers)")
     if reasons:
         raise HFConvertError(
             f"{workdir} cannot be exported as GPT-2: {'; '.join(reasons)}. Only runs of GPT-2's "
