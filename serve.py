@@ -7,8 +7,10 @@
 The run is restored with experiment.restore_run (the newest verified checkpoint, or --step, and
 the run's tokenizer: the path sample.py and evaluate.py take). The port opens at once; /healthz
 answers 503 'warming_up' until every program the requests use is compiled, then 200 'ready'.
-Language models: POST /v1/completions (OpenAI's fields; concurrent requests decoded together
-by serving/engine.py). Classifiers: POST /v1/classify. Both: GET /healthz, GET /v1/models.
+Language models: POST /v1/completions (OpenAI's fields, with logprobs and echo; concurrent
+requests decoded together by serving/engine.py), POST /v1/chat/completions (runs with a chat
+template), GET /tokenizer_info, POST /tokenize and /detokenize (vLLM's, for lm-eval).
+Classifiers: POST /v1/classify. Both: GET /healthz, GET /v1/models, GET /v1/models/{id}.
 SIGTERM (or Ctrl-C) stops accepting connections, finishes the requests in flight and exits 0.
 docs/serving.md has the API and the design.
 """
@@ -41,6 +43,15 @@ def define_flags() -> None:
         "graceful_timeout_s", 60.0, "On SIGTERM, how long in-flight requests may take."
     )
     flags.DEFINE_string("log_level", "warning", "uvicorn's log level (info logs each request).")
+    flags.DEFINE_bool(
+        "slide_window", False, "Language models: generate past the context as sample.py does "
+        "(each token past it a full forward pass over the last block_size tokens).",
+    )  # fmt: skip
+    flags.DEFINE_integer("score_rows", 8, "Language models: windows per scoring call (logprobs).")
+    flags.DEFINE_string(
+        "chat_template", None, "A Jinja2 chat template file for /v1/chat/completions (default: "
+        "the workdir's chat_template.jinja or tokenizer_config.json, if any).",
+    )  # fmt: skip
     flags.mark_flag_as_required("workdir")
 
 
@@ -70,22 +81,29 @@ def main(argv: Sequence[str]) -> None:
     import uvicorn
 
     from serving import api
+    from serving.chat import TemplateError
     from serving.service import Service
 
-    for name in ("max_batch_size", "max_queue", "classify_batch_size"):
+    for name in ("max_batch_size", "max_queue", "classify_batch_size", "score_rows"):
         if FLAGS[name].value < 1:
             raise cli.UserError(f"--{name}={FLAGS[name].value}: must be at least 1.")
     if not 0 <= FLAGS.port < 65536:
         raise cli.UserError(f"--port={FLAGS.port}: must be in [0, 65535].")
     _check_port_free(FLAGS.host, FLAGS.port)  # before the (slower) restore
     restored = experiment.restore_run(FLAGS.workdir, FLAGS.step)
-    service = Service(
-        restored,
-        FLAGS.workdir,
-        num_slots=FLAGS.max_batch_size,
-        max_waiting=FLAGS.max_queue,
-        classify_batch_size=FLAGS.classify_batch_size,
-    )
+    try:
+        service = Service(
+            restored,
+            FLAGS.workdir,
+            num_slots=FLAGS.max_batch_size,
+            max_waiting=FLAGS.max_queue,
+            classify_batch_size=FLAGS.classify_batch_size,
+            slide_window=FLAGS.slide_window,
+            score_rows=FLAGS.score_rows,
+            chat_template=FLAGS.chat_template,
+        )
+    except TemplateError as e:
+        raise cli.UserError(str(e)) from None
     server = uvicorn.Server(
         uvicorn.Config(
             api.create_app(service),

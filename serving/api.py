@@ -1,7 +1,9 @@
-"""The HTTP API (FastAPI): OpenAI-style completions with continuous batching, classification,
-health and model description. `create_app(service)` makes the ASGI app that serve.py runs under
-uvicorn: a thin layer over serving/service.py's `Service`, which holds the restored run, checks
-requests, admits them (or refuses with 503) and makes their answers.
+"""The HTTP API (FastAPI): OpenAI-style completions (with log-probabilities and echo) and chat
+completions with continuous batching, classification, health, model description and the
+tokenizer routes of vLLM's server that lm-eval's remote tokenizer calls. `create_app(service)`
+makes the ASGI app that serve.py runs under uvicorn: a thin layer over serving/service.py's
+`Service`, which holds the restored run, checks requests, admits them (or refuses with 503)
+and makes their answers.
 
 Every mistake in a request is a 4xx JSON error in OpenAI's shape, naming the field:
 `{"error": {"message": "max_tokens: ...", "type": "invalid_request_error", "param":
@@ -23,11 +25,24 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.schemas import ClassifyRequest, CompletionRequest
+from serving.completion import Completion
+from serving.schemas import (
+    ChatCompletionRequest,
+    ClassifyRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from serving.service import RETRY_AFTER_S, ApiError, Service
 
 # The body schema of each POST route: a validation error there lists its accepted fields.
-SCHEMAS = {"/v1/completions": CompletionRequest, "/v1/classify": ClassifyRequest}
+SCHEMAS = {
+    "/v1/completions": CompletionRequest,
+    "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/classify": ClassifyRequest,
+    "/tokenize": TokenizeRequest,
+    "/detokenize": DetokenizeRequest,
+}
 
 
 def error_response(status: int, message: str, param: str | None = None,
@@ -97,8 +112,19 @@ def _add_error_handlers(app: FastAPI) -> None:
                               "server_error")  # fmt: skip
 
 
+async def _answer(completion: Completion, request: Request) -> Any:
+    """A completion's answer: its event stream, or its whole body (499 if the client left)."""
+    if completion.body.stream:
+        return StreamingResponse(completion.events(), media_type="text/event-stream")
+    reply = await completion.result(request.is_disconnected)
+    if reply is None:
+        return JSONResponse({}, status_code=499)  # the client left: nobody reads it
+    return reply
+
+
 def create_app(service: Service) -> FastAPI:
-    """The ASGI app: /v1/completions, /v1/classify, /healthz, /v1/models, each route one or two
+    """The ASGI app: /v1/completions, /v1/chat/completions, /v1/classify, /healthz, /v1/models
+    (and /v1/models/{id}), /tokenizer_info, /tokenize, /detokenize, each route one or two
     calls of `service` (which raises ApiError for what it refuses)."""
 
     @contextlib.asynccontextmanager
@@ -121,15 +147,29 @@ def create_app(service: Service) -> FastAPI:
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [service.describe()]}
 
+    @app.get("/v1/models/{model_id}")
+    async def retrieve_model(model_id: str) -> dict[str, Any]:
+        return service.model(model_id)
+
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        completion = service.start_completion(body)
-        if body.stream:
-            return StreamingResponse(completion.events(), media_type="text/event-stream")
-        reply = await completion.result(request.is_disconnected)
-        if reply is None:
-            return JSONResponse({}, status_code=499)  # the client left: nobody reads it
-        return reply
+        return await _answer(service.start_completion(body), request)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        return await _answer(service.start_chat(body), request)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        return service.tokenizer_info()
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        return service.tokenize(body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        return service.detokenize(body)
 
     @app.post("/v1/classify")
     async def classify(body: ClassifyRequest) -> dict[str, Any]:

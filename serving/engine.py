@@ -12,6 +12,12 @@ compiles while serving (`compilations()` counts XLA compilations to prove it).
 
 Sequences never wait unboundedly: `submit` refuses (`OverloadedError`) when the waiting line
 is full (its length is the service's choice: serving/service.py turns the refusal into a 503).
+
+Past the context (`slide_window=True`): a sequence whose slot cache is full (block_size
+positions) leaves its slot and goes on as `sample.py` does, nanoGPT's way: each further token
+is one full forward pass over its last block_size tokens (`slots.window_step`, one compiled
+program), run for every such sequence between two decoding steps. Without it, the service
+refuses a request that would need it.
 """
 
 from __future__ import annotations
@@ -74,7 +80,8 @@ class Sequence:
     """
 
     prompt_ids: np.ndarray  # int32 [prompt_len], 1 <= prompt_len <= block_size
-    max_tokens: int  # 1 <= max_tokens <= slots.max_slot_tokens(prompt_len, block_size)
+    # >= 1; at most slots.max_slot_tokens(prompt_len, block_size) unless the engine slides
+    max_tokens: int
     temperature: float
     top_k: int  # 0 = all
     top_p: float  # 1 = all
@@ -86,6 +93,7 @@ class Sequence:
     emitted: int = 0  # characters of text already handed out
     finish_reason: str | None = None
     cancelled: bool = False
+    ended_by_eot: bool = False  # finished by the end-of-text token (not in token_ids)
 
     @property
     def token_ids(self) -> list[int]:
@@ -105,14 +113,17 @@ class LMEngine:
       num_slots: sequences decoded together (the compiled batch).
       max_waiting: sequences allowed to wait for a slot; beyond it `submit` raises
         OverloadedError.
+      slide_window: continue sequences past the context over a sliding window (the module
+        docstring); else a sequence must fit its slot's cache.
     """
 
     def __init__(self, model: Any, params: Any, tokenizer: Any, num_slots: int,
-                 max_waiting: int) -> None:  # fmt: skip
+                 max_waiting: int, slide_window: bool = False) -> None:  # fmt: skip
         if num_slots < 1 or max_waiting < 1:
             raise ValueError(f"num_slots and max_waiting must be >= 1: {num_slots}, {max_waiting}")
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.num_slots, self.max_waiting = num_slots, max_waiting
+        self.slide_window = bool(slide_window)
         self.block_size = int(model.block_size)
         self.eot_id = tokenizer.eot_id
         self._cache = self._new_cache()
@@ -125,6 +136,7 @@ class LMEngine:
         self._top_k = np.zeros(num_slots, np.int32)
         self._top_p = np.ones(num_slots, np.float32)
         self._waiting: collections.deque[Sequence] = collections.deque()
+        self._sliding: list[Sequence] = []  # past the context (engine thread only)
         self._cv = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -172,6 +184,12 @@ class LMEngine:
             tokens = self._step(np.zeros(self.num_slots, bool))
             if self._on_mesh() and _shardings(self._cache) == taken:
                 break
+        if self.slide_window:
+            window = np.zeros((1, self.block_size), np.int32)
+            tokens = slots.window_step(
+                self.model, self.params, window, np.uint32(0), np.int32(0), np.float32(1.0),
+                np.int32(0), np.float32(1.0),
+            )  # fmt: skip
         jax.block_until_ready(tokens)
         return time.perf_counter() - start
 
@@ -218,7 +236,7 @@ class LMEngine:
             busy = sum(s is not None for s in self._slots)
             return {
                 "slots": self.num_slots,
-                "active": busy,
+                "active": busy + len(self._sliding),
                 "waiting": len(self._waiting),
                 "decode_steps": self.decode_steps,
                 "generated_tokens": self.generated_tokens,
@@ -250,12 +268,14 @@ class LMEngine:
                 active = np.array([s is not None for s in self._slots])
                 if active.any():
                     self._deliver(np.asarray(self._step(active)), active)
+                if self._sliding:
+                    self._slide()
             except Exception as e:  # a bug: end what is in flight loudly, keep serving
                 logging.exception("decoding failed")
                 self._fail_all(f"{type(e).__name__}: {e}")
 
     def _busy(self) -> bool:
-        return any(s is not None for s in self._slots)
+        return bool(self._sliding) or any(s is not None for s in self._slots)
 
     def _prefill(self, slot: int) -> jax.Array:
         """Writes the slot's prompt into its cache; returns its first token (on device, not
@@ -292,38 +312,65 @@ class LMEngine:
             self._advance(int(slot), int(tokens[slot]))
 
     def _advance(self, slot: int, token: int) -> None:
-        """Appends a slot's new token, hands out the text it completes, frees a finished slot."""
+        """Appends a slot's new token (`_append`); frees the slot of a finished sequence, and
+        moves one whose cache is full to the sliding window (with `slide_window`)."""
         seq = self._slots[slot]
         self._tokens[slot] = token
+        finished = self._append(seq, token)
+        room = slots.max_slot_tokens(len(seq.prompt_ids), self.block_size)
+        if finished or len(seq.token_ids) >= room:
+            with self._cv:
+                self._slots[slot] = None
+                if not finished:  # only with slide_window (the service checks max_tokens)
+                    self._sliding.append(seq)
+
+    def _slide(self) -> None:
+        """One token of every sequence past the context: a full forward pass over its last
+        block_size tokens (`slots.window_step`); drops the finished and the cancelled."""
+        for seq in list(self._sliding):
+            if not seq.cancelled:
+                ids = np.concatenate([seq.prompt_ids, np.asarray(seq.token_ids, np.int32)])
+                token = slots.window_step(
+                    self.model, self.params, ids[None, -self.block_size :], np.uint32(seq.seed),
+                    np.int32(len(seq.token_ids)), np.float32(seq.temperature),
+                    np.int32(seq.top_k), np.float32(seq.top_p),
+                )  # fmt: skip
+            if seq.cancelled or self._append(seq, int(token)):
+                self._sliding.remove(seq)
+
+    def _append(self, seq: Sequence, token: int) -> bool:
+        """Appends a sequence's new token and hands out the text it completes; True if the
+        sequence has ended (its finish_reason set, its last update sent)."""
         self.generated_tokens += 1
         finish = None
         if self.eot_id is not None and token == self.eot_id:
             finish = "stop"
+            seq.ended_by_eot = True
         else:
             seq.output.token_ids.append(token)
             if len(seq.output.token_ids) >= seq.max_tokens:
                 finish = "length"
         if finish is None and not seq.stream and not seq.stop:
-            return  # nothing to hand out or check before the end
+            return False  # nothing to hand out or check before the end
         output = seq.output
         output.update(final=finish is not None)
         if output.stop_at is not None:
             finish = "stop"
         if finish is None and not seq.stream:
-            return
+            return False
         end = output.stable_length()
         new, seq.emitted = output.text[seq.emitted : end], max(end, seq.emitted)
         if finish is not None:
             seq.finish_reason = finish
-            with self._cv:
-                self._slots[slot] = None
         if new or finish:
             seq.on_update(new, finish)
+        return finish is not None
 
     def _fail_all(self, message: str) -> None:
         with self._cv:
-            failed = [s for s in self._slots if s is not None]
+            failed = [s for s in self._slots if s is not None] + self._sliding
             self._slots = [None] * self.num_slots
+            self._sliding = []
         # A failed call may have consumed the donated cache: start the slots afresh.
         self._cache = self._new_cache()
         for seq in failed:

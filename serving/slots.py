@@ -212,3 +212,30 @@ def decode_slots(
         logits, token_keys(seeds, token_index), temperature, top_k, top_p
     )
     return next_tokens, cache
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def window_step(
+    model: nn.Module,
+    params: Any,
+    window: jax.Array,
+    seed: jax.Array,
+    token_index: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+) -> jax.Array:
+    """One token past the context, nanoGPT's way (as `sampling.generate` does once its window is
+    full): a full forward pass over window int32[1, block_size] (the last block_size tokens
+    so far) and the next token sampled from its last position, with the key of token number
+    `token_index` of the request (`token_keys`) and the settings of `sample_logits_per_row`
+    (scalars). Returns an int32 token. One compilation (the window's shape is fixed)."""
+    logits = model.clone(decode=False).apply({"params": params}, window)
+    token = sample_logits_per_row(
+        logits[:, -1],
+        token_keys(seed[None], token_index[None]),
+        temperature[None],
+        top_k[None],
+        top_p[None],
+    )
+    return token[0]

@@ -1,9 +1,10 @@
 """Tests for serve.py and serving/: real server processes on 127.0.0.1 (a tiny character GPT and
-a tiny MLP, trained first) answer as sample.py and evaluate.py do, batch requests without
-changing any request's text, stream the same text, refuse bad input with a 4xx naming the
-field and keep serving, shed overload with 503, compile nothing after warm-up, and finish
-in-flight requests on SIGTERM. The per-slot sampling underneath (serving/slots.py) is checked
-against sampling.py's own functions."""
+a tiny MLP, trained first) answer as sample.py and evaluate.py do (the log-probabilities of
+an echoed prompt are evaluate.py's losses), batch requests without changing any request's
+text, stream the same text, accept the neutral values clients send, refuse bad input (and
+values they cannot honour) with a 4xx naming the field and keep serving, shed overload with
+503, compile nothing after warm-up, and finish in-flight requests on SIGTERM. The per-slot
+sampling underneath (serving/slots.py) is checked against sampling.py's own functions."""
 
 from __future__ import annotations
 
@@ -364,6 +365,19 @@ BAD_COMPLETIONS = [
     ('{"prompt": "The", "stop": ["a", "b", "c", "d", "e"]}', 400, "stop"),
     ('{"prompt": "The", "stream": "yes"}', 400, "stream"),
     ('{"prompt": "The", "model": "gpt-4"}', 404, "model"),
+    # values the server cannot honour: refused with the reason, never ignored
+    ('{"prompt": "The", "presence_penalty": 0.5}', 400, "presence_penalty"),
+    ('{"prompt": "The", "frequency_penalty": -1}', 400, "frequency_penalty"),
+    ('{"prompt": "The", "best_of": 3}', 400, "best_of"),
+    ('{"prompt": "The", "logit_bias": {"3": 5.0}}', 400, "logit_bias"),
+    ('{"prompt": "The", "suffix": "king"}', 400, "suffix"),
+    ('{"prompt": "The", "logprobs": 6}', 400, "logprobs"),  # OpenAI's limit is 5
+    ('{"prompt": "The", "logprobs": 1, "stream": true}', 400, "logprobs"),
+    ('{"prompt": "The", "echo": true, "stream": true}', 400, "echo"),
+    ('{"prompt": [3, 5000]}', 400, "prompt"),  # a token id outside the vocabulary
+    ('{"prompt": [[3, 4], []]}', 400, "prompt"),
+    ('{"prompt": [3, "a"]}', 400, "prompt"),
+    ('{"prompt": "The", "max_tokens": 0, "echo": false}', 400, "max_tokens"),
 ]
 
 
@@ -381,6 +395,95 @@ def test_bad_completion_requests_get_a_4xx_naming_the_field(lm_server, body, sta
     assert error["param"] == field and field in error["message"], error
     assert "\n" not in error["message"]
     assert lm_server.complete(prompt="The", max_tokens=2)["choices"][0]["finish_reason"]
+
+
+NEUTRAL = dict(presence_penalty=0, frequency_penalty=0.0, best_of=1, user="someone",
+               logprobs=None, max_tokens=None, echo=False, logit_bias={}, suffix=None,
+               stop=None, top_p=None, stream=None)  # fmt: skip
+
+
+def test_neutral_values_are_accepted(lm_server) -> None:
+    """The values OpenAI's clients send that change nothing (LangChain always sends the two
+    penalties; nulls for unset fields) are accepted, each alone and all together, and the text
+    is what the request gets without them (null max_tokens: the default, 16)."""
+    base = dict(prompt="The king", temperature=0.7, seed=3)
+    expected = lm_server.complete(**base)["choices"][0]["text"]
+    assert len(expected) == 16
+    for field, value in NEUTRAL.items():
+        reply = lm_server.complete(**{**base, field: value})
+        assert reply["choices"][0]["text"] == expected, field
+    reply = lm_server.complete(**{**base, **NEUTRAL})
+    assert reply["choices"][0]["text"] == expected
+    assert lm_server.complete(**base, n=2, best_of=2)["choices"][0]["text"] == expected
+    assert len(lm_server.complete(prompt="The", seed=None)["choices"][0]["text"]) == 16
+
+
+def _per_token_losses(workdir: str, ids: np.ndarray) -> np.ndarray:
+    """evaluate.py's per-token losses of ids[1:] given the tokens before each: the eval step's
+    summed loss (evaluation.eval_sums, the loop evaluate.py runs) over each prefix, differenced.
+    """
+    import evaluation
+    import experiment
+
+    restored = experiment.restore_run(workdir)
+    sums = [0.0]
+    for k in range(2, len(ids) + 1):
+        batch = {"inputs": ids[None, : k - 1], "targets": ids[None, 1:k],
+                 "mask": np.ones(1, np.float32)}  # fmt: skip
+        sums.append(float(evaluation.eval_sums(restored.run, restored.state, [batch])["loss_sum"]))
+    return np.diff(sums)
+
+
+def test_echoed_prompt_logprobs_equal_evaluate_losses(lm_run, lm_server) -> None:
+    """echo with max_tokens 0 returns the prompt and OpenAI's logprobs of it: each token's
+    log-probability is minus evaluate.py's loss of that token on the same text (float32), the
+    first token's is null, top_logprobs list the k most likely tokens (and the token itself),
+    text_offset where each token starts. The same prompt as token ids gets the same answer."""
+    from data import tokenization
+
+    text = "The king and thou art my lord."
+    ids = tokenization.load_tokenizer(lm_run).encode(text)
+    reply = lm_server.complete(prompt=text, max_tokens=0, echo=True, logprobs=3)
+    (choice,) = reply["choices"]
+    assert choice["text"] == text and choice["finish_reason"] == "length"
+    assert reply["usage"] == {"prompt_tokens": len(text), "completion_tokens": 0,
+                              "total_tokens": len(text)}  # fmt: skip
+    logprobs = choice["logprobs"]
+    assert logprobs["tokens"] == list(text)
+    assert logprobs["text_offset"] == list(range(len(text)))
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    losses = _per_token_losses(lm_run, np.asarray(ids, np.int32))
+    np.testing.assert_allclose(-np.array(logprobs["token_logprobs"][1:]), losses, atol=2e-5)
+    for token, logprob, top in zip(text[1:], logprobs["token_logprobs"][1:],
+                                   logprobs["top_logprobs"][1:], strict=True):  # fmt: skip
+        assert 3 <= len(top) <= 4 and top[token] == logprob
+        assert max(top.values()) >= logprob
+    as_ids = lm_server.complete(prompt=[int(i) for i in ids], max_tokens=0, echo=True, logprobs=3)
+    assert as_ids["choices"][0]["logprobs"] == logprobs
+    assert as_ids["choices"][0]["text"] == text
+
+
+def test_generated_logprobs_score_the_text(lm_server) -> None:
+    """logprobs without echo list the generated tokens: greedy tokens are each the most likely
+    one, and their log-probabilities are those of the same text echoed and scored; with echo
+    and one new token (lm-eval's loglikelihood request, token ids in a batch) the list is the
+    prompt's tokens then the new one."""
+    reply = lm_server.complete(prompt="The king", max_tokens=6, temperature=0, logprobs=1)
+    (choice,) = reply["choices"]
+    generated = choice["logprobs"]
+    assert "".join(generated["tokens"]) == choice["text"]
+    assert generated["text_offset"] == list(range(6))
+    for token, logprob, top in zip(generated["tokens"], generated["token_logprobs"],
+                                   generated["top_logprobs"], strict=True):  # fmt: skip
+        assert top[token] == logprob == max(top.values())
+    scored = lm_server.complete(prompt="The king" + choice["text"], max_tokens=0, echo=True,
+                                logprobs=1)["choices"][0]["logprobs"]  # fmt: skip
+    assert scored["token_logprobs"][-6:] == generated["token_logprobs"]
+    prompts = [[20, 10, 7, 1], [5, 6]]
+    reply = lm_server.complete(prompt=prompts, max_tokens=1, temperature=0, logprobs=1,
+                               echo=True, seed=1234)  # fmt: skip
+    for prompt, choice in zip(prompts, reply["choices"], strict=True):
+        assert len(choice["logprobs"]["token_logprobs"]) == len(prompt) + 1
 
 
 def test_wrong_routes_and_tasks_are_4xx(lm_server) -> None:
@@ -402,6 +505,33 @@ def test_models_endpoint_describes_the_run(lm_server) -> None:
     assert entry["config"]["model"]["num_layers"] == 1
     model = models.build_model(ml_collections.ConfigDict(entry["config"]))
     assert entry["num_params"] == gpt.num_params(model) > 10_000
+    # GET /v1/models/{id}: the same entry (the openai client's models.retrieve), 404 otherwise.
+    response = httpx.get(lm_server.url + f"/v1/models/{entry['id']}")
+    assert response.status_code == 200 and response.json() == entry
+    response = httpx.get(lm_server.url + "/v1/models/gpt-4")
+    assert response.status_code == 404 and response.json()["error"]["param"] == "model"
+
+
+def test_chat_without_a_template_says_why(lm_server) -> None:
+    """A run without a chat template (a base model) answers chat with a 400 that says so and
+    points to /v1/completions, not a bare 404."""
+    body = {"messages": [{"role": "user", "content": "The king"}]}
+    response = lm_server.post("/v1/chat/completions", body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert "no chat template" in error["message"] and "/v1/completions" in error["message"]
+
+
+def test_tokenizer_routes(lm_server) -> None:
+    """/tokenizer_info, /tokenize and /detokenize (vLLM's, which lm-eval's remote tokenizer
+    calls) use the run's tokenizer."""
+    info = httpx.get(lm_server.url + "/tokenizer_info").json()
+    assert info["eos_token"] is None and info["model_max_length"] == BLOCK
+    tokens = lm_server.post("/tokenize", {"prompt": "The", "add_special_tokens": False}).json()
+    assert tokens["count"] == 3
+    text = lm_server.post("/detokenize", {"tokens": tokens["tokens"]}).json()["prompt"]
+    assert text == "The"
+    assert lm_server.post("/tokenize", {"prompt": "Zq"}).status_code == 400
 
 
 def test_overload_is_503_with_retry_after(lm_server) -> None:
@@ -444,6 +574,11 @@ def test_no_compilation_after_warm_up(lm_server) -> None:
         lm_server.complete(prompt=prompt, max_tokens=1, temperature=0.5, top_k=3, top_p=0.5)
     lm_server.complete(prompt=["a", "kk"], n=3, max_tokens=4, temperature=0, seed=9)
     _stream(lm_server, prompt="Thou", max_tokens=6, temperature=2.0, top_k=40, stop="e")
+    # Scoring (logprobs, echo): one program for every length and batch of prompts.
+    for length in [1, 7, 32]:
+        prompt = ("the king and thou art my lord " * 2)[:length]
+        lm_server.complete(prompt=prompt, max_tokens=0, echo=True, logprobs=5)
+    lm_server.complete(prompt=[[1, 2], [3] * 20] * 6, max_tokens=3, logprobs=2)
     assert lm_server.health()["compilations_since_ready"] == 0
 
 
