@@ -13,7 +13,9 @@ rules below map those names onto the mesh axes `data`, `fsdp` and `tensor` (and 
   batch over expert as well, so that the expert axis is data-parallel outside the MoE layers
   and tokens travel to their experts' devices inside them (expert parallelism, as GShard,
   DeepSpeed-MoE and MaxText do); `batch_no_expert` names the batch of tokens that sit on their
-  experts' devices.
+  experts' devices;
+- the sequence axis of activations (`length`) over context (context parallelism: each device
+  holds L / context positions of every sequence, models/context_parallel.py).
 A config can override single rules with `config.logical_axis_rules`.
 """
 
@@ -43,7 +45,9 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "tensor"),
     ("kv_heads", "tensor"),  # grouped key/value heads: split only where tensor divides them
     ("kv", None),
-    ("length", None),
+    # The sequence axis of activations: split over context (context parallelism; attention
+    # crosses the split as models/context_parallel.py says). Parameters never use it.
+    ("length", "context"),
     ("layers", None),  # the stacked layers of a scanned model (GPT scan_layers): never split
     ("classes", None),
     ("conv_h", None),

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from models import context_parallel
+from models.context_parallel import TokenPositions
 from models.layers import logical_normal as _normal
 from models.layers import logical_zeros as _zeros
 from models.layers import norm_layer as _norm
@@ -32,6 +34,7 @@ class AttentionConfig(Protocol):
     use_bias: bool
     rope: bool
     attention_impl: str  # one of ATTENTION_IMPLS
+    context_parallel: str  # one of context_parallel.STRATEGIES: attention over a split sequence
     dropout_rate: float
     decode: bool
     dtype: jnp.dtype
@@ -54,13 +57,18 @@ class HeadsDense(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         """Applies the projection (and bias) in the compute dtype."""
         kernel = self.param("kernel", _normal(self.std, self.kernel_axes), self.kernel_shape)
-        # Batch and length merged into one axis ('bl' -> 'l'): XLA:CPU then computes the weight
-        # gradient as a plain matmul instead of through a slow transposing copy
-        # (docs/performance.md).
-        batch, length = x.shape[:2]
-        flat = x.reshape((batch * length,) + x.shape[2:]).astype(self.dtype)
-        y = jnp.einsum(self.equation.replace("b", ""), flat, kernel.astype(self.dtype))
-        y = y.reshape((batch, length) + y.shape[1:])
+        kernel = kernel.astype(self.dtype)
+        if context_parallel.sequence_axis()[1] > 1:
+            # Sequences split over devices: merging batch and length would gather the length.
+            y = jnp.einsum(self.equation, x.astype(self.dtype), kernel)
+        else:
+            # Batch and length merged into one axis ('bl' -> 'l'): XLA:CPU then computes the
+            # weight gradient as a plain matmul instead of through a slow transposing copy
+            # (docs/performance.md).
+            batch, length = x.shape[:2]
+            flat = x.reshape((batch * length,) + x.shape[2:]).astype(self.dtype)
+            y = jnp.einsum(self.equation.replace("b", ""), flat, kernel)
+            y = y.reshape((batch, length) + y.shape[1:])
         if self.use_bias:
             bias_shape = y.shape[-len(self.bias_axes) :]
             y = y + self.param("bias", _zeros(self.bias_axes), bias_shape).astype(self.dtype)
@@ -68,11 +76,13 @@ class HeadsDense(nn.Module):
 
 
 def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, base: float = 10000.0) -> jnp.ndarray:
-    """Rotary position embedding (rotate-half form) of x[batch, length, heads, head_dim]."""
+    """Rotary position embedding (rotate-half form; Su et al. 2021) of x[batch, length, heads,
+    head_dim] at int positions[length] or [batch, length] (packed documents)."""
     half = x.shape[-1] // 2
     inv_freq = 1.0 / base ** (jnp.arange(half, dtype=jnp.float32) / half)
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq  # [length, half]
-    sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [(batch,) length, half]
+    angles = angles if angles.ndim == 3 else angles[None]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
@@ -117,14 +127,22 @@ def plain_attention(
 class CausalSelfAttention(nn.Module):
     """Causal self-attention with num_heads query heads and num_kv_heads key/value heads
     (multi-head, grouped-query or multi-query); in decode mode keys/values accumulate in the
-    'cache', [batch, block_size, num_kv_heads, head_dim] each."""
+    'cache', [batch, block_size, num_kv_heads, head_dim] each. Where the rules split the
+    sequence over devices (context parallelism), attention crosses them as
+    `config.context_parallel` says (models/context_parallel.py)."""
 
     config: AttentionConfig
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, positions: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        """Attends each position of x[batch, length, embed] to itself and earlier positions."""
+    def __call__(
+        self, x: jnp.ndarray, positions: jnp.ndarray | TokenPositions, train: bool = False
+    ) -> jnp.ndarray:
+        """Attends each position of x[batch, length, embed] to itself and earlier positions (of
+        its own segment, with segment ids); positions: int32 [length] or a TokenPositions."""
         c = self.config
+        segment_ids = None
+        if isinstance(positions, TokenPositions):
+            positions, segment_ids = positions
         batch, length, embed_dim = x.shape
         head_dim = embed_dim // c.num_heads
         # Key/value heads have their own logical axis when there are fewer of them than query
@@ -164,35 +182,14 @@ class CausalSelfAttention(nn.Module):
             impl = "plain"
         if c.attn_logit_softcap is not None:  # jax.nn.dot_product_attention has no soft cap
             impl = "plain"
-        mask = jnp.tril(jnp.ones((length, length), bool))
-        is_causal = True
-        if c.decode:
-            # Keys/values of every position so far; `init` only creates the (empty) cache.
-            initialized = self.has_variable("cache", "cached_key")
-            cache_shape = (batch, c.block_size, c.num_kv_heads, head_dim)
-            cached_k = self.variable("cache", "cached_key", jnp.zeros, cache_shape, k.dtype)
-            cached_v = self.variable("cache", "cached_value", jnp.zeros, cache_shape, v.dtype)
-            if initialized:
-                start = (0, positions[0], 0, 0)
-                cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, start)
-                cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, start)
-                k, v = cached_k.value, cached_v.value
-                mask = jnp.arange(c.block_size)[None, :] <= positions[:, None]
-                is_causal = False
-                if impl == "cudnn":  # an explicit mask over the cache: let XLA handle decoding
-                    impl = "xla"
-
-        if impl == "plain":
-            y = plain_attention(q, k, v, mask[None, None], c.attn_logit_softcap)
+        axes, shards = context_parallel.split_sequence(length, c.decode)
+        if shards > 1:  # the sequence is split, in the load-balanced layout GPT put it in
+            y = context_parallel.context_attention(
+                q, k, v, segment_ids, axes=axes, shards=shards, strategy=c.context_parallel,
+                softcap=c.attn_logit_softcap,
+            )  # fmt: skip
         else:
-            y = jax.nn.dot_product_attention(
-                q,
-                k,
-                v,
-                mask=None if is_causal else mask[None, None],
-                is_causal=is_causal,
-                implementation=None if impl == "auto" else impl,
-            )
+            y = self._attend(q, k, v, positions, segment_ids, impl)
         y = nn.with_logical_constraint(y, q_axes)
         y = HeadsDense(
             "blhd,hde->ble",
@@ -205,3 +202,53 @@ class CausalSelfAttention(nn.Module):
             name="out",
         )(y)
         return nn.Dropout(c.dropout_rate, deterministic=not train)(y)
+
+    def _attend(
+        self,
+        q: jnp.ndarray,
+        k: jnp.ndarray,
+        v: jnp.ndarray,
+        positions: jnp.ndarray,
+        segment_ids: jnp.ndarray | None,
+        impl: str,
+    ) -> jnp.ndarray:
+        """Attention of whole sequences on each device (or over the cache, decoding): causal,
+        and block-diagonal with segment ids. q [batch, length, heads, head_dim], k and v
+        [batch, length, kv_heads, head_dim]; returns q's shape."""
+        c = self.config
+        batch, length, _, head_dim = q.shape
+        mask = jnp.tril(jnp.ones((length, length), bool))[None, None]  # [1, 1, q, kv]
+        is_causal = True
+        if segment_ids is not None:  # block-diagonal: no attention across a document boundary
+            if c.decode:
+                raise ValueError("Segment ids (packed documents) are not for cached decoding.")
+            mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+            is_causal = False
+            if impl == "cudnn":  # an explicit mask: XLA's attention takes any
+                impl = "xla"
+        if c.decode:
+            # Keys/values of every position so far; `init` only creates the (empty) cache.
+            initialized = self.has_variable("cache", "cached_key")
+            cache_shape = (batch, c.block_size, c.num_kv_heads, head_dim)
+            cached_k = self.variable("cache", "cached_key", jnp.zeros, cache_shape, k.dtype)
+            cached_v = self.variable("cache", "cached_value", jnp.zeros, cache_shape, v.dtype)
+            if initialized:
+                start = (0, positions[0], 0, 0)
+                cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, start)
+                cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, start)
+                k, v = cached_k.value, cached_v.value
+                mask = (jnp.arange(c.block_size)[None, :] <= positions[:, None])[None, None]
+                is_causal = False
+                if impl == "cudnn":  # an explicit mask over the cache: let XLA handle decoding
+                    impl = "xla"
+
+        if impl == "plain":
+            return plain_attention(q, k, v, mask, c.attn_logit_softcap)
+        return jax.nn.dot_product_attention(
+            q,
+            k,
+            v,
+            mask=None if is_causal else mask,
+            is_causal=is_causal,
+            implementation=None if impl == "auto" else impl,
+        )

@@ -22,9 +22,12 @@ from models.attention import (  # noqa: F401
     ATTENTION_IMPLS,
     CausalSelfAttention,
     HeadsDense,
+    TokenPositions,
     apply_rope,
     plain_attention,
 )
+from models.context_parallel import STRATEGIES as CONTEXT_PARALLEL
+from models.context_parallel import in_sequence_order, sequence_axis, to_balanced_layout
 
 # The model's cost (models/gpt_flops.py), importable from here: the registry looks up
 # `training_flops_per_token` in the model file (tools/bench.py's MFU).
@@ -74,6 +77,7 @@ class BlockConfig:
     decode: bool  # append to the KV cache (sampling)
     dtype: jnp.dtype  # compute dtype
     moe: moe.MoEConfig | None = None  # the sparse layers' settings (None: a dense model)
+    context_parallel: str = "all_gather"  # one of CONTEXT_PARALLEL (models/context_parallel.py)
 
 
 class FeedForward(nn.Module):
@@ -89,7 +93,8 @@ class FeedForward(nn.Module):
         """Applies the position-wise feed-forward network to x[batch, length, embed]."""
         c = self.config
         batch, length, embed_dim = x.shape
-        x = x.reshape(batch * length, embed_dim)  # 2-D matmuls: see HeadsDense
+        flat = sequence_axis()[1] == 1  # 2-D matmuls (see HeadsDense) unless sequences are split
+        x = x.reshape(batch * length, embed_dim) if flat else x
 
         def dense(features: int, axes: tuple[str, str], std: float, name: str) -> nn.Dense:
             return nn.Dense(
@@ -108,7 +113,7 @@ class FeedForward(nn.Module):
             h = jnp.square(nn.relu(h))
         else:
             h = nn.gelu(h, approximate=c.mlp_activation == "gelu_tanh")
-        h = nn.with_logical_constraint(h, ("batch", "mlp"))
+        h = nn.with_logical_constraint(h, ("batch", "mlp") if flat else ("batch", "length", "mlp"))
         h = dense(embed_dim, ("mlp", "embed"), c.residual_init_std, "proj")(h)
         h = h.reshape(batch, length, embed_dim)
         return nn.Dropout(c.dropout_rate, deterministic=not train)(h)
@@ -220,6 +225,8 @@ class GPT(nn.Module):
     attention_impl: str = "auto"
     remat_policy: str = "none"
     scan_layers: bool = False  # the blocks as one nn.scan over stacked parameters
+    # Attention across a sequence split over the `context` mesh axis: 'all_gather' or 'ring'.
+    context_parallel: str = "all_gather"
     # Mixture-of-Experts (models/moe.py, docs/models.md); moe_num_experts=0: every MLP dense.
     moe_num_experts: int = 0  # routed experts per sparse layer
     moe_top_k: int = 2  # experts per token
@@ -238,9 +245,18 @@ class GPT(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, tokens: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    def __call__(
+        self,
+        tokens: jnp.ndarray,
+        train: bool = False,
+        positions: jnp.ndarray | None = None,
+        segment_ids: jnp.ndarray | None = None,
+    ) -> jnp.ndarray:
         """Returns next-token logits (float32) for every position of tokens[batch, length]:
         [batch, length, vocab_size], the real vocabulary only (padding rows are never scored).
+        Packed documents (data/text_windows.py) give int32 positions [batch, length] (each
+        document from 0) and segment_ids [batch, length] (attention stays in a document);
+        None: positions 0, 1, ... (after the cache's, decoding) and one stream.
 
         Raises GPTConfigError (a ValueError) for an invalid field, ValueError for a sequence
         longer than block_size."""
@@ -256,7 +272,12 @@ class GPT(nn.Module):
             if initialized:
                 start = index.value
                 index.value = start + length
-        positions = start + jnp.arange(length, dtype=jnp.int32)
+        if positions is None:
+            positions = start + jnp.arange(length, dtype=jnp.int32)
+        # Context parallelism: the sequence in its load-balanced layout (models/context_parallel.py)
+        tokens, positions = to_balanced_layout(
+            tokens, TokenPositions(positions, segment_ids), self.decode
+        )
 
         vocab_rows = padded_vocab_size(self.vocab_size, self.vocab_pad_multiple)
         wte = nn.Embed(
@@ -271,7 +292,8 @@ class GPT(nn.Module):
             wpe = self.param(
                 "wpe", _normal(0.02, (None, "embed")), (self.block_size, self.embed_dim)
             )
-            x = x + jnp.take(wpe, positions, axis=0).astype(self.dtype)[None]
+            pos_emb = jnp.take(wpe, positions.positions, axis=0).astype(self.dtype)
+            x = x + (pos_emb if pos_emb.ndim == 3 else pos_emb[None])
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
@@ -297,8 +319,10 @@ class GPT(nn.Module):
                 )
                 x = block(config, sparse=sparse, name=f"h_{i}")(x, positions, train)
 
+        x = in_sequence_order(x, self.decode)
         x = _norm(self.norm, self.norm_epsilon, self.use_bias, self.dtype, "ln_f")(x)
-        flat = x.reshape(-1, x.shape[-1])  # a 2-D matmul (see HeadsDense)
+        # A 2-D matmul (see HeadsDense), unless sequences are split over devices.
+        flat = x.reshape(-1, x.shape[-1]) if sequence_axis()[1] == 1 else x
         if self.tie_embeddings:  # the output projection is the token embedding (GPT-2)
             logits = wte.attend(flat)
         else:
@@ -336,6 +360,7 @@ class GPT(nn.Module):
             use_bias=self.use_bias,
             rope=self.position_embedding == "rope",
             attention_impl=self.attention_impl,
+            context_parallel=self.context_parallel,
             dropout_rate=self.dropout_rate,
             decode=self.decode,
             dtype=self.dtype,
@@ -375,6 +400,7 @@ class GPT(nn.Module):
         choices = {
             "position_embedding": ("learned", "rope"),
             "attention_impl": ATTENTION_IMPLS,
+            "context_parallel": CONTEXT_PARALLEL,
             "remat_policy": tuple(REMAT_POLICIES),
             "norm": NORMS,
             "mlp_activation": MLP_ACTIVATIONS,

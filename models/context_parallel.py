@@ -1,0 +1,324 @@
+"""Context parallelism for the GPT (models/gpt.py): sequences split over a mesh axis, and causal
+attention across the pieces. A helper of the model files, not a model (it defines no `Model`).
+
+The sequence axis of activations has the logical name 'length'; sharding.py's rules map it to
+the `context` mesh axis, so with `mesh_shape.context` = N > 1 every layer but attention works on
+L / N positions of each sequence per device (XLA partitions it from the logical constraints).
+Attention needs every earlier key, and reaches them in one of two ways (`GPT.context_parallel`):
+
+- 'all_gather' (MaxText's default, `context_parallel_strategy='all_gather'`): each device
+  all-gathers the keys and values of the whole sequence over the context axis, then attends
+  its own queries to them;
+- 'ring' (Ring Attention, Liu, Zaharia & Abbeel 2023, arXiv:2310.01889): keys and values stay
+  in blocks of L / N that travel around the ring of context devices (`jax.lax.ppermute`), N - 1
+  hops; each device attends its queries to the block it holds and merges the partial results
+  with an online softmax (Milakov & Gimelshein 2018; the FlashAttention recurrence), so no
+  device ever holds more than two blocks of keys and values.
+
+Both use the causal load-balanced layout (MaxText's `context_parallel_load_balance`, Brandon et
+al. 2023 "Striped attention" discuss the imbalance): the sequence is cut into 2N chunks and
+device i holds chunks i and 2N - 1 - i, one from the start and one from the end, so that under
+the causal mask every device has the same work: at each step of the ring a device attends either
+all its queries to the first half of the block it holds, or its second chunk's queries to the
+whole block (half a block's work, `lax.cond`), and the step with its own block is the diagonal.
+The model reorders its input tokens into that layout (`balanced_order`, a gather of int32 ids on
+each device) and its last hidden states back (`from_balanced`: two `ppermute`s), so that logits
+come out in order, equal to one device's.
+
+Every step is rematerialised (`jax.checkpoint`) in the backward pass: memory grows with L / N
+per device, not with the L x L / N scores of an explicit attention.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax.sharding import PartitionSpec
+
+STRATEGIES = ("all_gather", "ring")
+SEQUENCE_AXIS = "length"  # the logical name of the sequence axis of activations
+_NEG = -1e30  # the running maximum's start: finite, so that exp(_NEG - m) is 0, never NaN
+
+
+class TokenPositions(NamedTuple):
+    """Where each token of a batch is, as GPT hands it to its attention layers (one pytree: it
+    passes through nn.scan and nn.remat as one argument).
+
+    positions: int32 [length] (every sequence alike) or [batch, length] (packed documents: each
+    restarts at 0), for rotary and learned position embeddings. segment_ids: int32 [batch,
+    length], the document of each token (packing: attention stays inside a document, as T5's
+    and MaxText's packed inputs), or None (one stream). In the load-balanced layout of context
+    parallelism both are in that layout's order."""
+
+    positions: jax.Array
+    segment_ids: jax.Array | None = None
+
+
+def sequence_axis() -> tuple[tuple[str, ...], int]:
+    """(mesh axes, number of devices) that split the sequence axis of activations where the
+    model is traced: the mesh axes the current logical rules map 'length' to (sharding.py:
+    `context`) and the product of their sizes. ((), 1) outside a mesh (`jax.set_mesh`), without
+    such a rule (pmap runs without rules), or where the rules leave 'length' whole."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return (), 1
+    axes = nn.logical_to_mesh_axes((SEQUENCE_AXIS,))[0]
+    if axes is None:
+        return (), 1
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    return axes, math.prod(mesh.shape[a] for a in axes)
+
+
+def split_sequence(length: int, decode: bool = False) -> tuple[tuple[str, ...], int]:
+    """`sequence_axis()` where a sequence of `length` tokens is split over it in the
+    load-balanced layout, else ((), 1): cached decoding keeps whole sequences, and a length that
+    2 x shards chunks do not divide stays whole (XLA then partitions plain attention, correct
+    but without the balanced layout; config_validation refuses such a training length). The
+    model and its attention layers decide alike from this one function."""
+    axes, shards = sequence_axis()
+    if shards == 1 or decode or length % (2 * shards):
+        return (), 1
+    return axes, shards
+
+
+def balanced_order(length: int, shards: int) -> np.ndarray:
+    """int32 [length]: the positions of a sequence in the load-balanced layout over `shards`
+    devices. The sequence is cut into 2 * shards chunks and device i's slice holds chunks i and
+    2 * shards - 1 - i, e.g. length 8 over 2 devices: [0 1 6 7 | 2 3 4 5]. `length` must be a
+    multiple of 2 * shards."""
+    half = length // (2 * shards)
+    chunks = np.arange(length, dtype=np.int32).reshape(2 * shards, half)
+    order = [np.concatenate([chunks[i], chunks[2 * shards - 1 - i]]) for i in range(shards)]
+    return np.concatenate(order)
+
+
+def to_balanced_layout(
+    tokens: jax.Array, positions: TokenPositions, decode: bool = False
+) -> tuple[jax.Array, TokenPositions]:
+    """tokens [batch, length] and their positions in the load-balanced layout, where
+    `split_sequence` splits the sequence (else unchanged): a gather along length of int32 ids,
+    local to each device (the batch arrives whole along length)."""
+    _, shards = split_sequence(tokens.shape[1], decode)
+    if shards == 1:
+        return tokens, positions
+    order = balanced_order(tokens.shape[1], shards)
+    pos, seg = positions
+    pos = pos[..., order]  # [length] or [batch, length]
+    return tokens[:, order], TokenPositions(pos, None if seg is None else seg[:, order])
+
+
+def in_sequence_order(x: jax.Array, decode: bool = False) -> jax.Array:
+    """x[batch, length, ...] from the load-balanced layout back in sequence order (the inverse
+    of `to_balanced_layout`), where `split_sequence` splits it; else x."""
+    axes, shards = split_sequence(x.shape[1], decode)
+    return x if shards == 1 else from_balanced(x, axes, shards)
+
+
+def _manual(fn: Callable, axes: tuple[str, ...], in_specs: tuple, out_specs) -> Callable:
+    """`fn` under `jax.shard_map`, manual over the context axes only: batch, heads and embed
+    keep the shardings XLA gives them from the other axes (data, fsdp, tensor)."""
+    return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, axis_names=set(axes))
+
+
+def from_balanced(x: jax.Array, axes: tuple[str, ...], shards: int) -> jax.Array:
+    """x[batch, length, ...] in the load-balanced layout (`balanced_order`), sharded over the
+    context `axes` on length -> the same in sequence order, with the same sharding.
+
+    Device i holds chunks (i, 2N-1-i) and must end with (2i, 2i+1). Chunk 2j comes from device
+    2j when that is < N (its first chunk), else from device 2N-1-2j (its second): so every even
+    device sends its first chunk and every odd device its second, a permutation of the devices;
+    chunk 2j+1 likewise with the roles swapped. Two `ppermute`s of half a shard each."""
+    n = shards
+    to_first = [(i, i // 2 if i % 2 == 0 else (2 * n - 1 - i) // 2) for i in range(n)]
+    to_second = [(i, (i - 1) // 2 if i % 2 else n - 1 - i // 2) for i in range(n)]
+    spec = PartitionSpec(None, axes)
+
+    def body(local: jax.Array) -> jax.Array:
+        half = local.shape[1] // 2
+        first, second = local[:, :half], local[:, half:]
+        even = jax.lax.axis_index(axes) % 2 == 0
+        a = jax.lax.ppermute(jnp.where(even, first, second), axes, to_first)
+        b = jax.lax.ppermute(jnp.where(even, second, first), axes, to_second)
+        return jnp.concatenate([a, b], axis=1)
+
+    return _manual(body, axes, (spec,), spec)(x)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _scores(q: jax.Array, k: jax.Array, softcap: float | None) -> jax.Array:
+    """float32 scores [batch, kv_heads, group, q_len, kv_len] of q[batch, q_len, heads, dim]
+    against k[batch, kv_len, kv_heads, dim] (query head h uses key head h // group, as
+    models.attention.plain_attention), scaled by 1/sqrt(dim) and soft-capped."""
+    batch, q_len, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, dim)
+    s = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
+    s = s * (1.0 / math.sqrt(dim))
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
+    return s
+
+
+State = tuple[jax.Array, jax.Array, jax.Array]  # output sum, running max, running normaliser
+
+
+def _merge(
+    state: State,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None,
+    softcap: float | None,
+) -> State:
+    """The online softmax: folds the attention of q to one block (k, v) into `state`.
+
+    state: o [batch, kv_heads, group, q_len, dim], m and l [batch, kv_heads, group, q_len]
+    (float32): the unnormalised output, the largest score so far and the sum of exp(score - m).
+    mask: bool broadcastable to [batch, 1, 1, q_len, kv_len] (True: attend) or None (all)."""
+    o, m, norm = state
+    s = _scores(q, k, softcap)
+    if mask is not None:
+        s = jnp.where(mask, s, _NEG)
+    # The result does not depend on the running maximum (it cancels): no gradient through it.
+    m_new = jax.lax.stop_gradient(jnp.maximum(m, s.max(axis=-1)))
+    p = jnp.exp(s - m_new[..., None])
+    if mask is not None:
+        p = jnp.where(mask, p, 0.0)
+    correction = jnp.exp(m - m_new)
+    norm = norm * correction + p.sum(axis=-1)
+    pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return o * correction[..., None] + pv, m_new, norm
+
+
+def _same_segment(seg_q: jax.Array | None, seg_kv: jax.Array | None) -> jax.Array | None:
+    """bool [batch, 1, 1, q_len, kv_len]: query and key in the same document, or None."""
+    if seg_q is None:
+        return None
+    return (seg_q[:, :, None] == seg_kv[:, None, :])[:, None, None]
+
+
+def _and(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
+    return b if a is None else a if b is None else a & b
+
+
+def _local_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    seg_q: jax.Array | None,
+    seg_kv: jax.Array | None,
+    *,
+    axes: tuple[str, ...],
+    shards: int,
+    strategy: str,
+    softcap: float | None,
+) -> jax.Array:
+    """One device's causal attention in the load-balanced layout (inside shard_map): q, k, v
+    [batch, chunk, heads or kv_heads, dim] are this device's 2 half-chunks (i, 2N-1-i), seg_q and
+    seg_kv its segment ids [batch, chunk] (packed documents) or None."""
+    batch, chunk, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    half = chunk // 2
+    me = jax.lax.axis_index(axes)
+    shape = (batch, kv_heads, heads // kv_heads, chunk)
+    state = (jnp.zeros(shape + (dim,), jnp.float32), jnp.full(shape, _NEG), jnp.zeros(shape))
+
+    # Step 0, the diagonal: this device's own keys, causal within the layout (its two chunks
+    # are in sequence order, so the lower triangle is exactly the causal mask).
+    # Rematerialised in the backward pass (as every step below): no [chunk x chunk] scores kept.
+    causal = jnp.tril(jnp.ones((chunk, chunk), bool))[None, None, None]
+    mask = _and(causal, _same_segment(seg_q, seg_kv))
+    state = jax.checkpoint(lambda state: _merge(state, q, k, v, mask, softcap))(state)
+    if shards == 1:
+        return _finish(state, q.dtype)
+
+    if strategy == "all_gather":
+        gathered = [jax.lax.all_gather(a, axes, axis=1, tiled=True) for a in (k, v)]
+        if seg_kv is not None:
+            gathered.append(jax.lax.all_gather(seg_kv, axes, axis=1, tiled=True))
+
+    ring = [(i, (i + 1) % shards) for i in range(shards)]
+
+    def step(carry, s):
+        state, block = carry
+        source = (me - s) % shards  # whose keys this step attends to
+        if strategy == "ring":  # the block moves one device on; its owner is me - s
+            block = tuple(jax.lax.ppermute(a, axes, ring) for a in block)
+            kb, vb, *segb = block
+        else:
+            kb, vb, *segb = (
+                jax.lax.dynamic_slice_in_dim(a, source * chunk, chunk, axis=1) for a in gathered
+            )
+        seg_b = segb[0] if segb else None
+
+        def earlier(state: State) -> State:  # source < me: all queries, the block's first chunk
+            mask = _same_segment(seg_q, None if seg_b is None else seg_b[:, :half])
+            return _merge(state, q, kb[:, :half], vb[:, :half], mask, softcap)
+
+        def later(state: State) -> State:  # source > me: my second chunk's queries, all keys
+            mask = _same_segment(None if seg_q is None else seg_q[:, half:], seg_b)
+            # The query axis is axis 3 of every part of the state.
+            tail = tuple(a[:, :, :, half:] for a in state)
+            merged = _merge(tail, q[:, half:], kb, vb, mask, softcap)
+            return tuple(
+                jnp.concatenate([a[:, :, :, :half], b], axis=3)
+                for a, b in zip(state, merged, strict=True)
+            )
+
+        state = jax.lax.cond(source < me, earlier, later, state)
+        return (state, block), None
+
+    block = (k, v) if seg_kv is None else (k, v, seg_kv)
+    if strategy == "all_gather":
+        block = ()  # the blocks are sliced from the gathered arrays
+    # The saved residuals of the scan are each step's carry (a block and the running sums).
+    body = jax.checkpoint(step, prevent_cse=False)
+    (state, _), _ = jax.lax.scan(body, (state, block), jnp.arange(1, shards))
+    return _finish(state, q.dtype)
+
+
+def _finish(state: State, dtype: jnp.dtype) -> jax.Array:
+    """The normalised output [batch, q_len, heads, dim] in `dtype` of an online-softmax state."""
+    o, _, norm = state
+    y = o / norm[..., None]  # every query attends at least to itself: norm > 0
+    batch, kv_heads, group, q_len, dim = y.shape
+    return y.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, kv_heads * group, dim).astype(dtype)
+
+
+def context_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array | None,
+    *,
+    axes: tuple[str, ...],
+    shards: int,
+    strategy: str,
+    softcap: float | None = None,
+) -> jax.Array:
+    """Causal (and, with segment ids, block-diagonal) attention of sequences split over the
+    context `axes` of `shards` devices, in the load-balanced layout (`balanced_order`).
+
+    q [batch, length, heads, dim]; k, v [batch, length, kv_heads, dim] (kv_heads dividing heads:
+    grouped-query attention); segment_ids int32 [batch, length] (a token attends only to tokens
+    of its own segment) or None; all in the balanced layout and sharded over `axes` on length.
+    strategy: 'all_gather' or 'ring' (STRATEGIES); softcap as models.attention.plain_attention.
+    Scores, softmax and sums in float32; returns [batch, length, heads, dim] in q's dtype, equal
+    to plain_attention's with the causal mask up to float32 rounding."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"context parallel strategy {strategy!r}: use one of {STRATEGIES}.")
+    spec = PartitionSpec(None, axes)
+    fn = lambda q, k, v, *seg: _local_attention(  # noqa: E731
+        q, k, v, *(seg * 2 if seg else (None, None)),
+        axes=axes, shards=shards, strategy=strategy, softcap=softcap,
+    )  # fmt: skip
+    args = (q, k, v) if segment_ids is None else (q, k, v, segment_ids)
+    return _manual(fn, axes, (spec,) * len(args), spec)(*args)
