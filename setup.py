@@ -5,7 +5,12 @@ TensorFlow on the language-model path) up to the pins in `constraints.txt` (the 
 which `make` installs with `pip install -c constraints.txt`). Extras:
   cuda  JAX's CUDA 13 plugin (NVIDIA GPUs): `pip install -c constraints.txt -e '.[cuda]'`
   tpu   libtpu (TPU VMs):                     `pip install -c constraints.txt -e '.[tpu]'`
-  dev   tests and linting, plus libtpu for compiling TPU programs on any machine (tools/aot.py)
+  eval  EleutherAI's lm-eval (with its API models) for tools/lm_eval.py and lm-eval's
+        local-completions against serve.py, and the openai client: `pip install -c
+        constraints.txt -e '.[eval]'`
+  dev   tests and linting, plus libtpu for compiling TPU programs on any machine (tools/aot.py),
+        and the eval extra's packages with LangChain's OpenAI client (tests/test_lm_eval.py,
+        tests/test_openai_api.py)
 
 jaxlab is run from the repository root (`python train.py ...`, `python -m tools.bench ...`),
 as Flax's examples are, so installing it adds dependencies only: no top-level module of ours
@@ -43,6 +48,7 @@ setup(
         # serve.py: an ASGI app (FastAPI) on a production server (uvicorn).
         "fastapi>=0.110,<1",
         "uvicorn>=0.30,<1",
+        "jinja2>=3.1",  # /v1/chat/completions renders a run's chat template (serving/chat.py)
         # hf/ reads and writes Hugging Face checkpoints with NumPy (no PyTorch).
         "safetensors>=0.4,<1",
         # jax.export's serialization (tools/export.py, scripts/gpu_check.py) needs it; jax does
@@ -55,6 +61,8 @@ setup(
         "cuda": ["jax[cuda13]>=0.11.2,<0.13"],
         # A TPU VM: jax with the libtpu it was built against.
         "tpu": ["jax[tpu]>=0.11.2,<0.13"],
+        # lm-eval's core needs no PyTorch; [api] adds what local-completions needs.
+        "eval": ["lm-eval[api]>=0.4.9,<0.5", "openai>=1.40"],
         "dev": [
             "pytest>=8",
             "pytest-xdist>=3.5",
@@ -62,6 +70,10 @@ setup(
             "scikit-learn>=1.4",
             "httpx>=0.27",  # tests/scripts call serve.py's HTTP API
             "wandb>=0.17",  # tests/test_tracking.py logs in offline mode (optional for users)
+            # the eval extra, and LangChain's OpenAI client (tests/test_openai_api.py)
+            "lm-eval[api]>=0.4.9,<0.5",
+            "openai>=1.40",
+            "langchain-openai>=0.3",
             # libtpu at the matching version: tools/aot.py compiles for TPU topologies on any
             # machine (tests/test_aot.py). Without constraints.txt, a jax whose libtpu the index
             # lacks makes pip fall back quietly to an older jax; the pins avoid that.
