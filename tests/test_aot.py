@@ -48,8 +48,7 @@ def _tiny_gpt(**model):
 def _analyze(config, topology: str = "v5e:2x2", num_slices: int = 1, **mesh) -> dict:
     config.mesh_shape.update({"data": 1, "fsdp": 1, "tensor": 1, **mesh})
     topo = aot.get_topology(topology, num_slices)
-    spec = aot.input_spec_for(config, (28, 28, 1), "uint8")
-    return aot.analyze(config, topo, spec)
+    return aot.analyze(config, topo)
 
 
 def _aot(*args: str) -> subprocess.CompletedProcess:
@@ -130,17 +129,20 @@ def test_tpu7x_two_devices_per_chip() -> None:
 
 
 def test_cnn_compiles_with_steps_per_dispatch() -> None:
-    """The CNN (a classifier on uint8 pixels, 20 steps per compiled call) compiles too."""
+    """The CNN (a classifier on uint8 pixels, 20 steps per compiled call) compiles too, for
+    the image shape config.synthetic gives (32x32 RGB: a 3x3 valid convolution to 30x30,
+    pooled to 15x15)."""
     from configs import fashion_mnist_cnn
 
     config = fashion_mnist_cnn.get_config()
     config.model.update(conv_features=(8,), dense_features=(16,))
+    config.synthetic.image_shape = (32, 32, 3)
     config.batch_size = 32
     result = _analyze(config, data=2, tensor=2)
     assert result["fits"] and result["steps_per_dispatch"] == 20
     assert result["analytic_flops_per_step_per_device"] is None
     assert "steps_per_dispatch=20" in result["xla_flops_note"]
-    assert result["num_params"] == 8 * 9 + 8 + 13 * 13 * 8 * 16 + 16 + 16 * 10 + 10
+    assert result["num_params"] == 8 * 9 * 3 + 8 + 15 * 15 * 8 * 16 + 16 + 16 * 10 + 10
 
 
 def test_largest_fitting_search() -> None:
@@ -166,8 +168,7 @@ def test_find_max_batch() -> None:
     config = _tiny_gpt()
     config.mesh_shape.update(data=4, fsdp=1, tensor=1)
     topo = aot.get_topology("v5e:2x2")
-    spec = aot.input_spec_for(config, (), "uint8")
-    found = aot.find_max_batch(config, topo, spec, "full", limit=16)
+    found = aot.find_max_batch(config, topo, "full", limit=16)
     assert found["remat_policy"] == "full" and found["batch_multiple"] == 4
     assert found["max_global_batch"] == 16
     assert [p["batch"] for p in found["probes"]] == [8, 16]
@@ -196,8 +197,18 @@ def test_does_not_fit_exits_1_with_the_numbers() -> None:
             "needs 8 devices but 4 are present",
         ),  # fmt: skip
         (["--topology=v5e:2x2", "--config.batch_size=6"], "does not divide over 4"),
+        (
+            ["--topology=v5e:2x2", "--config.synthetic.num_train_examples=0"],
+            "config.synthetic.num_train_examples=0 must be a positive integer",
+        ),  # fmt: skip
     ],
-    ids=["unknown_topology", "bad_dimensions", "mesh_too_big", "batch_not_dividing"],
+    ids=[
+        "unknown_topology",
+        "bad_dimensions",
+        "mesh_too_big",
+        "batch_not_dividing",
+        "bad_synthetic_field",
+    ],  # fmt: skip
 )
 def test_user_errors_are_one_line(args: list[str], message: str) -> None:
     """Each mistake ends the command with exit status 1 and one ERROR line naming it."""

@@ -11,7 +11,6 @@ import numpy as np
 import optax
 import pytest
 
-import data
 import experiment
 import optim
 from configs import fashion_mnist_cnn_strong, shakespeare_char_cpu
@@ -23,6 +22,7 @@ def _bn_config(k: int):
     config.model.update({"conv_features": (8, 8), "dense_features": (16,), "dropout_rate": 0.0})
     config.batch_size, config.grad_accum_steps = 32, k
     config.label_smoothing = 0.0
+    config.dataset = "synthetic"  # uint8 images [32, 28, 28, 1], labels in [0, 10)
     return config
 
 
@@ -31,15 +31,10 @@ def test_accumulation_updates_batchnorm_statistics_once_per_step():
     the whole batch does: the first layer's running mean exactly (its inputs are the same, and
     the mean of the microbatch means is the batch mean), the deeper ones closely (each
     microbatch is normalized by its own statistics). Before, they moved four times."""
-    rng = np.random.default_rng(0)
-    batch = {
-        "inputs": rng.integers(0, 256, (32, 28, 28, 1), dtype=np.uint8),
-        "targets": rng.integers(0, 10, (32,), dtype=np.int32),
-    }
-    spec = data.InputSpec(np.zeros((1, 28, 28, 1), np.uint8), 10, 60_000)
     stats = {}
     for k in (1, 4):
-        run = experiment.build_run(_bn_config(k), input_spec=spec)
+        run = experiment.build_run(_bn_config(k))
+        batch = next(run.datasets.train_batches())  # the same batch for both runs
         state = run.init_state()
         with run.compiled.context():
             new, _ = run.compiled.train_step(state, run.compiled.put_train_batch(batch))
@@ -110,8 +105,8 @@ def test_weight_decay_never_touches_biases_or_norms_whatever_their_rank():
                          "num_heads": 2})  # fmt: skip
     config.weight_decay, config.learning_rate, config.warmup_steps = 0.5, 0.1, 0
     config.lr_schedule = "constant"
-    spec = data.InputSpec(np.zeros((1, 8), np.int32), 0, 1000)
-    run = experiment.build_run(config, input_spec=spec)
+    config.dataset = "synthetic"
+    run = experiment.build_run(config)
     state = jax.device_get(run.init_state())
     zero = jax.tree.map(jnp.zeros_like, state.params)
     updates, _ = run.tx.update(zero, state.opt_state, state.params)

@@ -3,12 +3,16 @@ they fit: memory and FLOPs per chip before launching (MaxText's train_compile.py
 
     python -m tools.aot --config=configs/gpt2_small.py --topology=v5p:2x2x1 [--num_slices=2]
         [--config.mesh_shape.fsdp=4 --config.mesh_shape.data=-1 ...] [--find_max_batch]
+    python -m tools.aot --config=configs/fashion_mnist_cnn.py --topology=v6e:2x2 \
+        [--config.synthetic.image_shape=32,32,3 --config.model.num_classes=100]
 
 With `jax[tpu]` installed (setup.py's dev extra brings the matching libtpu), libtpu describes a
 TPU topology without a TPU (`jax.experimental.topologies.get_topology_desc`) and the real
 XLA:TPU compiler compiles for it. The run is built exactly as train.py builds it
-(`experiment.build_run` on the topology's devices, from a description of the input instead of
-data), and its train step (`run.compiled.train_step`: the same shardings, donation,
+(`experiment.build_run` on the topology's devices), on synthetic data of the config's shapes
+(`config.dataset="synthetic"`, data/synthetic.py: tokens [batch, model.block_size] from
+model.vocab_size for a language model; images of `config.synthetic.image_shape` for a
+classifier), and its train step (`run.compiled.train_step`: the same shardings, donation,
 steps_per_dispatch, gradient accumulation, dtype and remat) and eval step are lowered from
 abstract arguments and compiled. Reported per chip: parameter and optimizer-state bytes (from
 the state's shardings), XLA's argument, output, alias, temporary and peak bytes and their total
@@ -62,7 +66,6 @@ import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-import data  # noqa: E402
 import experiment  # noqa: E402
 import models  # noqa: E402
 import sharding  # noqa: E402
@@ -185,33 +188,17 @@ def get_topology(name: str, num_slices: int = 1) -> Topology:
     return Topology(name, num_slices, devices, chip, max(per_chip.values()))
 
 
-def input_spec_for(config: ml_collections.ConfigDict, input_shape: tuple[int, ...],
-                   input_dtype: str) -> data.InputSpec:  # fmt: skip
-    """What the model is built from, without data: int32 tokens [1, block_size] for a language
-    model (its vocabulary is config.model.vocab_size: no tokenizer sets it), else one input of
-    `input_shape` and `input_dtype` with config.model.num_classes (or the model's default)."""
-    # One epoch is one step: the schedule's length does not change the compiled program.
-    examples = int(config.batch_size)
-    if config.task == "lm":
-        example = np.zeros((1, int(config.model.block_size)), np.int32)
-        return data.InputSpec(example, 0, examples)
-    num_classes = config.model.get("num_classes")
-    if num_classes is None:
-        num_classes = getattr(models.model_class(config.model.name), "num_classes", 0)
-    example = np.zeros((1,) + tuple(input_shape), np.dtype(input_dtype))
-    return data.InputSpec(example, int(num_classes), examples)
-
-
-def build(config: ml_collections.ConfigDict, topology: Topology,
-          input_spec: data.InputSpec) -> experiment.Run:  # fmt: skip
-    """experiment.build_run on the topology's devices; cli.UserError if the config cannot run."""
+def build(config: ml_collections.ConfigDict, topology: Topology) -> experiment.Run:
+    """experiment.build_run on the topology's devices and synthetic data of the config's shapes
+    (whatever `config.dataset` names: nothing is read); cli.UserError if the config cannot run."""
     if config.parallelism != "jit":
         raise cli.UserError(
             f"config.parallelism={config.parallelism!r}: ahead-of-time compilation describes "
             "'jit' parallelism (a sharded mesh); drop --config.parallelism."
         )
     try:
-        return experiment.build_run(config, input_spec=input_spec, devices=topology.devices)
+        config = _with(config, dataset="synthetic")
+        return experiment.build_run(config, devices=topology.devices)
     except sharding.MeshError as e:
         devices = f"--topology={topology.name}: {len(topology.devices)} devices"
         raise cli.UserError(f"{e} ({devices})") from e
@@ -310,12 +297,12 @@ def _loops(run: experiment.Run) -> list[str]:
     return loops
 
 
-def analyze(config: ml_collections.ConfigDict, topology: Topology, input_spec:
-            data.InputSpec, evaluate: bool = True) -> dict[str, Any]:  # fmt: skip
+def analyze(config: ml_collections.ConfigDict, topology: Topology,
+            evaluate: bool = True) -> dict[str, Any]:  # fmt: skip
     """Builds and compiles the run's steps for `topology`; every figure as a flat dict."""
-    run = build(config, topology, input_spec)
+    run = build(config, topology)
     config = run.config
-    data, fsdp, tensor = (run.mesh.shape[a] for a in sharding.MESH_AXES)
+    data, fsdp, tensor = (run.mesh.shape[a] for a in ("data", "fsdp", "tensor"))
     n = len(topology.devices)
     params_bytes = bytes_per_device(run.abstract_state.params)
     opt_bytes = bytes_per_device(run.abstract_state.opt_state)
@@ -375,7 +362,7 @@ def analyze(config: ml_collections.ConfigDict, topology: Topology, input_spec:
     result["peak_flops_per_device"] = peak
     result["step_time_at_50pct_mfu_s"] = None if per_device is None else per_device / (MFU * peak)
     if config.task == "lm" and per_device is not None:
-        tokens = int(config.batch_size) * int(input_spec.example_input.shape[1])
+        tokens = int(config.batch_size) * int(run.input_spec.example_input.shape[1])
         result["tokens_per_s_at_50pct_mfu"] = tokens / result["step_time_at_50pct_mfu_s"]
     if evaluate:
         try:
@@ -450,8 +437,8 @@ def largest_fitting(fits: Callable[[int], bool], start: int, limit: int,
 
 
 def find_max_batch(config: ml_collections.ConfigDict, topology: Topology,
-                   input_spec: data.InputSpec, policy: str | None = None,
-                   limit: int = 1 << 20, tolerance: float = 0.0) -> dict[str, Any]:  # fmt: skip
+                   policy: str | None = None, limit: int = 1 << 20,
+                   tolerance: float = 0.0) -> dict[str, Any]:  # fmt: skip
     """The largest global batch whose train step fits (with `model.remat_policy=policy` if
     given): doubling, then bisection, over multiples of the data-parallel size (times
     grad_accum_steps), each probe a compilation. `limit`: the largest batch tried;
@@ -459,14 +446,14 @@ def find_max_batch(config: ml_collections.ConfigDict, topology: Topology,
     fitting one (0: the exact multiple)."""
     if policy is not None:
         config = _with(config, model__remat_policy=policy)
-    run = build(config, topology, input_spec)
+    run = build(config, topology)
     data, fsdp = run.mesh.shape["data"], run.mesh.shape["fsdp"]
     unit = data * fsdp * int(config.grad_accum_steps)
     probes: list[dict[str, Any]] = []
 
     def fits(multiple: int) -> bool:
         batch = multiple * unit
-        run = build(_with(config, batch_size=batch), topology, input_spec)
+        run = build(_with(config, batch_size=batch), topology)
         try:
             compiled, seconds = compile_step(run, batch, train=True)
         except OutOfHbmError:
@@ -538,9 +525,6 @@ def define_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
     flags.DEFINE_string("topology", None, f"TPU topology, e.g. {TOPOLOGY_EXAMPLES}.")
     flags.DEFINE_integer("num_slices", 1, "Slices of the topology (joined by DCN).")
-    flags.DEFINE_list("input_shape", ["28", "28", "1"],
-                      "Classifiers: the shape of one input (the batch axis excluded).")  # fmt: skip
-    flags.DEFINE_string("input_dtype", "uint8", "Classifiers: the input dtype.")
     flags.DEFINE_bool("eval", True, "Also compile the eval step (at config.eval_batch_size).")
     flags.DEFINE_bool(
         "find_max_batch", False, "Also search the largest global batch that fits, per remat policy."
@@ -561,19 +545,12 @@ def main(argv: list[str]) -> int:
     """absl entry point: the table, then the JSON line; 1 if a step does not fit."""
     del argv
     config = FLAGS.config
-    try:
-        shape = tuple(int(d) for d in FLAGS.input_shape)
-    except ValueError as e:
-        raise cli.UserError(
-            f"--input_shape={','.join(FLAGS.input_shape)}: integers, e.g. 28,28,1"
-        ) from e
     topology = get_topology(FLAGS.topology, FLAGS.num_slices)
-    spec = input_spec_for(config, shape, FLAGS.input_dtype)
-    result = analyze(config, topology, spec, evaluate=FLAGS.eval)
+    result = analyze(config, topology, evaluate=FLAGS.eval)
     if FLAGS.find_max_batch:
         policies = FLAGS.remat_policies or remat_policies(config)
         result["max_batch"] = [
-            find_max_batch(config, topology, spec, policy, tolerance=FLAGS.search_tolerance)
+            find_max_batch(config, topology, policy, tolerance=FLAGS.search_tolerance)
             for policy in policies
         ]
     print(format_table(result), flush=True)
