@@ -1,4 +1,6 @@
-"""The GPU check: one command that measures what jaxlab does on a GPU.
+"""Measures jaxlab on an NVIDIA GPU in one command: the bf16 matmul peak, GPT-2 124M's training
+step time and MFU, cached decoding against the memory bandwidth, and the wall time for the baby
+GPT to reach nanoGPT's validation loss.
 
     python3 scripts/gpu_check.py --corpus=PATH/input.txt --exported=DIR --out=$OUT
     python scripts/gpu_check.py --dry_run [--out=DIR]   # the same parts on the CPU, tiny shapes
@@ -11,18 +13,20 @@ rewritten after every part so that a command stopped early still leaves what it 
 The parts, in order (docs/gpu.md says what each measures and how):
   env          versions, the device, nvidia-smi
   matmul       the measured bf16 matmul peak (8192^3, best of several)
-  checks       attention 'xla' = 'cudnn' = 'plain' on a tiny GPT (outputs and gradients);
-               cached decoding = the full forward pass; a bf16 train step keeps float32
-               parameters and optimizer state
   exported     an artifact exported on the CPU (tools.export, every platform) run on this device
   bench_cudnn  the 124M GPT-2 (configs/gpt2_small.py, vocabulary 50304) train step in bf16 at
-  bench_xla    sequence 1024, cuDNN's or XLA's attention: step time, tokens/s, MFU against the
-               datasheet peak and the measured one (tools.bench's timing, synthetic tokens)
-  decode       cached decoding tokens/s at batch 1 and 64, and its share of the memory-bandwidth
-               ceiling
+  bench_xla    sequence 1024 on synthetic tokens (config.dataset='synthetic'), cuDNN's or XLA's
+               attention, timed by tools.bench.benchmark_training: step time, tokens/s, MFU
+               against the datasheet peak and the measured one
+  decode       tools.bench.benchmark_decoding of the same model: cached decoding tokens/s at
+               batch 1 and 64, and its share of the memory-bandwidth ceiling
   baby_gpt     configs/shakespeare_char.py (nanoGPT's GPU config), 5000 iterations through
                train.train_and_evaluate on --corpus, with the wall time at which validation loss
                first reaches 1.47
+
+Correctness on the GPU (the attention implementations agree, cached decoding equals the forward
+pass, bf16 compute keeps float32 state) is tested rather than measured: `python -m pytest
+tests/test_gpt.py` on the GPU machine runs those tests there, cuDNN's cases included.
 
 Each part runs in its own process (a crash, a hung kernel or an exhausted GPU loses that part
 alone), timed, and killed at its limit; the limits share one budget (--budget_s, 450 s: the whole
@@ -55,7 +59,6 @@ sys.path.insert(0, REPO)
 
 from absl import flags  # noqa: E402
 
-import data  # noqa: E402
 from runtime import cli  # noqa: E402  (absl only: no JAX, no ml_collections)
 
 RESULT_FILE, LOG_FILE = "gpu_check.json", "gpu_check.log"
@@ -63,7 +66,6 @@ RESULT_FILE, LOG_FILE = "gpu_check.json", "gpu_check.log"
 PARTS = (
     ("env", 60, 10),
     ("matmul", 60, 15),
-    ("checks", 150, 40),
     ("exported", 60, 15),
     ("bench_cudnn", 180, 60),
     ("bench_xla", 180, 60),
@@ -71,11 +73,8 @@ PARTS = (
     ("baby_gpt", 300, 120),
 )
 DATASHEET_BF16_FLOPS = 989e12  # H100 SXM / H200 dense bf16 (NVIDIA datasheets)
-# HBM bandwidth by device_kind substring (bytes/s; datasheets), for the decoding ceiling.
-HBM_BANDWIDTH = (("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100", 2.0e12))
 BABY_TARGET_LOSS = 1.47  # nanoGPT's shakespeare_char best validation loss is 1.4697
-EXPORT_MODEL_FILE, EXPORT_META_FILE = "model.stablehlo", "export.json"  # tools/export.py's
-EXPORT_REFERENCE_FILE = "reference.npz"  # inputs and the CPU's outputs, beside the artifact
+EXPORT_MODEL_FILE = "model.stablehlo"  # tools/export.py's MODEL_FILE (no JAX import here)
 
 
 # ----------------------------------------------------------------------------- parts
@@ -108,15 +107,6 @@ def _on_gpu() -> bool:
     import jax
 
     return jax.default_backend() == "gpu"
-
-
-def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    """(fn()'s result, seconds), waiting for any device arrays it returns."""
-    import jax
-
-    start = time.perf_counter()
-    result = jax.block_until_ready(fn())
-    return result, time.perf_counter() - start
 
 
 def part_env(part: Part) -> None:
@@ -157,157 +147,16 @@ def part_env(part: Part) -> None:
 
 
 def part_matmul(part: Part) -> None:
-    """bf16 matmul FLOP/s: n x n @ n x n, best (and median) of several timed calls."""
-    import jax
+    """bf16 matmul FLOP/s (tools.bench.time_matmul): n x n @ n x n, best and median of
+    several timed calls; the best is the measured peak the bench parts' MFU divides by."""
     import jax.numpy as jnp
-    import numpy as np
+
+    from tools import bench
 
     n, repeats = (256, 3) if part.dry_run else (8192, 20)
-    ka, kb = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(ka, (n, n), jnp.bfloat16)
-    b = jax.random.normal(kb, (n, n), jnp.bfloat16)
-    matmul = jax.jit(lambda x, y: x @ y)
-    _, compile_s = _timed(lambda: matmul(a, b))
-    times = [_timed(lambda: matmul(a, b))[1] for _ in range(repeats)]
-    flops = 2.0 * n**3
-    part.report.update(
-        size=n,
-        dtype="bfloat16",
-        repeats=repeats,
-        first_call_s=compile_s,
-        best_s=min(times),
-        best_flops_per_sec=flops / min(times),
-        median_flops_per_sec=flops / float(np.median(times)),
-        datasheet_flops_per_sec=DATASHEET_BF16_FLOPS if _on_gpu() else None,
-    )
-
-
-def _tiny_gpt_kwargs(part: Part) -> dict[str, Any]:
-    if part.dry_run:
-        return dict(vocab_size=65, block_size=32, num_layers=1, num_heads=2, embed_dim=32)
-    return dict(vocab_size=65, block_size=128, num_layers=2, num_heads=4, embed_dim=256)
-
-
-def _precision(dtype: str) -> contextlib.AbstractContextManager:
-    """float32 comparisons at full matmul precision (a GPU's default may be TF32)."""
-    import jax
-
-    return (
-        jax.default_matmul_precision("highest") if dtype == "float32" else contextlib.nullcontext()
-    )
-
-
-def _max_abs(a: Any, b: Any) -> float:
-    import numpy as np
-
-    return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
-
-
-def _relative_tree_diff(a: Any, b: Any) -> float:
-    """|a - b| / |b| over every leaf of two pytrees (global norms)."""
-    import jax
-    import numpy as np
-
-    diff = sum(float(np.sum((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))  # fmt: skip
-    norm = sum(float(np.sum(np.asarray(y, np.float64) ** 2)) for y in jax.tree.leaves(b))
-    return (diff / max(norm, 1e-30)) ** 0.5
-
-
-def check_attention(part: Part) -> dict[str, Any]:
-    """The three attention implementations on the same parameters and tokens: logits and
-    gradients of the loss against 'plain' (the explicit reference). float32 (at 'highest'
-    matmul precision) for 'xla'; bf16, cuDNN's only precision here, for 'xla' and 'cudnn'."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import optax
-    from flax import linen as nn
-
-    from models.gpt import GPT
-
-    kwargs = _tiny_gpt_kwargs(part)
-    tokens = jax.random.randint(jax.random.key(1), (4, kwargs["block_size"]), 0, 65)
-    base = GPT(**kwargs, attention_impl="plain")
-    params = nn.unbox(jax.jit(base.init)(jax.random.key(0), tokens)["params"])
-
-    def loss_and_logits(params, model):
-        logits = model.apply({"params": params}, tokens)
-        targets = jnp.roll(tokens, -1, axis=1)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean(), logits
-
-    out: dict[str, Any] = {}
-    tolerances = {"float32": (1e-4, 1e-4), "bfloat16": (0.05, 0.05)}  # logits abs, grads rel
-    for dtype, impls in (("float32", ("xla",)), ("bfloat16", ("xla", "cudnn"))):
-        results = {}
-        with _precision(dtype):
-            for impl in ("plain", *impls):
-                if impl == "cudnn" and not _on_gpu():
-                    out[f"{dtype}_{impl}"] = "skipped: cuDNN attention needs a CUDA GPU"
-                    continue
-                model = base.clone(attention_impl=impl, dtype=jnp.dtype(dtype))
-                grad_fn = jax.jit(jax.value_and_grad(loss_and_logits, has_aux=True),
-                                  static_argnums=1)  # fmt: skip
-                (_, logits), grads = grad_fn(params, model)
-                results[impl] = (np.asarray(logits), jax.device_get(grads))
-        logit_tol, grad_tol = tolerances[dtype]
-        for impl in impls:
-            if impl not in results:
-                continue
-            logits_diff = _max_abs(results[impl][0], results["plain"][0])
-            grads_diff = _relative_tree_diff(results[impl][1], results["plain"][1])
-            out[f"{dtype}_{impl}"] = {
-                "max_abs_logit_diff_vs_plain": logits_diff,
-                "relative_grad_diff_vs_plain": grads_diff,
-                "passed": logits_diff <= logit_tol and grads_diff <= grad_tol,
-            }
-    return out
-
-
-def check_cached_decoding(part: Part) -> dict[str, Any]:
-    """Prefill + one token at a time through the KV cache reproduces the full forward pass's
-    logits (as tests/test_gpt.py checks on the CPU), for each attention implementation."""
-    import jax
-    import jax.numpy as jnp
-    from flax import linen as nn
-
-    import sampling
-    from models.gpt import GPT
-
-    kwargs = _tiny_gpt_kwargs(part)
-    length = min(24, kwargs["block_size"])
-    base = GPT(**kwargs, attention_impl="plain")
-    tokens = jax.random.randint(jax.random.key(2), (2, length), 0, base.vocab_size)
-    params = nn.unbox(jax.jit(base.init)(jax.random.key(0), tokens)["params"])
-    out: dict[str, Any] = {}
-    cases = (("xla", "float32", 1e-4), ("plain", "float32", 1e-4), ("auto", "bfloat16", 0.1),
-             ("cudnn", "bfloat16", 0.1))  # fmt: skip
-    for impl, dtype, tolerance in cases:
-        name = f"{dtype}_{impl}"
-        if impl == "cudnn" and not _on_gpu():
-            out[name] = "skipped: cuDNN attention needs a CUDA GPU"
-            continue
-        if part.dry_run and impl == "plain":
-            out[name] = "skipped in the dry run: 'auto' is 'plain' on the CPU"
-            continue
-        model = base.clone(attention_impl=impl, dtype=jnp.dtype(dtype))
-        decoder = model.clone(decode=True)
-
-        def step(params, cache, chunk, decoder=decoder):
-            return decoder.apply({"params": params, "cache": cache}, chunk, mutable=["cache"])
-
-        with _precision(dtype):
-            full = jax.jit(lambda p, t, m=model: m.apply({"params": p}, t))(params, tokens)
-            step = jax.jit(step)
-            cache = sampling.init_cache(model, tokens.shape[0])
-            pieces = []
-            for chunk in [tokens[:, :4]] + [tokens[:, t : t + 1] for t in range(4, length)]:
-                logits, state = step(params, cache, chunk)
-                cache = state["cache"]
-                pieces.append(logits)
-            diff = _max_abs(jnp.concatenate(pieces, axis=1), full)
-        out[name] = {"max_abs_logit_diff": diff, "passed": diff <= tolerance}
-    return out
+    part.report.update(size=n, dtype="bfloat16", repeats=repeats)
+    part.report.update(bench.time_matmul(n, jnp.bfloat16, repeats))
+    part.report["datasheet_flops_per_sec"] = DATASHEET_BF16_FLOPS if _on_gpu() else None
 
 
 def _lm_config(name: str, **overrides: Any):
@@ -324,276 +173,58 @@ def _lm_config(name: str, **overrides: Any):
     return config
 
 
-def _build_without_data(config, training: bool = True):
-    """experiment.build_run on a description of the data (int32 tokens [1, block]): no corpus;
-    the vocabulary stays config.model.vocab_size."""
-    import numpy as np
-
-    import experiment
-
-    block = int(config.model.block_size)
-    spec = data.InputSpec(np.zeros((1, block), np.int32), 0, 10**9)
-    return experiment.build_run(config, input_spec=spec, training=training)
-
-
-def _random_batches(run, count: int, seed: int = 0) -> list[dict[str, Any]]:
-    """`count` global train batches of uniformly random tokens, on the devices."""
-    import numpy as np
-
-    config = run.config
-    rng = np.random.default_rng(seed)
-    shape = (int(config.batch_size), int(config.model.block_size))
-    vocab = int(config.model.vocab_size)
-    return [
-        run.compiled.put_train_batch({
-            "inputs": rng.integers(0, vocab, shape).astype(np.int32),
-            "targets": rng.integers(0, vocab, shape).astype(np.int32),
-        })
-        for _ in range(count)
-    ]  # fmt: skip
-
-
-def check_bf16_train_step(part: Part) -> dict[str, Any]:
-    """config.dtype='bfloat16' through experiment.build_run and the compiled train step: bf16 in
-    the program, float32 parameters and optimizer state after three steps, losses within 2% of
-    a float32 run's."""
-    import jax
-    import numpy as np
-
-    layers, width, block = (1, 32, 32) if part.dry_run else (2, 64, 64)
-    model = {"model.num_layers": layers, "model.num_heads": 4, "model.embed_dim": width,
-             "model.block_size": block, "model.vocab_size": 65,
-             "model.dropout_rate": 0.0}  # fmt: skip
-    # cuDNN's attention takes bf16 (or fp16) only: the float32 reference uses XLA's on a GPU.
-    impls = {"float32": "xla" if _on_gpu() else "auto",
-             "bfloat16": "cudnn" if _on_gpu() else "auto"}  # fmt: skip
-    out: dict[str, Any] = {"attention_impl": impls}
-    losses = {}
-    # The float32 reference run only on the device (the dry run checks the bf16 path alone).
-    for dtype in ("bfloat16",) if part.dry_run else ("float32", "bfloat16"):
-        config = _lm_config("shakespeare_char", dtype=dtype, batch_size=8,
-                            num_train_steps=10, steps_per_dispatch=1,
-                            **{"model.attention_impl": impls[dtype]}, **model)  # fmt: skip
-        run = _build_without_data(config)
-        compiled = run.compiled
-        state = compiled.from_global(run.init_state())
-        batches = _random_batches(run, 3)
-        losses[dtype] = []
-        with compiled.context(), jax.default_matmul_precision("highest"):
-            lowered = compiled.train_step.lower(state, batches[0])
-            if dtype == "bfloat16":
-                out["bf16_in_program"] = "bf16" in lowered.as_text()
-            step_fn = lowered.compile()
-            for batch in batches:
-                state, metrics = step_fn(state, batch)
-                losses[dtype].append(float(metrics["loss"]))
-        floating = [x for x in jax.tree.leaves((state.params, state.opt_state))
-                    if np.issubdtype(x.dtype, np.floating)]  # fmt: skip
-        out[f"{dtype}_state_dtypes"] = sorted({str(x.dtype) for x in floating})
-    out["losses"] = losses
-    reference = losses.get("float32", losses["bfloat16"])
-    close = bool(np.allclose(losses["bfloat16"], reference, rtol=0.02))
-    out["passed"] = (out["bf16_in_program"] and out["bfloat16_state_dtypes"] == ["float32"]
-                     and close and all(np.isfinite(losses["bfloat16"])))  # fmt: skip
-    return out
-
-
-def part_checks(part: Part) -> None:
-    """The GPU-relevant correctness checks, each in its own try."""
-    checks = (("attention", check_attention), ("cached_decoding", check_cached_decoding),
-              ("bf16_train_step", check_bf16_train_step))  # fmt: skip
-    failed = []
-    for name, check in checks:
-        start = time.perf_counter()
-        try:
-            part.report[name] = check(part)
-        except Exception as e:
-            part.report[name] = {"error": _error_text(e), "passed": False}
-        part.report[name + "_s"] = time.perf_counter() - start
-        part.save()
-        results = part.report[name]
-        entries = results.values() if "passed" not in results else [results]
-        failed += [name for v in entries if isinstance(v, dict) and v.get("passed") is False]
-    part.report["passed"] = not failed
-    if failed:
-        part.report["failed_checks"] = sorted(set(failed))
-
-
-def prepare_export(directory: str) -> dict[str, Any]:
-    """A tiny GPT (random weights) exported by tools.export for every platform, with inputs and
-    this machine's outputs beside it (reference.npz): run on the CPU, carried to the GPU."""
-    import jax
-    import numpy as np
-    from flax import linen as nn
-
-    from models.gpt import GPT
-    from tools import export
-
-    model = GPT(vocab_size=65, block_size=64, num_layers=2, num_heads=4, embed_dim=128)
-    example = np.zeros((1, 64), np.int32)
-    variables = jax.device_get(nn.unbox(model.init(jax.random.key(0), example)))
-    exported = export.export_forward(export.portable_model(model), variables, example)
-    inputs = np.random.default_rng(0).integers(0, 65, (3, 64)).astype(np.int32)
-    outputs = np.asarray(exported.call(inputs))
-    expected = np.asarray(jax.jit(model.apply)(variables, inputs))
-    if not np.allclose(outputs, expected, atol=1e-4):
-        raise AssertionError("The exported model's CPU outputs differ from the model's.")
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, EXPORT_MODEL_FILE), "wb") as f:
-        f.write(exported.serialize())
-    meta = {
-        "model": "gpt (2 layers, 4 heads, 128 wide, block 64, vocabulary 65; random weights)",
-        "input_shape": ["batch", 64],
-        "input_dtype": "int32",
-        "platforms": list(exported.platforms),
-        "exported_on": jax.default_backend(),
-        "jax": jax.__version__,
-        "format": "jax.export serialized StableHLO",
-    }
-    with open(os.path.join(directory, EXPORT_META_FILE), "w") as f:
-        json.dump(meta, f, indent=2)
-    np.savez(os.path.join(directory, EXPORT_REFERENCE_FILE), inputs=inputs, outputs=outputs)
-    return meta
-
-
 def part_exported(part: Part) -> None:
-    """Loads --exported (jax.export alone: no model code) and runs it here; compares with the
-    outputs of the machine that exported it where reference.npz is there."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from jax import export as jax_export
-
+    """tools.export.check_exported on --exported: an artifact exported on another machine (a
+    CPU) run here, its outputs against that machine's where it left a reference."""
     directory = part.options.get("exported")
     if not directory:
         part.report["skipped"] = "no --exported=DIR given"
         return
-    r = part.report
-    with open(os.path.join(directory, EXPORT_MODEL_FILE), "rb") as f:
-        exported = jax_export.deserialize(bytearray(f.read()))
-    with open(os.path.join(directory, EXPORT_META_FILE)) as f:
-        meta = json.load(f)
-    r["platforms"] = list(exported.platforms)
-    r["exported_on"] = meta.get("exported_on", "cpu")
-    reference = os.path.join(directory, EXPORT_REFERENCE_FILE)
-    if os.path.exists(reference):
-        data = np.load(reference)
-        inputs, expected = data["inputs"], data["outputs"]
-    else:  # any tools.export artifact: random inputs of its declared shape
-        shape = [3 if d == "batch" else int(d) for d in meta["input_shape"]]
-        inputs = np.random.default_rng(0).integers(0, 2, shape).astype(meta["input_dtype"])
-        expected = None
-    args = jnp.asarray(inputs, exported.in_avals[0].dtype)
-    outputs, first_s = _timed(lambda: exported.call(args))
-    r["first_call_s"] = first_s
-    r["call_s"] = _timed(lambda: exported.call(args))[1]
-    r["ran_on"] = sorted({d.platform for d in outputs.devices()})
-    r["output_shape"] = list(outputs.shape)
-    finite = bool(np.all(np.isfinite(np.asarray(outputs))))
-    r["passed"] = finite and r["ran_on"] == [jax.default_backend()]
-    if expected is not None:
-        # float32 matmuls on a GPU may use TF32: compare relative to the outputs' scale.
-        diff = _max_abs(outputs, expected)
-        r["max_abs_diff_vs_exporting_machine"] = diff
-        r["passed"] = r["passed"] and diff <= 1e-2 * max(1.0, float(np.max(np.abs(expected))))
+    from tools import export
+
+    part.report.update(export.check_exported(directory))
 
 
-def _datasheet_peak(device_kind: str) -> float | None:
-    try:
-        from tools.bench import PEAK_FLOPS
-    except Exception:  # the table only: fall back to the H100/H200 datasheet figure on a GPU
-        return DATASHEET_BF16_FLOPS if _on_gpu() else None
-    for name, value in PEAK_FLOPS:
-        if name.lower() in device_kind.lower():
-            return value
-    return None
-
-
-def _peak_memory(device: Any) -> int | None:
-    with contextlib.suppress(Exception):
-        return (device.memory_stats() or {}).get("peak_bytes_in_use")
-    return None
+# The 124M GPT-2 in bf16 on synthetic tokens; the dry run's tiny stand-in.
+GPT2_OVERRIDES = {"dataset": "synthetic", "model.vocab_size": 50304, "dtype": "bfloat16"}
+DRY_RUN_GPT = {"model.num_layers": 2, "model.num_heads": 4, "model.embed_dim": 64,
+               "model.block_size": 64, "model.vocab_size": 512}  # fmt: skip
 
 
 def bench_training(part: Part, attention_impl: str) -> None:
-    """tools.bench's timing of the 124M GPT-2 train step (compile; median of single steps, each
-    waited for; mean of a pipelined run) on synthetic tokens, bf16, sequence 1024."""
-    import jax
-    import numpy as np
-
-    import models
+    """tools.bench.benchmark_training of the 124M GPT-2 train step (compile; median of single
+    steps, each waited for; mean of a pipelined run; the real loop) on synthetic tokens, bf16,
+    sequence 1024; MFU against the datasheet peak and the matmul part's measured one."""
+    from tools import bench
 
     r = part.report
     if attention_impl == "cudnn" and not _on_gpu():
         r["skipped"] = "cuDNN attention needs a CUDA GPU"
         return
-    overrides: dict[str, Any] = {"model.vocab_size": 50304, "model.attention_impl": attention_impl,
-                                 "dtype": "bfloat16", "num_train_steps": 1000}  # fmt: skip
+    overrides = {**GPT2_OVERRIDES, "model.attention_impl": attention_impl, "num_train_steps": 1000}
     steps, warmup = 20, 3
     if part.dry_run:
-        overrides.update({"model.num_layers": 2, "model.num_heads": 4, "model.embed_dim": 64,
-                          "model.block_size": 64, "model.vocab_size": 512})  # fmt: skip
+        overrides.update(DRY_RUN_GPT)
         steps, warmup = 3, 1
     overrides["batch_size"] = part.options.get("gpt2_batch") or (4 if part.dry_run else 32)
     config = _lm_config("gpt2_small", **overrides)
-    run = _build_without_data(config)
-    config, model, compiled = run.config, run.model, run.compiled
-    r.update(attention_impl=attention_impl, dtype=config.dtype, batch_size=int(config.batch_size),
-             seq_len=int(config.model.block_size), vocab_size=int(config.model.vocab_size),
-             num_params=run.num_params, num_layers=int(config.model.num_layers))  # fmt: skip
-    state = compiled.from_global(run.init_state())
-    batches = _random_batches(run, 4)
-    device = jax.devices()[0]
-    with compiled.context():
-        start = time.perf_counter()
-        step_fn = compiled.train_step.lower(state, batches[0]).compile()
-        r["compile_s"] = time.perf_counter() - start
+    r.update(attention_impl=attention_impl, seq_len=int(config.model.block_size),
+             vocab_size=int(config.model.vocab_size),
+             num_layers=int(config.model.num_layers))  # fmt: skip
+
+    def progress(figures: dict[str, Any]) -> None:  # the compile time, kept if killed later
+        r.update(figures)
         part.save()
-        for i in range(warmup):
-            state, metrics = step_fn(state, batches[i % len(batches)])
-        jax.block_until_ready((state, metrics))
-        times = []
-        for i in range(steps):
-            start = time.perf_counter()
-            state, metrics = step_fn(state, batches[i % len(batches)])
-            jax.block_until_ready((state, metrics))
-            times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        for i in range(steps):
-            state, metrics = step_fn(state, batches[i % len(batches)])
-        jax.block_until_ready((state, metrics))
-        pipelined = (time.perf_counter() - start) / steps
-    step_s = float(np.median(times))
-    seq = int(config.model.block_size)
-    per_token = models.model_module("gpt").training_flops_per_token(model, seq)
-    flops = per_token * seq * int(config.batch_size)
-    datasheet = _datasheet_peak(device.device_kind)
-    measured = part.options.get("measured_peak_flops")
-    achieved = flops / step_s
+
+    peak = part.options.get("measured_peak_flops")
+    r.update(bench.benchmark_training(config, steps, warmup, rounds=1, progress=progress,
+                                      measured_peak_flops=peak))  # fmt: skip
+    datasheet = r["peak_source"].startswith("datasheet")
     r.update(
-        device_kind=device.device_kind,
-        step_time_median_s=step_s,
-        step_time_p10_s=float(np.percentile(times, 10)),
-        step_time_p90_s=float(np.percentile(times, 90)),
-        step_time_pipelined_s=pipelined,
-        tokens_per_sec=int(config.batch_size) * seq / step_s,
-        tokens_per_sec_pipelined=int(config.batch_size) * seq / pipelined,
-        model_flops_per_step=flops,
-        flops_formula="models/gpt.py training_flops_per_token: 6N + 12LHQT (nanoGPT, PaLM)",
-        achieved_flops_per_sec=achieved,
-        achieved_flops_per_sec_pipelined=flops / pipelined,
-        datasheet_peak_flops_per_sec=datasheet,
-        mfu_datasheet=None if datasheet is None else achieved / datasheet,
-        mfu_datasheet_pipelined=None if datasheet is None else flops / pipelined / datasheet,
-        measured_peak_flops_per_sec=measured,
-        mfu_measured=None if not measured else achieved / measured,
-        final_loss=float(np.asarray(metrics["loss"])),
-        peak_device_memory_bytes=_peak_memory(device),
+        datasheet_peak_flops_per_sec=r["peak_flops_per_sec"] if datasheet else None,
+        mfu_datasheet=r["mfu"] if datasheet else None,
+        mfu_datasheet_pipelined=r["mfu_pipelined"] if datasheet else None,
     )
-    with contextlib.suppress(Exception):
-        cost = step_fn.cost_analysis()
-        cost = cost[0] if isinstance(cost, list | tuple) else cost
-        r["xla_flops_per_step"] = float(cost["flops"])
 
 
 def part_bench_cudnn(part: Part) -> None:
@@ -604,70 +235,37 @@ def part_bench_xla(part: Part) -> None:
     bench_training(part, "xla")
 
 
-def _bandwidth(device_kind: str) -> float | None:
-    for name, value in HBM_BANDWIDTH:
-        if name.lower() in device_kind.lower():
-            return value
-    return None
-
-
 def part_decode(part: Part) -> None:
-    """Cached decoding (sampling.generate: prefill, then a lax.scan over the KV cache) of the
-    124M GPT-2 in bf16, random weights, block_size - 1 new tokens per row, at batch 1 and 64:
-    tokens/s, and the bytes one decoding step must read (parameters as stored, float32; the
-    bf16 KV cache of the whole window, as the masked attention reads it) against the HBM
-    bandwidth."""
-    import functools
+    """tools.bench.benchmark_decoding of the 124M GPT-2 in bf16 (random weights, block_size - 1
+    new tokens per row) at batch 1 and 64: tokens/s, and the bytes one decoding step must read
+    against the HBM bandwidth; reported per batch as `batch_<b>`."""
+    from tools import bench
 
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    import sampling
-
-    overrides: dict[str, Any] = {"model.vocab_size": 50304, "dtype": "bfloat16"}
+    overrides: dict[str, Any] = dict(GPT2_OVERRIDES)
     batch_sizes, repeats = (1, 64), 3
     if part.dry_run:
-        overrides.update({"model.num_layers": 2, "model.num_heads": 4, "model.embed_dim": 64,
-                          "model.block_size": 64, "model.vocab_size": 512})  # fmt: skip
+        overrides.update(DRY_RUN_GPT)
         batch_sizes, repeats = (2,), 1
     config = _lm_config("gpt2_small", **overrides)
-    run = _build_without_data(config, training=False)
-    model, params = run.model, run.init_state().params
-    device = jax.devices()[0]
-    new_tokens = int(model.block_size) - 1
-    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-    num_params = sum(x.size for x in jax.tree.leaves(params))
-    bandwidth = _bandwidth(device.device_kind)
     r = part.report
-    r.update(device_kind=device.device_kind, new_tokens=new_tokens, num_params=num_params,
-             param_bytes=param_bytes, attention_impl=model.attention_impl,
-             hbm_bandwidth_bytes_per_sec=bandwidth)  # fmt: skip
-    itemsize = jnp.dtype(config.dtype).itemsize
-    for b in batch_sizes:
-        prompt = jnp.zeros((b, 1), jnp.int32)
-        generate = functools.partial(sampling.generate, model, params, prompt,
-                                     max_new_tokens=new_tokens, temperature=1.0)  # fmt: skip
-        _, compile_s = _timed(lambda g=generate: g(rng=jax.random.key(0)))
-        times = [_timed(lambda g=generate, i=i: g(rng=jax.random.key(i + 1)))[1]
-                 for i in range(repeats)]  # fmt: skip
-        seconds = float(np.median(times))
-        steps_per_sec = new_tokens / seconds
-        kv_bytes = 2 * model.num_layers * b * model.block_size * model.embed_dim * itemsize
-        entry = {
-            "compile_s": compile_s,
-            "seconds": seconds,
-            "tokens_per_sec": b * steps_per_sec,
-            "ms_per_step": 1e3 / steps_per_sec,
-            "bytes_per_step": param_bytes + kv_bytes,
-        }
-        if bandwidth:
-            entry["bandwidth_share"] = (param_bytes + kv_bytes) * steps_per_sec / bandwidth
-            entry["ceiling_tokens_per_sec"] = b * bandwidth / (param_bytes + kv_bytes)
-            # gpt-fast's convention: the weights in the compute dtype, read once per step.
-            entry["bf16_weights_bandwidth_share"] = num_params * 2 * steps_per_sec / bandwidth
-        r[f"batch_{b}"] = entry
+    r["device_kind"] = _device_kind()
+
+    def progress(figures: dict[str, Any]) -> None:
+        for key, value in figures.items():
+            if key.startswith("decode_b"):  # decode_b64_tokens_per_sec -> batch_64.tokens_per_sec
+                batch, name = key[len("decode_b") :].split("_", 1)
+                r.setdefault(f"batch_{batch}", {})[name] = value
+            else:
+                r[key.removeprefix("decode_")] = value
         part.save()
+
+    bench.benchmark_decoding(config, batch_sizes, repeats, progress=progress)
+
+
+def _device_kind() -> str:
+    import jax
+
+    return jax.devices()[0].device_kind
 
 
 def part_baby_gpt(part: Part) -> None:
@@ -750,7 +348,6 @@ def part_baby_gpt(part: Part) -> None:
 PART_FUNCTIONS: dict[str, Callable[[Part], None]] = {
     "env": part_env,
     "matmul": part_matmul,
-    "checks": part_checks,
     "exported": part_exported,
     "bench_cudnn": part_bench_cudnn,
     "bench_xla": part_bench_xla,
@@ -950,7 +547,6 @@ def summarize(parts: dict[str, Any], dry_run: bool) -> dict[str, Any]:
         "jax": get("env", "versions", "jax"),
         "status": {name: report.get("status") for name, report in parts.items()},
         "matmul_bf16_tflops": _scaled(get("matmul", "best_flops_per_sec"), 1e-12),
-        "checks_passed": get("checks", "passed"),
         "exported_ran_on": get("exported", "ran_on"),
         "exported_passed": get("exported", "passed"),
     }
@@ -1031,7 +627,9 @@ def main(argv: list[str]) -> int:
             import jax
 
             jax.config.update("jax_platforms", "cpu")  # exported on the CPU: that is the point
-        print(json.dumps(prepare_export(FLAGS.prepare_export)), flush=True)
+        from tools import export
+
+        print(json.dumps(export.export_reference(FLAGS.prepare_export)), flush=True)
         return 0
     unknown = sorted(set(FLAGS.parts) - set(PART_FUNCTIONS))
     if unknown:

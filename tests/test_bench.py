@@ -42,6 +42,8 @@ def test_cli_prints_table_and_json_line(tiny_corpus):
                                  "decode_b2_tokens_per_sec"):  # fmt: skip
         assert field in result, field
     assert result["decode_new_tokens"] == 15
+    assert result["decode_b2_bytes_per_step"] > result["decode_b1_bytes_per_step"]
+    assert "decode_b1_bandwidth_share" not in result  # no HBM figure for a CPU
     assert result["platform"] == "cpu" and result["peak_source"].startswith("measured")
     assert any(line.startswith("tokens_per_sec") for line in lines[:-1])  # the table
     # The analytic count and the traced matmuls agree; XLA counts a little more (elementwise).
@@ -95,6 +97,31 @@ def test_classifier_flops_are_counted_matmuls(tiny_mlp_config):
         assert field in result, field
 
 
+def test_synthetic_run_with_a_measured_peak_and_progress(tiny_lm_config):
+    """On synthetic tokens (no corpus), with a peak the caller measured: the figures after
+    compilation reach `progress` first, and MFU is also reported against that peak."""
+    config = tiny_lm_config
+    config.dataset = "synthetic"
+    config.model.vocab_size = 40
+    seen = []
+    result = bench.benchmark_training(config, steps=2, warmup=1, rounds=1,
+                                      measured_peak_flops=1e12, progress=seen.append)  # fmt: skip
+    assert [sorted(figures) for figures in seen] == [["compile_s", "num_params"]]
+    assert seen[0]["compile_s"] == result["compile_s"] > 0
+    assert result["num_params"] == seen[0]["num_params"] > 0
+    assert result["measured_peak_flops_per_sec"] == 1e12
+    assert result["mfu_measured"] == pytest.approx(result["achieved_flops_per_sec"] / 1e12)
+    assert result["peak_source"] == "measured by the caller"  # on the CPU: instead of its own
+    assert result["mfu_pipelined"] > 0 and result["tokens_per_sec"] > 0
+
+
+def test_time_matmul_reports_first_best_and_median():
+    figures = bench.time_matmul(64, jnp.bfloat16, repeats=3)
+    assert figures["first_call_s"] > 0 and figures["best_s"] > 0
+    assert figures["best_flops_per_sec"] == pytest.approx(2 * 64**3 / figures["best_s"])
+    assert figures["best_flops_per_sec"] >= figures["median_flops_per_sec"] > 0
+
+
 def test_conv_flops():
     """A 3x3 convolution's count is 2 x outputs x (kernel area x input channels)."""
     x = jnp.ones((2, 10, 10, 3))
@@ -119,3 +146,6 @@ def test_peak_flops_table():
     assert bench.peak_flops(Fake("TPU v5 lite"))[0] == 197e12
     assert bench.peak_flops(Fake("TPU v4"))[0] == 275e12
     assert bench.peak_flops(Fake("Mystery"))[0] is None
+    assert bench.hbm_bandwidth(Fake("NVIDIA H100 80GB HBM3")) == 3.35e12
+    assert bench.hbm_bandwidth(Fake("NVIDIA H200")) == 4.8e12
+    assert bench.hbm_bandwidth(Fake("Mystery")) is None

@@ -1,6 +1,9 @@
-"""Tests for the GPT model: causality, KV cache, parameter count, init, partitioning, remat."""
+"""Tests for the GPT model: causality, KV cache, parameter count, init, partitioning, remat; and,
+on whatever accelerator runs them, the attention implementations, cached decoding and bf16."""
 
 from __future__ import annotations
+
+import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +12,6 @@ import optax
 import pytest
 from flax import linen as nn
 
-import data
 import sharding
 from models.gpt import (
     GPT,
@@ -391,11 +393,11 @@ def test_scan_layers_checkpoint_refused_by_other_layout(tmp_path) -> None:
     config = shakespeare_char_cpu.get_config()
     config.model.update(num_layers=2, num_heads=2, embed_dim=16, block_size=16, vocab_size=13)
     config.batch_size = config.eval_batch_size = 4
-    spec = data.InputSpec(np.zeros((1, 16), np.int32), 0, 1000)
+    config.dataset = "synthetic"  # the shapes alone: nothing is trained
     runs = {}
     for scan in (False, True):
         config.model.scan_layers = scan
-        runs[scan] = experiment.build_run(config, input_spec=spec, devices=jax.devices()[:1])
+        runs[scan] = experiment.build_run(config, devices=jax.devices()[:1])
     for saved, wanted in ((False, True), (True, False)):
         workdir = str(tmp_path / f"scan_{saved}")
         checkpointer = checkpointing.Checkpointer(workdir, async_save=False)
@@ -409,3 +411,128 @@ def test_scan_layers_checkpoint_refused_by_other_layout(tmp_path) -> None:
         assert "does not fit this config's model" in message
         # e.g. "params/h/attn/key/kernel: checkpoint None vs config (2, 16, 2, 8)"
         assert "arrays differ" in message and "params/h/" in message, message
+
+
+# On whatever accelerator runs the tests (a GPU's cuDNN cases are skipped elsewhere): the
+# attention implementations agree, cached decoding reproduces the forward pass, and bf16
+# compute keeps float32 state. `python -m pytest tests/test_gpt.py` on a GPU machine runs them
+# there (docs/gpu.md).
+
+ACCELERATOR_GPT = dict(vocab_size=65, block_size=64, num_layers=2, num_heads=4, embed_dim=128)
+
+
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def _skip_unless_available(impl: str) -> None:
+    if impl == "cudnn" and not _on_gpu():
+        pytest.skip("cuDNN attention needs a CUDA GPU")
+
+
+def _precision(dtype: str) -> contextlib.AbstractContextManager:
+    """float32 compared at full matmul precision (a GPU's default may be TF32)."""
+    if dtype == "float32":
+        return jax.default_matmul_precision("highest")
+    return contextlib.nullcontext()
+
+
+def _relative_tree_diff(a, b) -> float:
+    """|a - b| / |b| over every leaf of two pytrees (global norms, float64)."""
+    leaves = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    diff = sum(float(np.sum((np.float64(x) - np.float64(y)) ** 2)) for x, y in leaves)
+    norm = sum(float(np.sum(np.float64(y) ** 2)) for y in jax.tree.leaves(b))
+    return (diff / max(norm, 1e-30)) ** 0.5
+
+
+@pytest.mark.parametrize(
+    "dtype, impl, logit_tol, grad_tol",
+    [("float32", "xla", 1e-4, 1e-4), ("bfloat16", "xla", 0.05, 0.05),
+     ("bfloat16", "cudnn", 0.05, 0.05)],  # cuDNN's attention takes bf16 (or fp16) only
+)  # fmt: skip
+def test_attention_impls_agree_with_plain(dtype, impl, logit_tol, grad_tol) -> None:
+    """Logits and the loss's gradients of 'xla' (and, on a GPU, 'cudnn') attention equal the
+    explicit 'plain' reference's at the same compute dtype and parameters."""
+    _skip_unless_available(impl)
+    base = GPT(**ACCELERATOR_GPT, attention_impl="plain")
+    params, tokens = _init(base, length=base.block_size, batch=4)
+    results = {}
+    with _precision(dtype):
+        for name in ("plain", impl):
+            model = base.clone(attention_impl=name, dtype=jnp.dtype(dtype))
+
+            def loss(params, model=model):
+                logits = model.apply({"params": params}, tokens)
+                targets = jnp.roll(tokens, -1, axis=1)
+                ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+                return ce.mean(), logits
+
+            (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+            results[name] = (np.asarray(logits), jax.device_get(grads))
+    (logits, grads), (ref_logits, ref_grads) = results[impl], results["plain"]
+    assert np.max(np.abs(logits - ref_logits)) <= logit_tol
+    assert _relative_tree_diff(grads, ref_grads) <= grad_tol
+
+
+@pytest.mark.parametrize(
+    "dtype, impl, tolerance",
+    [("float32", "xla", 1e-4), ("bfloat16", "auto", 0.1), ("bfloat16", "cudnn", 0.1)],
+)
+def test_cached_decoding_matches_forward_on_this_accelerator(dtype, impl, tolerance) -> None:
+    """Prefill, then one token at a time through sampling.init_cache's KV cache, reproduces
+    the full forward pass's logits with each attention implementation and compute dtype."""
+    import sampling
+
+    _skip_unless_available(impl)
+    model = GPT(**ACCELERATOR_GPT, attention_impl=impl, dtype=jnp.dtype(dtype))
+    params, tokens = _init(model, length=24)
+    decoder = model.clone(decode=True)
+    step = jax.jit(
+        lambda cache, chunk: decoder.apply(
+            {"params": params, "cache": cache}, chunk, mutable=["cache"]
+        )  # fmt: skip
+    )
+    with _precision(dtype):
+        full = _forward(model)(params, tokens)
+        cache, pieces = sampling.init_cache(model, tokens.shape[0]), []
+        for chunk in [tokens[:, :4]] + [tokens[:, t : t + 1] for t in range(4, 24)]:
+            logits, state = step(cache, chunk)
+            cache = state["cache"]
+            pieces.append(logits)
+    diff = np.max(np.abs(np.asarray(jnp.concatenate(pieces, axis=1) - full, np.float32)))
+    assert diff <= tolerance
+
+
+def test_bfloat16_train_step_keeps_float32_state() -> None:
+    """config.dtype='bfloat16' through experiment.build_run (on synthetic tokens): bf16 in the
+    compiled program, float32 parameters and optimizer state after three steps, losses within
+    2% of a float32 run's. On a GPU, bf16 uses cuDNN's attention and float32 XLA's."""
+    import experiment
+    from configs import shakespeare_char
+
+    impls = {"float32": "xla", "bfloat16": "cudnn"} if _on_gpu() else {}
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        config = shakespeare_char.get_config()
+        config.model.update(num_layers=1, num_heads=4, embed_dim=64, block_size=32,
+                            vocab_size=65, dropout_rate=0.0,
+                            attention_impl=impls.get(dtype, "auto"))  # fmt: skip
+        config.update(dataset="synthetic", dtype=dtype, batch_size=8, num_train_steps=10,
+                      steps_per_dispatch=1)  # fmt: skip
+        run = experiment.build_run(config, devices=jax.devices()[:1])
+        compiled, batches = run.compiled, run.datasets.train_batches(0, 1, 3)
+        state, losses[dtype] = compiled.from_global(run.init_state()), []
+        with compiled.context(), jax.default_matmul_precision("highest"):
+            batches = [compiled.put_train_batch(b) for b in batches]
+            lowered = compiled.train_step.lower(state, batches[0])
+            if dtype == "bfloat16":
+                assert "bf16" in lowered.as_text()
+            step = lowered.compile()
+            for batch in batches:
+                state, metrics = step(state, batch)
+                losses[dtype].append(float(metrics["loss"]))
+        floating = [x for x in jax.tree.leaves((state.params, state.opt_state))
+                    if jnp.issubdtype(x.dtype, jnp.floating)]  # fmt: skip
+        assert floating and {str(x.dtype) for x in floating} == {"float32"}, dtype
+    assert np.all(np.isfinite(losses["bfloat16"]))
+    np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=0.02)

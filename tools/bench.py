@@ -2,6 +2,8 @@
 
     python -m tools.bench --config=configs/shakespeare_char_cpu.py [--config.dtype=bfloat16]
         [--steps=50] [--warmup=5] [--rounds=3] [--decode]
+    python -m tools.bench --config=configs/gpt2_small.py --config.dataset=synthetic
+        --config.model.vocab_size=50304    # no data: random tokens of the config's shapes
 
 Builds the run exactly as train.py does (experiment.build_run: data, model, optimizer, mesh and
 compiled steps; train.prefetch_to_device) and reports: compilation time; steady-state step time
@@ -15,7 +17,9 @@ analysis; MFU against the device's peak (measured with a 2048x2048 float32 matmu
 datasheet figure on GPU/TPU); peak device memory (memory_stats, or the compiled memory analysis
 on CPU); and the share of the real loop's step time lost to input (the real loop's time per step
 minus the pipelined time on batches already on the device), with the host CPU time the input
-pipeline alone needs per step. Prints a table, then one JSON line.
+pipeline alone needs per step. With --decode, cached sampling's tokens per second at each
+--decode_batch and, on GPUs in HBM_BANDWIDTH, the share of the memory bandwidth it uses. Prints
+a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -63,20 +67,37 @@ PEAK_FLOPS = (
     ("TPU v5", 459e12),
     ("TPU v4", 275e12),
 )
+# HBM bandwidth (bytes/s) by device_kind substring (datasheets), for decoding's memory ceiling.
+HBM_BANDWIDTH = (("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100", 2.0e12))
+
+
+def time_matmul(size: int, dtype: Any = jnp.float32, repeats: int = 10) -> dict[str, float]:
+    """A jitted size x size @ size x size matmul of random `dtype` values (2 size^3 FLOPs):
+    the first call's seconds (compilation included), then `repeats` calls, each waited for:
+    the best seconds, and the best and median as FLOP/s."""
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (size, size), dtype)
+    b = jax.random.normal(kb, (size, size), dtype)
+    matmul = jax.jit(lambda x, y: x @ y)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        times.append(time.perf_counter() - start)
+    first, times = times[0], times[1:]
+    flops = 2.0 * size**3
+    return {
+        "first_call_s": first,
+        "best_s": min(times),
+        "best_flops_per_sec": flops / min(times),
+        "median_flops_per_sec": flops / statistics.median(times),
+    }
 
 
 @functools.cache
 def measured_cpu_peak_flops(size: int = 2048, repeats: int = 10) -> float:
     """FLOP/s of a jitted size x size float32 matmul on the CPU (best of `repeats`)."""
-    a = jnp.ones((size, size), jnp.float32)
-    matmul = jax.jit(lambda x, y: x @ y)
-    matmul(a, a).block_until_ready()
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * size**3 / best
+    return time_matmul(size, jnp.float32, repeats)["best_flops_per_sec"]
 
 
 def peak_flops(device: Any) -> tuple[float | None, str]:
@@ -201,9 +222,22 @@ def input_pipeline_cost(datasets: data.Datasets, k: int, calls: int) -> dict[str
     }
 
 
-def benchmark_training(config: ml_collections.ConfigDict, steps: int = 50, warmup: int = 5,
-                       rounds: int = 3) -> dict[str, Any]:  # fmt: skip
-    """Times the training step of `config` and returns every measurement as a flat dict."""
+def benchmark_training(
+    config: ml_collections.ConfigDict,
+    steps: int = 50,
+    warmup: int = 5,
+    rounds: int = 3,
+    *,
+    measured_peak_flops: float | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Times the training step of `config` and returns every measurement as a flat dict.
+
+    `measured_peak_flops`: a peak the caller measured (FLOP/s per device, e.g. a large bf16
+    matmul); adds `mfu_measured` against it beside `mfu` against the datasheet's (on a CPU it
+    replaces the 2048^2 float32 matmul measurement). `progress` is called with the figures so far
+    once the step has compiled, so that a caller stopped later still has them.
+    `--config.dataset=synthetic` times the step on random batches of the config's shapes."""
     run = experiment.build_run(config)
     config, datasets, model, compiled_steps = run.config, run.datasets, run.model, run.compiled
     device = jax.devices()[0]
@@ -220,6 +254,8 @@ def benchmark_training(config: ml_collections.ConfigDict, steps: int = 50, warmu
         lowered = compiled_steps.train_step.lower(state, batches[0])
         compiled = lowered.compile()
         compile_s = time.perf_counter() - start
+        if progress is not None:
+            progress({"compile_s": compile_s, "num_params": run.num_params})
 
         step_fn = compiled  # the executable just compiled: no second compilation
         for i in range(warmup):
@@ -277,7 +313,10 @@ def benchmark_training(config: ml_collections.ConfigDict, steps: int = 50, warmu
     flops = model_flops_per_step(config, model, example)
     xla_flops = _cost_flops(compiled)
     num_devices = jax.device_count()
-    peak, peak_source = peak_flops(device)
+    if measured_peak_flops and device.platform == "cpu":
+        peak, peak_source = measured_peak_flops, "measured by the caller"
+    else:
+        peak, peak_source = peak_flops(device)
     per_step = flops["model_flops_per_step"]
     result: dict[str, Any] = {
         "config_model": config.model.name,
@@ -287,6 +326,7 @@ def benchmark_training(config: ml_collections.ConfigDict, steps: int = 50, warmu
         "platform": device.platform,
         "device_kind": device.device_kind,
         "num_devices": num_devices,
+        "num_params": run.num_params,
         "compile_s": compile_s,
         "step_time_median_s": step_s,
         "step_time_p10_s": float(np.percentile(times, 10)),
@@ -298,9 +338,11 @@ def benchmark_training(config: ml_collections.ConfigDict, steps: int = 50, warmu
         **flops,
         "xla_flops_per_step": None if xla_flops is None else xla_flops * num_devices,
         "achieved_flops_per_sec": per_step / step_s,
+        "achieved_flops_per_sec_pipelined": per_step / pipelined,
         "peak_flops_per_sec": peak,
         "peak_source": peak_source,
         "mfu": None if peak is None else per_step / step_s / (peak * num_devices),
+        "mfu_pipelined": None if peak is None else per_step / pipelined / (peak * num_devices),
         "loop_step_time_s": loop_step,
         # What the real loop costs beyond the same steps back to back on batches already on the
         # device: waiting for tf.data and the transfer, and host work competing for the cores.
@@ -311,15 +353,42 @@ def benchmark_training(config: ml_collections.ConfigDict, steps: int = 50, warmu
         **pipeline_cost,
         **_memory(compiled, device),
     }
+    if measured_peak_flops:
+        result["measured_peak_flops_per_sec"] = measured_peak_flops
+        result["mfu_measured"] = per_step / step_s / (measured_peak_flops * num_devices)
     if config.task == "lm":
         result["tokens_per_sec"] = result["examples_per_sec"] * items_per_example
         result["tokens_per_sec_pipelined"] = config.batch_size * items_per_example / pipelined
     return result
 
 
-def benchmark_decoding(config: ml_collections.ConfigDict, batch_sizes=(1, 16),
-                       repeats: int = 5) -> dict[str, Any]:  # fmt: skip
-    """Cached sampling throughput (new tokens per second) of the config's GPT, random weights."""
+def hbm_bandwidth(device: Any) -> float | None:
+    """Memory bandwidth (bytes/s) of one device from HBM_BANDWIDTH, or None if unknown."""
+    for name, bandwidth in HBM_BANDWIDTH:
+        if name.lower() in device.device_kind.lower():
+            return bandwidth
+    return None
+
+
+def _tree_bytes(tree: Any) -> int:
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def benchmark_decoding(config: ml_collections.ConfigDict, batch_sizes=(1, 16), repeats: int = 5,
+                       progress: Callable[[dict[str, Any]], None] | None = None
+                       ) -> dict[str, Any]:  # fmt: skip
+    """Cached sampling (sampling.generate: prefill, then a lax.scan over the KV cache) of the
+    config's GPT with random weights, block_size - 1 new tokens per row at each batch size:
+    compile time, then the median of `repeats` calls as new tokens per second and ms per step.
+
+    Where the device's HBM bandwidth is known (HBM_BANDWIDTH), also the share of it decoding
+    uses: the bytes one step must read (the parameters as stored, and the KV cache of the whole
+    window, which the masked attention reads entirely) x steps per second / bandwidth;
+    `ceiling_tokens_per_sec`, the rate at which those bytes take the whole bandwidth; and
+    `compute_weights_bandwidth_share`, gpt-fast's convention: the weights alone, in the compute
+    dtype (config.dtype), read once a step. `progress` is
+    called with the figures so far after each batch size. Raises cli.UserError for a classifier.
+    """
     import sampling
 
     if config.task != "lm":
@@ -330,7 +399,15 @@ def benchmark_decoding(config: ml_collections.ConfigDict, batch_sizes=(1, 16),
     run = experiment.build_run(config, training=False)
     model, params = run.model, run.init_state().params  # random weights from config.seed
     new_tokens = int(model.block_size) - 1
-    out: dict[str, Any] = {"decode_new_tokens": new_tokens}
+    param_bytes = _tree_bytes(params)
+    bandwidth = hbm_bandwidth(jax.devices()[0])
+    out: dict[str, Any] = {
+        "decode_new_tokens": new_tokens,
+        "decode_attention_impl": getattr(model, "attention_impl", None),
+        "decode_param_bytes": param_bytes,
+        "hbm_bandwidth_bytes_per_sec": bandwidth,
+    }
+    compute_bytes = run.num_params * np.dtype(run.config.dtype).itemsize
     for b in batch_sizes:
         prompt = jnp.zeros((b, 1), jnp.int32)
         generate = functools.partial(sampling.generate, model, params, prompt,
@@ -344,8 +421,19 @@ def benchmark_decoding(config: ml_collections.ConfigDict, batch_sizes=(1, 16),
             generate(rng=jax.random.key(r + 1)).block_until_ready()
             times.append(time.perf_counter() - start)
         seconds = statistics.median(times)
-        out[f"decode_b{b}_tokens_per_sec"] = b * new_tokens / seconds
-        out[f"decode_b{b}_ms_per_step"] = 1e3 * seconds / new_tokens
+        steps_per_sec = new_tokens / seconds
+        out[f"decode_b{b}_tokens_per_sec"] = b * steps_per_sec
+        out[f"decode_b{b}_ms_per_step"] = 1e3 / steps_per_sec
+        cache = jax.eval_shape(lambda b=b: sampling.init_cache(model, b))
+        step_bytes = param_bytes + _tree_bytes(cache)
+        out[f"decode_b{b}_bytes_per_step"] = step_bytes
+        if bandwidth:
+            out[f"decode_b{b}_bandwidth_share"] = step_bytes * steps_per_sec / bandwidth
+            out[f"decode_b{b}_ceiling_tokens_per_sec"] = b * bandwidth / step_bytes
+            share = compute_bytes * steps_per_sec / bandwidth
+            out[f"decode_b{b}_compute_weights_bandwidth_share"] = share
+        if progress is not None:
+            progress(dict(out))
     return out
 
 

@@ -102,6 +102,90 @@ def run(output: str, inputs: np.ndarray) -> np.ndarray:
     return np.asarray(exported.call(jnp.asarray(inputs, dtype)))
 
 
+# A reference beside an artifact: inputs and the exporting machine's outputs (check_exported).
+REFERENCE_FILE = "reference.npz"
+
+
+def export_reference(directory: str) -> dict[str, Any]:
+    """A tiny GPT (random weights) exported for every platform into `directory`, with inputs
+    and this machine's outputs beside it (REFERENCE_FILE): made on one machine (a CPU), then
+    carried to another (a GPU) for `check_exported`. Returns export.json's metadata.
+
+    Raises AssertionError if the artifact's outputs here differ from the model's."""
+    from flax import linen as nn
+
+    from models.gpt import GPT
+
+    model = GPT(vocab_size=65, block_size=64, num_layers=2, num_heads=4, embed_dim=128)
+    example = np.zeros((1, 64), np.int32)
+    variables = jax.device_get(nn.unbox(model.init(jax.random.key(0), example)))
+    exported = export_forward(portable_model(model), variables, example)
+    inputs = np.random.default_rng(0).integers(0, 65, (3, 64)).astype(np.int32)
+    outputs = np.asarray(exported.call(inputs))
+    if not np.allclose(outputs, jax.jit(model.apply)(variables, inputs), atol=1e-4):
+        raise AssertionError("The exported model's outputs differ from the model's.")
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, MODEL_FILE), "wb") as f:
+        f.write(exported.serialize())
+    meta = {
+        "model": "gpt (2 layers, 4 heads, 128 wide, block 64, vocabulary 65; random weights)",
+        "input_shape": ["batch", 64],
+        "input_dtype": "int32",
+        "platforms": list(exported.platforms),
+        "exported_on": jax.default_backend(),
+        "jax": jax.__version__,
+        "format": "jax.export serialized StableHLO",
+    }
+    with open(os.path.join(directory, META_FILE), "w") as f:
+        json.dump(meta, f, indent=2)
+    np.savez(os.path.join(directory, REFERENCE_FILE), inputs=inputs, outputs=outputs)
+    return meta
+
+
+def check_exported(directory: str) -> dict[str, Any]:
+    """Runs the artifact in `directory` (jax.export alone: no model code) on this machine's
+    default device, on its reference inputs (else random ones of its declared shape): the
+    platforms it holds, where it ran, the first and a second call's seconds, and `passed`:
+    finite outputs, computed on this backend and, with a reference, within 1% (of the outputs'
+    scale: float32 matmuls on a GPU may use TF32) of the exporting machine's."""
+    import time
+
+    exported = load(directory)
+    with open(os.path.join(directory, META_FILE)) as f:
+        meta = json.load(f)
+    expected = None
+    if os.path.exists(os.path.join(directory, REFERENCE_FILE)):
+        reference = np.load(os.path.join(directory, REFERENCE_FILE))
+        inputs, expected = reference["inputs"], reference["outputs"]
+    else:
+        shape = [3 if d == "batch" else int(d) for d in meta["input_shape"]]
+        inputs = np.random.default_rng(0).integers(0, 2, shape).astype(meta["input_dtype"])
+    args = jnp.asarray(inputs, exported.in_avals[0].dtype)
+    seconds = []
+    for _ in range(2):  # the first call compiles
+        start = time.perf_counter()
+        outputs = jax.block_until_ready(exported.call(args))
+        seconds.append(time.perf_counter() - start)
+    report = {
+        "platforms": list(exported.platforms),
+        "exported_on": meta.get("exported_on", "cpu"),
+        "first_call_s": seconds[0],
+        "call_s": seconds[1],
+        "ran_on": sorted({d.platform for d in outputs.devices()}),
+        "output_shape": list(outputs.shape),
+    }
+    outputs = np.asarray(outputs, np.float32)
+    report["passed"] = bool(np.all(np.isfinite(outputs))) and report["ran_on"] == [
+        jax.default_backend()
+    ]
+    if expected is not None:
+        diff = float(np.max(np.abs(outputs - np.asarray(expected, np.float32))))
+        report["max_abs_diff_vs_exporting_machine"] = diff
+        scale = max(1.0, float(np.max(np.abs(expected))))
+        report["passed"] = report["passed"] and diff <= 1e-2 * scale
+    return report
+
+
 FLAGS = flags.FLAGS
 
 
