@@ -128,6 +128,9 @@ def get_config() -> ml_collections.ConfigDict:
             "step": placeholder(int),  # its checkpoint; None: the newest readable one
             "mode": "params",
             "freeze": (),
+            # Path patterns ('head', 'h_1*') that start afresh instead of from the source
+            # (docs/finetuning.md); a parameter that does not fit and is not named is refused.
+            "reinit": (),
         }
     )
     return c

@@ -50,7 +50,7 @@ def get_config(source: str | None = None) -> ml_collections.ConfigDict:
             c.tokenizer, c.tokenizer_vocab_size = bpe, None
     # The source by name; finetune.py restores it (importing a Hugging Face directory first).
     c.init_from = ml_collections.ConfigDict(
-        {"workdir": source, "step": None, "mode": "params", "freeze": ()}
+        {"workdir": source, "step": None, "mode": "params", "freeze": (), "reinit": ()}
     )
     c.restart = False
     c.dataset = "tiny_shakespeare"

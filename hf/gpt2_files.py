@@ -38,7 +38,9 @@ class HFConvertError(cli.UserError, ValueError):
 class GPT2Shape:
     """The sizes of a GPT-2, as Hugging Face's config.json names them."""
 
-    vocab_size: int  # V: rows of wte (the real vocabulary, no padding)
+    # V: rows of wte. Read from config.json it may exceed the tokenizer (padding rows); the
+    # shape jaxlab builds and exports has the tokenizer's size.
+    vocab_size: int
     n_positions: int  # P: the context length
     n_embd: int  # E
     n_layer: int
@@ -152,8 +154,10 @@ def read_hf_config(hf_dir: str) -> GPT2Shape:
 def read_hf_tokenizer(hf_dir: str, shape: GPT2Shape):
     """The directory's byte-level BPE (tokenization.BPETokenizer): tokenizer.json as it is, or
     vocab.json + merges.txt. Raises HFConvertError when neither is there, when the file is not
-    a byte-level BPE, or when its size differs from config.json's vocab_size (the rows of the
-    embedding)."""
+    a byte-level BPE, or when it has more tokens than config.json's vocab_size (the rows of the
+    embedding: a token without a row). Fewer tokens than rows is an embedding padded beyond its
+    tokenizer (nanoGPT's 50,304 rows for GPT-2's 50,257 tokens), as `transformers` accepts: the
+    rows past the tokenizer are never a token's, so they are never scored or sampled."""
     from data import tokenization
 
     tokenizer_json = os.path.join(hf_dir, tokenization.TOKENIZER_JSON)
@@ -180,11 +184,13 @@ def read_hf_tokenizer(hf_dir: str, shape: GPT2Shape):
         if isinstance(e, HFConvertError):
             raise
         raise HFConvertError(f"{e} Download the tokenizer files again.") from e
-    if tokenizer.vocab_size != shape.vocab_size:
+    if tokenizer.vocab_size > shape.vocab_size:
         raise HFConvertError(
             f"{source} has {tokenizer.vocab_size} tokens but {os.path.join(hf_dir, HF_CONFIG)} "
-            f"(and the embedding) has vocab_size={shape.vocab_size}: they belong to different "
-            "models; use the tokenizer files that came with this checkpoint."
+            f"(and the embedding) has vocab_size={shape.vocab_size}: token ids "
+            f"{shape.vocab_size}..{tokenizer.vocab_size - 1} would have no embedding row, so "
+            "they belong to different models; use the tokenizer files that came with this "
+            "checkpoint."
         )
     return tokenizer
 

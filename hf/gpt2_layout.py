@@ -32,10 +32,14 @@ def hf_to_jaxlab(
     weights: dict[str, np.ndarray], shape: GPT2Shape, vocab_rows: int
 ) -> dict[str, Any]:
     """GPT-2 weights (canonical keys, see the module docstring) -> jaxlab GPT params, unrolled
-    layout (h_0 ... h_{L-1}), float32 numpy. The embedding gets `vocab_rows - vocab_size` zero
-    rows (the padding, never scored)."""
+    layout (h_0 ... h_{L-1}), float32 numpy. The embedding wte/embedding [vocab_rows, E] holds
+    the file's first `vocab_rows` rows and zero rows after them: `vocab_rows` (at least
+    `shape.vocab_size`, the tokenizer's tokens) may cut a file whose embedding is padded beyond
+    its tokenizer (those rows are never a token's) or pad one (never scored either way)."""
     e, h, d = shape.n_embd, shape.n_head, shape.head_dim
-    wte = weights["wte.weight"]
+    if vocab_rows < shape.vocab_size:
+        raise ValueError(f"vocab_rows={vocab_rows} < the vocabulary's {shape.vocab_size} tokens.")
+    wte = weights["wte.weight"][:vocab_rows]
     pad = np.zeros((vocab_rows - wte.shape[0], e), wte.dtype)
     params: dict[str, Any] = {
         "wte": {"embedding": np.concatenate([wte, pad]) if pad.size else wte},

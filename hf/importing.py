@@ -5,6 +5,7 @@ that names a directory reads only its config.json (`source_config`): it converts
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -80,11 +81,14 @@ def source_config(hf_dir: str) -> ml_collections.ConfigDict:
     options would write, from its config.json alone: no weight is read and nothing is written.
     Its tokenizer is the directory's own tokenizer.json (the import keeps it unchanged, so the
     fine-tuning run's tokenizer equals the imported model's and the embedding rows are copied).
-    What configs/gpt2_finetune.py starts from when it names a Hugging Face directory.
+    What configs/gpt2_finetune.py starts from when it names a Hugging Face directory. Its
+    model.vocab_size is the tokenizer's (an embedding padded beyond it is cut as the import
+    cuts it, see `model_shape`).
 
-    Raises HFConvertError as `read_hf_config` does (not a GPT-2, a variant jaxlab does not
-    compute), and when the directory has no tokenizer.json (vocab.json + merges.txt cannot be
-    named as a run's tokenizer: import the directory first, whose workdir holds one)."""
+    Raises HFConvertError as `read_hf_config` and `read_hf_tokenizer` do (not a GPT-2, a
+    variant jaxlab does not compute, a tokenizer larger than the embedding), and when the
+    directory has no tokenizer.json (vocab.json + merges.txt cannot be named as a run's
+    tokenizer: import the directory first, whose workdir holds one)."""
     from data import tokenization
 
     shape = read_hf_config(hf_dir)
@@ -95,7 +99,18 @@ def source_config(hf_dir: str) -> ml_collections.ConfigDict:
             "with; import it first (python -m tools.hf_convert import "
             f"--hf_dir={hf_dir} --workdir=DIR) and start from that workdir."
         )
-    return jaxlab_config(shape, tokenizer_json)
+    return jaxlab_config(model_shape(shape, read_hf_tokenizer(hf_dir, shape)), tokenizer_json)
+
+
+def model_shape(shape: GPT2Shape, tokenizer: Any) -> GPT2Shape:
+    """The shape of the jaxlab model a checkpoint of `shape` (config.json's) imports as: its
+    vocab_size is the tokenizer's number of tokens. A checkpoint whose embedding is padded
+    beyond its tokenizer (nanoGPT: 50,304 rows for 50,257 tokens) is one model over the
+    tokenizer's tokens: the rows past them are never a token's, never scored and never sampled,
+    so the import keeps `padded_vocab_size(tokens, vocab_pad_multiple)` of them (the default 1
+    cuts them off; --vocab_pad_multiple=64 keeps nanoGPT's 50,304 bit for bit), as a jaxlab run
+    pads, and export writes the tokenizer's size."""
+    return dataclasses.replace(shape, vocab_size=int(tokenizer.vocab_size))
 
 
 def _source_stamps(hf_dir: str) -> list[list]:
@@ -121,11 +136,13 @@ def import_hf(
     the workdir's absolute path.
 
     The parameters are float32 (as every jaxlab run keeps them); `dtype` is the compute dtype
-    written to the config. `vocab_pad_multiple` pads the embedding rows (e.g. 64: 50,257 ->
-    50,304) with zeros that are never scored; `scan_layers` stores the blocks stacked for
-    `nn.scan`. Raises HFConvertError (missing files, not a GPT-2, shapes disagreeing with
-    config.json, a tokenizer of another size) and workdir_files.WorkdirError (the workdir
-    already holds a run, or a live run holds it).
+    written to the config. The model's vocabulary is the tokenizer's; `vocab_pad_multiple` sets
+    the embedding's rows to padded_vocab_size(tokens, vocab_pad_multiple) (e.g. 64: 50,257 ->
+    50,304), the file's rows as far as they go and zeros after them, never scored
+    (`model_shape`: a file padded beyond its tokenizer is cut or kept so). `scan_layers`
+    stores the blocks stacked for `nn.scan`. Raises HFConvertError (missing files, not a
+    GPT-2, shapes disagreeing with config.json, a tokenizer larger than the embedding) and
+    workdir_files.WorkdirError (the workdir already holds a run, or a live run holds it).
     """
     import jax
 
@@ -135,10 +152,16 @@ def import_hf(
     from models import gpt
     from runtime import workdir_files
 
-    shape = read_hf_config(hf_dir)
-    tokenizer = read_hf_tokenizer(hf_dir, shape)
-    weights = read_hf_weights(hf_dir, shape)
+    file_shape = read_hf_config(hf_dir)
+    tokenizer = read_hf_tokenizer(hf_dir, file_shape)
+    weights = read_hf_weights(hf_dir, file_shape)
+    shape = model_shape(file_shape, tokenizer)
     vocab_rows = gpt.padded_vocab_size(shape.vocab_size, vocab_pad_multiple)
+    if file_shape.vocab_size != shape.vocab_size:
+        print(f"{hf_dir}: the embedding has {file_shape.vocab_size} rows for the tokenizer's "
+              f"{shape.vocab_size} tokens: rows {shape.vocab_size}.. are padding, never scored "
+              f"or sampled; the import keeps {vocab_rows} rows (--vocab_pad_multiple="
+              f"{vocab_pad_multiple}).", flush=True)  # fmt: skip
     params = hf_to_jaxlab(weights, shape, vocab_rows)
     del weights
     if scan_layers:
@@ -177,6 +200,7 @@ def import_hf(
             "imported": time.strftime("%Y-%m-%d %H:%M:%S"),
             "vocab_pad_multiple": vocab_pad_multiple,
             "scan_layers": scan_layers,
+            "source_embedding_rows": file_shape.vocab_size,  # > the tokenizer's: padding
         }
         with open(os.path.join(workdir, IMPORT_RECORD), "w") as f:
             json.dump(record, f, indent=1)

@@ -196,7 +196,9 @@ def test_tokenization_equals_transformers_on_kjv(ref, tmp_path):
     from_merges = gpt2_files.read_hf_tokenizer(str(legacy), shape)
     np.testing.assert_array_equal(from_merges.encode(ref.kjv + "<|endoftext|>"),
                                   tokenizer.encode(ref.kjv + "<|endoftext|>"))  # fmt: skip
-    assert from_merges.encode("<|endoftext|>").tolist() == [tokenizer.eot_id]
+    # Text that spells the separator is ordinary text (tiktoken's encode_ordinary, as nanoGPT
+    # prepares): its 13 characters' tokens, never the end-of-text id.
+    assert tokenizer.eot_id not in from_merges.encode("<|endoftext|>").tolist()
 
 
 def test_greedy_decoding_equals_transformers_generate(ref):
@@ -306,6 +308,159 @@ def test_finetuning_from_the_hugging_face_directory_lowers_the_loss(
     after = evaluate.evaluate_checkpoint(workdir, **settings)
     assert before["step"] == 0 and after["step"] == 6
     assert after["loss"] < before["loss"] - 0.1, (before["loss"], after["loss"])
+
+
+def _finetune_run(ref, source: str, shakespeare_tokens: str, reinit: tuple[str, ...] = (), **model):
+    """configs/gpt2_finetune.py on `source` with `model` fields changed, built on the prepared
+    Tiny Shakespeare (GPT-2's tokenizer), and its state after init_from."""
+    import finetune
+    from configs import gpt2_finetune
+
+    config = gpt2_finetune.get_config(source)
+    # The prepared data names the reference's tokenizer.json (a copy of it elsewhere is the
+    # same tokenizer under another path).
+    config.tokenizer = os.path.join(ref.hf_dir, "tokenizer.json")
+    config.dataset = shakespeare_tokens
+    config.update(batch_size=8, grad_accum_steps=1, eval_batch_size=8)
+    config.init_from.reinit = reinit
+    config.model.update(model)
+    run = experiment.build_run(config)
+    return run, jax.device_get(finetune.init_from(run, run.init_state()))
+
+
+def test_a_hugging_face_source_converts_into_either_block_layout(
+    ref, shakespeare_tokens, tmp_path, monkeypatch, capsys
+):
+    """The Hugging Face directory (imported unscanned) fine-tuned with scan_layers=True (the
+    layout of configs/gpt2_medium.py and up), and a scanned import (--scan_layers) fine-tuned
+    with scan_layers=False: every block is copied, the model computes transformers' logits and
+    nothing is re-initialised. (Before: every block started afresh and the run went on.)"""
+    monkeypatch.setenv("JAXLAB_HF_CACHE", str(tmp_path / "cache"))
+    run, state = _finetune_run(ref, ref.hf_dir, shakespeare_tokens, scan_layers=True)
+    assert state.params["h"]["attn"]["query"]["kernel"].shape == (2, 64, 4, 16)
+    logits = np.asarray(run.model.apply({"params": state.params}, ref.tokens))
+    np.testing.assert_allclose(logits, ref.logits, atol=1e-5, rtol=0)
+    out = capsys.readouterr().out
+    assert f"copied {len(jax.tree.leaves(state.params))} parameter arrays; re-initialised 0" in out
+    assert "h_0 ... h_1 stacked into h" in out
+
+    scanned = importing.import_hf(ref.hf_dir, str(tmp_path / "scanned"), scan_layers=True)
+    run, state = _finetune_run(ref, scanned, shakespeare_tokens, scan_layers=False)
+    assert sorted(k for k in state.params if k.startswith("h")) == ["h_0", "h_1"]
+    logits = np.asarray(run.model.apply({"params": state.params}, ref.tokens))
+    np.testing.assert_allclose(logits, ref.logits, atol=1e-5, rtol=0)
+    assert "unstacked into h_0 ... h_1" in capsys.readouterr().out
+
+
+def test_a_hugging_face_source_that_does_not_fit_is_refused(
+    ref, shakespeare_tokens, tmp_path, monkeypatch
+):
+    """A model without biases (configs/gpt2_small.py's and gpt2_medium.py's nanoGPT default)
+    from GPT-2, which has them, and one a block deeper (scanned: every stacked array's shape
+    differs): refused in one line naming the paths. Unrolled, the deeper model starts when
+    init_from.reinit names its new block: the two others are GPT-2's."""
+    import finetune
+
+    monkeypatch.setenv("JAXLAB_HF_CACHE", str(tmp_path / "cache"))
+    cases = [
+        ({"use_bias": False}, r"the model has no place for the source's .*h_0/attn/key/bias"),
+        ({"num_layers": 3, "scan_layers": True},
+         r"shape \(2, 64\) in the source, \(3, 64\) in the model: [^;]*h/ln_1/bias"),
+    ]  # fmt: skip
+    for model, message in cases:
+        with pytest.raises(finetune.InitFromError, match=message) as error:
+            _finetune_run(ref, ref.hf_dir, shakespeare_tokens, **model)
+        assert "\n" not in str(error.value)
+    _, state = _finetune_run(ref, ref.hf_dir, shakespeare_tokens, reinit=("h_2",), num_layers=3)
+    imported = experiment.restore_run(importing.imported_workdir(ref.hf_dir)).params
+    for name in ("h_0", "h_1"):
+        for a, b in zip(jax.tree.leaves(state.params[name]), jax.tree.leaves(imported[name]),
+                        strict=True):  # fmt: skip
+            np.testing.assert_array_equal(a, b)
+
+
+def _padded_copy(ref, tmp_path, rows: int) -> str:
+    """The reference directory with its embedding padded beyond the tokenizer, as nanoGPT pads
+    GPT-2's 50,257 tokens to 50,304 rows: config.json's vocab_size = `rows`, the tokenizer
+    unchanged (512 tokens). The padding rows are large, so that a model scoring them would
+    pick them. Written with safetensors + NumPy (no PyTorch)."""
+    from safetensors.numpy import save_file
+
+    target = tmp_path / "padded"
+    shutil.copytree(ref.hf_dir, target)
+    tensors = load_file(str(target / "model.safetensors"))
+    rng = np.random.default_rng(0)
+    for key in [k for k in tensors if k.endswith(("wte.weight", "lm_head.weight"))]:
+        wte = tensors[key]
+        pad = 100 * rng.standard_normal((rows - wte.shape[0], wte.shape[1]))
+        tensors[key] = np.concatenate([wte, pad.astype(wte.dtype)])
+    save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((target / "config.json").read_text())
+    config["vocab_size"] = rows
+    (target / "config.json").write_text(json.dumps(config))
+    return str(target)
+
+
+def test_an_embedding_padded_beyond_its_tokenizer_imports(ref, tmp_path):
+    """config.json's vocab_size 576 (embedding rows) for a 512-token tokenizer: transformers
+    loads it, and so does jaxlab: the run's vocabulary is the tokenizer's, the embedding is cut
+    to jaxlab's padded size (or keeps all 576 rows with vocab_pad_multiple=192: bit for bit),
+    the logits over the 512 tokens are transformers', sampling never emits a padding id though
+    the padding rows would win every argmax, and export writes the tokenizer's 512 rows."""
+    padded = _padded_copy(ref, tmp_path, rows=576)
+    np.save(tmp_path / "tokens.npy", ref.tokens)
+    _reference(f"--hf_dir={padded}", f"--tokens={tmp_path / 'tokens.npy'}",
+               f"--logits={tmp_path / 'logits.npy'}",
+               f"--info={tmp_path / 'info.json'}")  # fmt: skip
+    theirs = np.load(tmp_path / "logits.npy")
+    assert theirs.shape == (3, 40, 576) and (theirs.argmax(-1) >= 512).all()
+    assert json.loads((tmp_path / "info.json").read_text())["vocab_size"] == 512
+    np.testing.assert_allclose(theirs[..., :512], ref.logits, atol=1e-5, rtol=0)
+
+    cut = experiment.restore_run(importing.import_hf(padded, str(tmp_path / "cut")))
+    assert cut.model.vocab_size == 512 and cut.params["wte"]["embedding"].shape == (512, 64)
+    np.testing.assert_allclose(np.asarray(cut.model.apply({"params": cut.params}, ref.tokens)),
+                               ref.logits, atol=1e-5, rtol=0)  # fmt: skip
+    kept_dir = importing.import_hf(padded, str(tmp_path / "kept"), vocab_pad_multiple=192)
+    kept = experiment.restore_run(kept_dir)
+    embedding = np.asarray(kept.params["wte"]["embedding"])
+    file_wte = load_file(os.path.join(padded, "model.safetensors"))["transformer.wte.weight"]
+    assert kept.model.vocab_size == 512 and embedding.tobytes() == file_wte.tobytes()
+    logits = np.asarray(kept.model.apply({"params": kept.params}, ref.tokens))
+    assert logits.shape == (3, 40, 512)
+    np.testing.assert_allclose(logits, ref.logits, atol=1e-5, rtol=0)
+    out = sampling.generate(kept.model, kept.params, ref.prompt, jax.random.key(0), 30,
+                            temperature=1.0)  # fmt: skip
+    assert int(np.asarray(out).max()) < 512
+    greedy = sampling.generate(kept.model, kept.params, ref.prompt, jax.random.key(0),
+                               GREEDY_TOKENS, temperature=0.0)  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(greedy), ref.generated)
+
+    exported = exporting.export_hf(kept_dir, str(tmp_path / "exported"))
+    with open(os.path.join(exported, "config.json")) as f:
+        assert json.load(f)["vocab_size"] == 512
+    original = load_file(os.path.join(ref.hf_dir, "model.safetensors"))
+    again = load_file(os.path.join(exported, "model.safetensors"))
+    assert again["transformer.wte.weight"].tobytes() == original["transformer.wte.weight"].tobytes()
+
+
+def test_finetuning_from_a_padded_hugging_face_directory_copies_everything(
+    ref, shakespeare_tokens, tmp_path, monkeypatch, capsys
+):
+    """configs/gpt2_finetune.py on the padded directory: the run's vocabulary is the
+    tokenizer's 512 (read from the directory without importing), and every parameter is copied
+    (the embedding's token rows; the padding is not the tokenizer's)."""
+    from configs import gpt2_finetune
+
+    monkeypatch.setenv("JAXLAB_HF_CACHE", str(tmp_path / "cache"))
+    padded = _padded_copy(ref, tmp_path, rows=576)
+    assert gpt2_finetune.get_config(padded).model.vocab_size == 512
+    run, state = _finetune_run(ref, padded, shakespeare_tokens)
+    out = capsys.readouterr().out
+    assert "the embedding has 576 rows for the tokenizer's 512 tokens" in out, out
+    assert f"copied {len(jax.tree.leaves(state.params))} parameter arrays; re-initialised 0" in out
+    logits = np.asarray(run.model.apply({"params": state.params}, ref.tokens))
+    np.testing.assert_allclose(logits, ref.logits, atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------- bad input
