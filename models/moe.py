@@ -180,11 +180,24 @@ def route(
         scores = jax.nn.sigmoid(logits)
         probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
     select = scores if bias is None else scores + jax.lax.stop_gradient(bias)
-    _, experts = jax.lax.top_k(select, top_k)
+    experts = _top_k_indices(select, top_k)
     weights = jnp.take_along_axis(scores, experts, axis=-1)
     if norm_topk:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return Routing(experts.astype(jnp.int32), weights, probs, logits)
+
+
+def _top_k_indices(scores: jax.Array, k: int) -> jax.Array:
+    """The indices int32 [N, k] of the k largest of scores [N, E] per row, largest first (ties:
+    the lower index first), as jax.lax.top_k's; as k argmaxes, which XLA's partitioner keeps
+    split over the tokens where it gathers every token for a TopK (XLA:CPU's at least)."""
+    chosen = []
+    for _ in range(k):
+        index = jnp.argmax(scores, axis=-1)
+        chosen.append(index)
+        taken = jax.nn.one_hot(index, scores.shape[-1], dtype=jnp.bool_)
+        scores = jnp.where(taken, -jnp.inf, scores)
+    return jnp.stack(chosen, axis=-1).astype(jnp.int32)
 
 
 def expert_load(experts: jax.Array, num_experts: int) -> jax.Array:
@@ -263,6 +276,11 @@ def capacity_experts(
     experts = routing.experts.reshape(groups, size, c.top_k)
     weights = routing.weights.reshape(groups, size, c.top_k)
     dispatch, combine, kept = capacity_masks(experts, weights, c.num_experts, cap)
+    # The masks are built where the tokens are (split over the batch axes, the expert axis
+    # among them); the expert inputs are split over the experts instead: an all-to-all.
+    local = ("batch", "length", None, None)
+    dispatch = nn.with_logical_constraint(dispatch, local)
+    combine = nn.with_logical_constraint(combine, local)
     dispatched = ("expert", "batch_no_expert", None, "embed")
     inputs = jnp.einsum("gsec,gsm->egcm", dispatch.astype(c.dtype), x)
     inputs = nn.with_logical_constraint(inputs, dispatched)
@@ -317,10 +335,12 @@ def grouped_experts(
     return jnp.einsum("nke,nk->ne", out, weights.astype(out.dtype))
 
 
-def _mesh_axes(names: tuple[str | None, ...]) -> tuple[tuple[str, ...], ...]:
-    """The mesh axes the active logical rules give each of `names` (one tuple per name)."""
-    spec = nn.logical_to_mesh_axes(names)
-    return tuple(() if a is None else (a,) if isinstance(a, str) else tuple(a) for a in spec)
+def _mesh_axes(names: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
+    """The mesh axes the active logical rules give each of `names` (one tuple per name), each
+    on its own: 'batch' and 'expert' both name the expert mesh axis, which one array's spec
+    would give to the first only."""
+    specs = [nn.logical_to_mesh_axes((name,))[0] for name in names]
+    return tuple(() if a is None else (a,) if isinstance(a, str) else tuple(a) for a in specs)
 
 
 def dropless_experts(
@@ -405,7 +425,8 @@ class Router(nn.Module):
         c = self.config
         kernel = self.param("kernel", logical_normal(0.02, ("embed", None)),
                             (x.shape[-1], c.num_experts))  # fmt: skip
-        logits = x.astype(jnp.float32) @ kernel
+        # The tokens stay split as the batch is (else XLA gathers them all for the top-k).
+        logits = nn.with_logical_constraint(x.astype(jnp.float32) @ kernel, ("batch", None))
         bias = None
         if c.bias_update_rate > 0:
             bias = self.param("bias", logical_zeros((None,)), (c.num_experts,))

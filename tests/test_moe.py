@@ -634,7 +634,7 @@ def test_expert_parallel_collectives() -> None:
     capacity dispatch moves tokens with all-to-alls (the partitioner's, from the logical
     constraints); dropless dispatch all-gathers tokens and reduce-scatters the experts' outputs
     over the expert axis (its shard_map)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
     env["XLA_FLAGS"] = (
         env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
@@ -676,5 +676,4 @@ def _collectives() -> dict[str, dict[str, int]]:
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["collectives"]:
-    sys.path.insert(0, REPO)
     print(json.dumps(_collectives()))
