@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 import math
 from typing import Any
 
@@ -116,6 +117,27 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(str(e)) from e
 
 
+def _check_packing(config: ml_collections.ConfigDict) -> None:
+    """config.packing (documents packed into windows, data/text_windows.py) needs language-model
+    text prepared with document separators and a model that takes segment ids. (Whether the
+    prepared data has separators is checked where it is opened, input_pipeline.py.)"""
+    if not config.get("packing", False):
+        return
+    if config.task != "lm" or config.dataset == "synthetic":
+        raise ConfigError(
+            "config.packing=True packs the documents of prepared language-model text; "
+            f"config.task={config.task!r} with config.dataset={config.dataset!r} has none: "
+            "set config.packing=False."
+        )
+    name = config.model.get("name")
+    if "segment_ids" not in inspect.signature(models.model_class(name).__call__).parameters:
+        raise ConfigError(
+            f"config.packing=True needs a model that keeps attention inside each document (its "
+            f"__call__ takes segment_ids, as gpt's does); the {name!r} model does not: set "
+            "config.packing=False."
+        )
+
+
 def _check_axis_rules(config: ml_collections.ConfigDict) -> None:
     """Every override in config.logical_axis_rules names a logical axis the models use and maps
     it to mesh axes (or None); an override that matches nothing would silently do nothing."""
@@ -188,6 +210,7 @@ def validate(
     if config.init_from.mode not in ("params", "state"):
         raise ConfigError(f"config.init_from.mode={config.init_from.mode!r}: 'params' or 'state'.")
     _check_model(config)
+    _check_packing(config)
     _check_axis_rules(config)
     check_parallelism(config, num_devices, training)
 
@@ -209,6 +232,38 @@ def _check_profile_steps(value: Any) -> None:
         )
 
 
+def _check_context(config: ml_collections.ConfigDict, context: int) -> None:
+    """A context axis of more than one device splits every sequence (models/context_parallel.py):
+    only a model with a `context_parallel` field does that, under 'jit', with its own attention,
+    on sequences that 2 x context chunks divide (the load-balanced layout)."""
+    rules = dict(sharding.logical_axis_rules(config))
+    if context == 1 or rules.get("length") is None:  # nothing is split
+        return
+    where = f"config.mesh_shape.context={context} splits sequences"
+    if config.parallelism == "pmap":
+        raise ConfigError(f"{where}, which needs config.parallelism='jit' (pmap has no mesh).")
+    name = config.model.get("name")
+    if "context_parallel" not in models.constructor_fields(name):
+        raise ConfigError(
+            f"{where}, which the {name!r} model cannot attend across (models with a "
+            "context_parallel field can, e.g. gpt); set config.mesh_shape.context=1."
+        )
+    model = models.build_model(config)
+    if model.block_size % (2 * context):
+        raise ConfigError(
+            f"config.model.block_size={model.block_size} does not split into 2 x "
+            f"config.mesh_shape.context={context} equal chunks (context parallelism's "
+            "load-balanced layout holds one chunk from the start and one from the end of a "
+            f"sequence per device); use a block_size that is a multiple of {2 * context}."
+        )
+    if getattr(model, "attention_impl", "auto") not in ("auto", "plain"):
+        raise ConfigError(
+            f"config.model.attention_impl={model.attention_impl!r} cannot attend across a "
+            f"split sequence ({where}: config.model.context_parallel="
+            f"{model.context_parallel!r} computes attention itself); set it to 'auto'."
+        )
+
+
 def check_parallelism(
     config: ml_collections.ConfigDict, num_devices: int | None = None, training: bool = True
 ) -> None:
@@ -226,6 +281,7 @@ def check_parallelism(
             f"config.mesh_shape.expert={axes['expert']} does not divide model.moe_num_experts="
             f"{experts}; use an expert axis that divides the experts."
         )
+    _check_context(config, axes["context"])
     # The mesh axes the batch splits over, as the logical rules say (data x fsdp x expert).
     spec = nn.logical_to_mesh_axes(("batch",), sharding.logical_axis_rules(config))[0]
     split = {a: axes[a] for a in ((spec,) if isinstance(spec, str) else tuple(spec or ()))}

@@ -79,9 +79,19 @@ def prepared_dir(config: ml_collections.ConfigDict) -> str:
 
 
 def _text_datasets(config: ml_collections.ConfigDict) -> Datasets:
-    from data import text_windows
+    import config_validation
+    from data import prepare, text_windows
 
-    splits = text_windows.TextSplits(prepared_dir(config), int(config.model.block_size))
+    directory = prepared_dir(config)
+    packing = bool(config.get("packing", False))
+    if packing and prepare.read_manifest(directory).get("document_separator") is None:
+        raise config_validation.ConfigError(
+            f"config.packing=True needs documents, but {directory} has no end-of-text "
+            f"separator between them (its {config.tokenizer!r} tokenizer has none): use a "
+            "tokenizer with <|endoftext|> (--config.tokenizer=bpe or a tokenizer.json), or "
+            "set config.packing=False."
+        )
+    splits = text_windows.TextSplits(directory, int(config.model.block_size), packing=packing)
     eval_steps = text_windows.DEFAULT_EVAL_STEPS if config.eval_steps is None else config.eval_steps
     lo, hi = splits.splits["train"]
 

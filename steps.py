@@ -35,6 +35,18 @@ from train_state import TrainState
 
 Metrics = dict[str, jax.Array]
 
+# Packed documents (config.packing, data/text_windows.py): a language-model batch then also
+# carries int32 [batch, length] 'positions' (each document's from 0) and 'segment_ids' (its
+# document), which the model takes by name, and float32 'weights' [batch, length]: 0 for a target
+# across a document boundary (the token after an end-of-text), whose loss is not taken.
+PACKED_INPUTS = ("positions", "segment_ids")
+
+
+def packed_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The packed-document arrays of `batch` the model takes as keyword arguments ({} unless
+    packed)."""
+    return {name: batch[name] for name in PACKED_INPUTS if name in batch}
+
 
 def cross_entropy(
     logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None, label_smoothing=0.0
@@ -114,10 +126,11 @@ def train_step(
             train=True,
             rngs={"dropout": micro_rng},
             mutable=mutable,
+            **packed_inputs(microbatch),
         )
         new_model_state = {k: v for k, v in variables.items() if k not in sown}
         loss_sum, correct, count = cross_entropy(
-            logits, microbatch["targets"], label_smoothing=label_smoothing
+            logits, microbatch["targets"], microbatch.get("weights"), label_smoothing
         )
         # The objective is the cross-entropy plus the z-loss when it is on, plus the model's
         # own terms; `loss` stays the cross-entropy alone, comparable with evaluation and with
@@ -238,8 +251,11 @@ def eval_step(
     """Sums over a (padded, masked) batch: loss, correct, count and, for classifiers, a confusion
     matrix [true, predicted]. Summing (not averaging) makes padded last batches exact."""
     variables = {"params": state.params, **state.model_state}
-    logits = model.apply(variables, batch["inputs"], train=False)
-    loss_sum, correct, count = cross_entropy(logits, batch["targets"], batch["mask"])
+    logits = model.apply(variables, batch["inputs"], train=False, **packed_inputs(batch))
+    mask = batch["mask"]  # [batch]: real examples; packed: also each target's weight
+    if "weights" in batch:
+        mask = mask[:, None] * batch["weights"]
+    loss_sum, correct, count = cross_entropy(logits, batch["targets"], mask)
     sums = {"loss_sum": loss_sum, "correct": correct, "count": count}
     if num_classes:
         true = jax.nn.one_hot(batch["targets"], num_classes) * batch["mask"][:, None]
@@ -253,7 +269,7 @@ def eval_step(
 def predict_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module) -> jax.Array:
     """float32 log-probabilities [batch, ..., classes] of the model on batch['inputs']."""
     variables = {"params": state.params, **state.model_state}
-    logits = model.apply(variables, batch["inputs"], train=False)
+    logits = model.apply(variables, batch["inputs"], train=False, **packed_inputs(batch))
     return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
 
@@ -329,6 +345,7 @@ class CompiledSteps:
     ):
         self.mesh, self.rules = mesh, rules
         self.steps_per_dispatch = effective_steps_per_dispatch(config)
+        self.packing = bool(config.get("packing", False))  # batches carry PACKED_INPUTS
         self._compile(
             *_step_functions(config, model, tx, schedule, num_classes, self.steps_per_dispatch),
             abstract_state,
@@ -392,6 +409,9 @@ class CompiledSteps:
         inputs = (batch_size,) + tuple(example_input.shape[1:])
         targets = inputs if task == "lm" else inputs[:1]
         arrays = {"inputs": (inputs, example_input.dtype), "targets": (targets, np.int32)}
+        if task == "lm" and self.packing:
+            arrays.update({name: (inputs, np.int32) for name in PACKED_INPUTS})
+            arrays["weights"] = (inputs, np.float32)
         if not train:
             arrays["mask"] = ((batch_size,), np.float32)
         sharding_ = self._batch_sharding

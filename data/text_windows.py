@@ -7,6 +7,13 @@ by (seed, step), uniformly over the split's valid starts (nanoGPT's get_batch), 
 keeps its own slice, so a resumed run sees the same batches and N processes together see exactly
 one process's batch. Evaluation uses the same fixed, seeded windows every time (keyed by
 seed + 7919 and the batch's index).
+
+Packed documents (`packing=True`, config.packing): a window spans documents (and pieces of
+documents at its ends), as nanoGPT's stream does; the end-of-text separators preparation put
+after every document (manifest 'document_separator') mark where they end, and each batch also
+carries their segment ids, positions within each document and the weight of each target
+(`packed_fields`), so that attention and the loss stay inside a document (T5's and MaxText's
+packed inputs).
 """
 
 from __future__ import annotations
@@ -132,6 +139,34 @@ def _checked_sha256(path: str) -> str:
     return digest
 
 
+def packed_fields(windows: np.ndarray, separator: int) -> Batch:
+    """The packed-document fields of windows [batch, length + 1] of the token stream, in which
+    `separator` ends every document (and belongs to the document it ends):
+
+    - 'segment_ids' int32 [batch, length]: the document of each input token, 1, 2, ... from the
+      window's start (the piece of a document the window starts in is document 1);
+    - 'positions' int32 [batch, length]: each input token's position in its document, from 0 at
+      the document's first token in the window;
+    - 'weights' float32 [batch, length]: 1 where the target (the next token) is in the input's
+      document, 0 where it is not (the input is a separator: its target starts the next
+      document, which nothing in the window can predict).
+    """
+    ends = windows == separator
+    # A token's document: 1 + the separators before it (a separator ends its own document).
+    segments = 1 + np.concatenate(
+        [np.zeros((len(windows), 1), np.int32), np.cumsum(ends, axis=1, dtype=np.int32)[:, :-1]],
+        axis=1,
+    )
+    index = np.arange(windows.shape[1] - 1, dtype=np.int32)
+    starts = np.concatenate([np.ones((len(windows), 1), bool), ends[:, :-2]], axis=1)
+    first = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+    return {
+        "segment_ids": segments[:, :-1].astype(np.int32),
+        "positions": (index - first).astype(np.int32),
+        "weights": (segments[:, :-1] == segments[:, 1:]).astype(np.float32),
+    }
+
+
 def window_starts(seed: int, index: int, count: int, num_starts: int) -> np.ndarray:
     """`count` starts uniform over [0, num_starts), a pure function of (seed, index)."""
     key = np.asarray([seed % 2**64, index % 2**64], np.uint64)
@@ -139,11 +174,17 @@ def window_starts(seed: int, index: int, count: int, num_starts: int) -> np.ndar
 
 
 class TextSplits:
-    """A prepared dataset's train and validation windows for `block_size`-token models."""
+    """A prepared dataset's train and validation windows for `block_size`-token models; with
+    `packing`, with their documents' segment ids, positions and target weights
+    (`packed_fields`; ValueError if the dataset has no document separator)."""
 
-    def __init__(self, directory: str, block_size: int, verify: bool = True):
+    def __init__(self, directory: str, block_size: int, verify: bool = True, packing: bool = False):
         self.directory = directory
         self.manifest = prepare.read_manifest(directory)
+        self.separator = self.manifest.get("document_separator")
+        if packing and self.separator is None:
+            raise ValueError(f"{directory} has no document separator to pack documents by.")
+        self.packing = bool(packing)
         self.tokenizer = tokenization.load_tokenizer(directory)
         self.stream = TokenStream(directory, self.manifest, verify)
         self.block_size = int(block_size)
@@ -163,7 +204,10 @@ class TextSplits:
         local = global_batch // jax.process_count()
         mine = starts[jax.process_index() * local : (jax.process_index() + 1) * local]
         windows = self.stream.windows(mine, self.block_size + 1)
-        return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
+        batch = {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
+        if self.packing:
+            batch.update(packed_fields(windows, self.separator))
+        return batch
 
     def train_batches(
         self, seed: int, global_batch: int, start_step: int = 0, steps_per_dispatch: int = 1,

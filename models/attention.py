@@ -186,7 +186,7 @@ class CausalSelfAttention(nn.Module):
         if shards > 1:  # the sequence is split, in the load-balanced layout GPT put it in
             y = context_parallel.context_attention(
                 q, k, v, segment_ids, axes=axes, shards=shards, strategy=c.context_parallel,
-                softcap=c.attn_logit_softcap,
+                softcap=c.attn_logit_softcap, kv_names=kv_axes,
             )  # fmt: skip
         else:
             y = self._attend(q, k, v, positions, segment_ids, impl)

@@ -221,13 +221,20 @@ def _local_attention(
     strategy: str,
     softcap: float | None,
 ) -> jax.Array:
-    """One device's causal attention in the load-balanced layout (inside shard_map): q, k, v
-    [batch, chunk, heads or kv_heads, dim] are this device's 2 half-chunks (i, 2N-1-i), seg_q and
-    seg_kv its segment ids [batch, chunk] (packed documents) or None."""
+    """One device's causal attention in the load-balanced layout (inside shard_map): q [batch,
+    chunk, heads, dim] holds this device's 2 half-chunks (i, 2N-1-i), seg_q their segment ids
+    [batch, chunk] (packed documents) or None; k, v [batch, chunk, kv_heads, dim] and seg_kv are
+    the same chunks' ('ring'), or the whole sequence's, device after device ('all_gather')."""
     batch, chunk, heads, dim = q.shape
     kv_heads = k.shape[2]
     half = chunk // 2
     me = jax.lax.axis_index(axes)
+    if strategy == "all_gather":
+        gathered = (k, v) if seg_kv is None else (k, v, seg_kv)
+        k, v, *own_seg = (
+            jax.lax.dynamic_slice_in_dim(a, me * chunk, chunk, axis=1) for a in gathered
+        )
+        seg_kv = own_seg[0] if own_seg else None
     shape = (batch, kv_heads, heads // kv_heads, chunk)
     state = (jnp.zeros(shape + (dim,), jnp.float32), jnp.full(shape, _NEG), jnp.zeros(shape))
 
@@ -239,11 +246,6 @@ def _local_attention(
     state = jax.checkpoint(lambda state: _merge(state, q, k, v, mask, softcap))(state)
     if shards == 1:
         return _finish(state, q.dtype)
-
-    if strategy == "all_gather":
-        gathered = [jax.lax.all_gather(a, axes, axis=1, tiled=True) for a in (k, v)]
-        if seg_kv is not None:
-            gathered.append(jax.lax.all_gather(seg_kv, axes, axis=1, tiled=True))
 
     ring = [(i, (i + 1) % shards) for i in range(shards)]
 
@@ -303,6 +305,7 @@ def context_attention(
     shards: int,
     strategy: str,
     softcap: float | None = None,
+    kv_names: tuple[str | None, ...] = ("batch", SEQUENCE_AXIS, None, None),
 ) -> jax.Array:
     """Causal (and, with segment ids, block-diagonal) attention of sequences split over the
     context `axes` of `shards` devices, in the load-balanced layout (`balanced_order`).
@@ -311,14 +314,23 @@ def context_attention(
     grouped-query attention); segment_ids int32 [batch, length] (a token attends only to tokens
     of its own segment) or None; all in the balanced layout and sharded over `axes` on length.
     strategy: 'all_gather' or 'ring' (STRATEGIES); softcap as models.attention.plain_attention.
+    kv_names: the logical axis names of k and v ('all_gather' keeps every axis but length so).
     Scores, softmax and sums in float32; returns [batch, length, heads, dim] in q's dtype, equal
     to plain_attention's with the causal mask up to float32 rounding."""
     if strategy not in STRATEGIES:
         raise ValueError(f"context parallel strategy {strategy!r}: use one of {STRATEGIES}.")
-    spec = PartitionSpec(None, axes)
+    split, kv_spec = PartitionSpec(None, axes), PartitionSpec(None, axes)
+    if strategy == "all_gather":
+        # XLA gathers the keys and values over the context axes from a sharding constraint
+        # that keeps their other axes as they were (batch and heads stay split).
+        whole = (kv_names[0], None) + tuple(kv_names[2:])
+        k, v = (nn.with_logical_constraint(a, whole) for a in (k, v))
+        kv_spec = PartitionSpec()
     fn = lambda q, k, v, *seg: _local_attention(  # noqa: E731
-        q, k, v, *(seg * 2 if seg else (None, None)),
+        q, k, v, *(seg if seg else (None, None)),
         axes=axes, shards=shards, strategy=strategy, softcap=softcap,
     )  # fmt: skip
-    args = (q, k, v) if segment_ids is None else (q, k, v, segment_ids)
-    return _manual(fn, axes, (spec,) * len(args), spec)(*args)
+    args, specs = (q, k, v), (split, kv_spec, kv_spec)
+    if segment_ids is not None:
+        args, specs = args + (segment_ids, segment_ids), specs + (split, kv_spec)
+    return _manual(fn, axes, specs, split)(*args)
