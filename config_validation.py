@@ -256,6 +256,12 @@ def _check_context(config: ml_collections.ConfigDict, context: int) -> None:
             "load-balanced layout holds one chunk from the start and one from the end of a "
             f"sequence per device); use a block_size that is a multiple of {2 * context}."
         )
+    if getattr(model, "moe_num_experts", 0) and model.moe_dispatch == "capacity":
+        raise ConfigError(
+            f"config.model.moe_dispatch='capacity' drops tokens by their order in a sequence, "
+            f"which context parallelism's load-balanced layout changes ({where}); use "
+            "moe_dispatch='dropless'."
+        )
     if getattr(model, "attention_impl", "auto") not in ("auto", "plain"):
         raise ConfigError(
             f"config.model.attention_impl={model.attention_impl!r} cannot attend across a "
