@@ -22,6 +22,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.tokenizer = "char"  # lm: 'char', 'byte', 'sentencepiece', 'bpe' or a tokenizer.json path
     c.tokenizer_vocab_size = placeholder(int)  # sentencepiece only; None: its default size
     c.val_fraction = 0.1  # lm only: the last 10% of the corpus is validation (as nanoGPT)
+    # lm only: True gives windows their documents (from the end-of-text separators preparation
+    # puts after each one: segment ids, positions from 0 per document, no loss on the target
+    # across a boundary) and the GPT attends only inside a document (T5's and MaxText's
+    # packing; docs/data.md). False: nanoGPT's plain concatenated stream.
+    c.packing = False
     c.augment = ml_collections.ConfigDict({"random_crop_pad": 0, "random_flip": False})
     # dataset='synthetic' only. Tokens take block_size and vocab_size from `model`, labels its
     # num_classes (one source: the data cannot disagree with the model's output).
