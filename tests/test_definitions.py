@@ -55,14 +55,15 @@ def _prepared(directory, train_tokens: int, val_tokens: int = 20) -> str:
     import hashlib
     import json
 
-    from data import prepare, tokenization
+    from data import manifest as shards
+    from data import tokenization
 
     tokens = np.arange(train_tokens + val_tokens, dtype=np.uint16)
     os.makedirs(os.path.join(directory, "shards"))
     tokens.tofile(os.path.join(directory, "shards", "00000.bin"))
     tokenization.ByteTokenizer().save(str(directory))
     manifest = {
-        "format": prepare.FORMAT, "dtype": "uint16", "val_fraction": 0.1,
+        "format": shards.FORMAT, "dtype": "uint16", "val_fraction": 0.1,
         "tokenizer": {"kind": "byte", "argument": "byte", "vocab_size": 256, "files": []},
         "splits": {"train": [0, train_tokens], "val": [train_tokens, len(tokens)]},
         "shards": [{"file": "shards/00000.bin", "tokens": len(tokens),

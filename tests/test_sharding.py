@@ -184,7 +184,7 @@ def test_evaluate_keeps_an_fsdp_run_sharded(tmp_path, fashion_mnist_ready) -> No
     ]  # fmt: skip
     results = run_driver(cases)()
     evaluated, final = results["evaluate"], results["train"]["final"]
-    assert evaluated["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert evaluated["mesh"] == {"data": 1, "fsdp": 8, "context": 1, "tensor": 1, "expert": 1}
     kernel = evaluated["params"]["dense_0/kernel"]
     assert kernel["shape"] == [784, 64] and kernel["shard"] == [98, 64], kernel
     report, single = evaluated["report"], evaluated["one_device"]
