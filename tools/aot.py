@@ -302,7 +302,7 @@ def analyze(config: ml_collections.ConfigDict, topology: Topology,
     """Builds and compiles the run's steps for `topology`; every figure as a flat dict."""
     run = build(config, topology)
     config = run.config
-    data, fsdp, tensor = (run.mesh.shape[a] for a in ("data", "fsdp", "tensor"))
+    data, fsdp, context, tensor = (run.mesh.shape[a] for a in ("data", "fsdp", "context", "tensor"))
     n = len(topology.devices)
     params_bytes = bytes_per_device(run.abstract_state.params)
     opt_bytes = bytes_per_device(run.abstract_state.opt_state)
@@ -315,7 +315,7 @@ def analyze(config: ml_collections.ConfigDict, topology: Topology,
         "num_devices": n,
         "num_chips": topology.num_chips,
         "devices_per_chip": topology.devices_per_chip,
-        "mesh": f"data={data} fsdp={fsdp} tensor={tensor}",
+        "mesh": f"data={data} fsdp={fsdp} context={context} tensor={tensor}",
         "global_batch": int(config.batch_size),
         "batch_per_data_parallel_device": int(config.batch_size) // (data * fsdp),
         "grad_accum_steps": int(config.grad_accum_steps),
