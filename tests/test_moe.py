@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -513,8 +514,8 @@ def test_losses_enter_the_objective_and_are_logged() -> None:
 def test_moe_cpu_trains_and_the_commands_work_on_its_run(tmp_path) -> None:
     """configs/moe_cpu.py (at its own size, on Tiny Shakespeare, 60 steps) lowers the training
     and validation loss and logs its router's statistics; sampling and evaluate.py work on the
-    run unchanged (decoding with dropless dispatch), and the Hugging Face GPT-2 export refuses
-    it with the reason."""
+    run unchanged (decoding with dropless dispatch), and so does serve.py's batching engine; the
+    Hugging Face GPT-2 export refuses it with the reason."""
     import evaluate
     import experiment
     import sampling
@@ -523,6 +524,7 @@ def test_moe_cpu_trains_and_the_commands_work_on_its_run(tmp_path) -> None:
     from hf import exporting
     from hf.gpt2_files import HFConvertError
     from runtime import metrics_writer
+    from serving.engine import LMEngine, Sequence
 
     config = moe_cpu.get_config()
     config.num_train_steps = config.decay_steps = 60
@@ -558,6 +560,22 @@ def test_moe_cpu_trains_and_the_commands_work_on_its_run(tmp_path) -> None:
     assert tokens.shape == (1, 21)
     report = evaluate.evaluate_checkpoint(workdir, output=str(tmp_path / "report"))
     assert np.isfinite(report["loss"]) and report["loss"] < 2.9
+    # serve.py's engine: slots decoded together through their KV caches.
+    engine = LMEngine(restored.model, restored.params, restored.tokenizer, 2, 4)
+    engine.warm_up()
+    engine.start()
+    done, texts = threading.Event(), []
+
+    def on_update(text: str, finish_reason: str | None) -> None:
+        texts.append(text)
+        if finish_reason is not None:
+            done.set()
+
+    prompt_ids = np.asarray(restored.tokenizer.encode("ROMEO:"), np.int32)
+    sequence = Sequence(prompt_ids, 12, 0.8, 0, 1.0, 1, (), on_update, stream=False)
+    engine.submit([sequence])
+    assert done.wait(300) and len(sequence.token_ids) == 12, texts
+    engine.stop(60)
     with pytest.raises(HFConvertError, match="moe_num_experts=8 .Mixture-of-Experts") as error:
         exporting.export_hf(workdir, str(tmp_path / "hf"))
     assert "\n" not in str(error.value)
