@@ -1,7 +1,10 @@
 """Orbax checkpoints: keep-N, async saves, newest-valid restore, and reshaping onto any mesh.
 
-A checkpoint holds the train state and a small JSON `meta` item (the step and the config). The
-data order is a pure function of the step, so the step is all the input state there is.
+A checkpoint holds the train state (the `state` item: params, model_state, opt_state, step) and
+a small JSON `meta` item (the step and a checksum per leaf, verified on restore); the config is
+the workdir's config.json, not part of a checkpoint (docs/evaluation.md restores one with Orbax
+alone). The data order is a pure function of the step, so the step is all the input state there
+is.
 """
 
 from __future__ import annotations
