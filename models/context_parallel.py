@@ -6,17 +6,22 @@ the `context` mesh axis, so with `mesh_shape.context` = N > 1 every layer but at
 L / N positions of each sequence per device (XLA partitions it from the logical constraints).
 Attention needs every earlier key, and reaches them in one of two ways (`GPT.context_parallel`):
 
-- 'all_gather' (MaxText's default, `context_parallel_strategy='all_gather'`): each device
-  all-gathers the keys and values of the whole sequence over the context axis, then attends
-  its own queries to them;
+- 'all_gather' (MaxText's default, `context_parallel_strategy='all_gather'`): the keys and
+  values of the whole sequence are gathered onto each device over the context axis (by a
+  sharding constraint: XLA's all-gather, and a reduce-scatter for their gradients), and each
+  device attends its own queries to them, block by block;
 - 'ring' (Ring Attention, Liu, Zaharia & Abbeel 2023, arXiv:2310.01889): keys and values stay
   in blocks of L / N that travel around the ring of context devices (`jax.lax.ppermute`), N - 1
   hops; each device attends its queries to the block it holds and merges the partial results
-  with an online softmax (Milakov & Gimelshein 2018; the FlashAttention recurrence), so no
-  device ever holds more than two blocks of keys and values.
+  with an online softmax (Milakov & Gimelshein 2018; the FlashAttention recurrence), so in the
+  forward pass no device holds more than two blocks of keys and values. (The backward pass is
+  JAX's transpose of that loop: it keeps each step's block as a residual, the whole sequence's
+  keys and values of one layer per device, as 'all_gather' does; the paper's own backward pass
+  passes them around the ring again instead.)
 
-Both use the causal load-balanced layout (MaxText's `context_parallel_load_balance`, Brandon et
-al. 2023 "Striped attention" discuss the imbalance): the sequence is cut into 2N chunks and
+Both use the causal load-balanced layout (MaxText's `context_parallel_load_balance`,
+torchtitan's head-tail balancer; Brandon et al. 2023, Striped Attention, analyse the imbalance
+of contiguous chunks): the sequence is cut into 2N chunks and
 device i holds chunks i and 2N - 1 - i, one from the start and one from the end, so that under
 the causal mask every device has the same work: at each step of the ring a device attends either
 all its queries to the first half of the block it holds, or its second chunk's queries to the
@@ -25,8 +30,9 @@ The model reorders its input tokens into that layout (`balanced_order`, a gather
 each device) and its last hidden states back (`from_balanced`: two `ppermute`s), so that logits
 come out in order, equal to one device's.
 
-Every step is rematerialised (`jax.checkpoint`) in the backward pass: memory grows with L / N
-per device, not with the L x L / N scores of an explicit attention.
+Every step is rematerialised (`jax.checkpoint`) in the backward pass: no [L / N x L / N] scores
+outlive their step, so attention's memory grows with L per device, not with the L x L / N
+scores of an explicit attention.
 """
 
 from __future__ import annotations
