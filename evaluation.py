@@ -164,10 +164,11 @@ def roc_auc_ovr(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, Any]
 
 
 def lm_metrics(loss: float, tokenizer: Any) -> dict[str, float]:
-    """Perplexity and bits per unit; the unit is the tokenizer's (character, byte or token)."""
+    """Perplexity and bits per unit; the unit is the tokenizer's (character, byte or token),
+    or 'token' for data without a tokenizer (the synthetic source)."""
     return {
         "perplexity": float(math.exp(min(loss, 50.0))),
-        f"bits_per_{tokenizer.unit}": loss / _LN2,
+        f"bits_per_{getattr(tokenizer, 'unit', 'token')}": loss / _LN2,
     }
 
 

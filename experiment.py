@@ -186,7 +186,7 @@ def restore_run(
     except sharding.MeshError:
         config.mesh_shape = ml_collections.ConfigDict(INFERENCE_MESH)
     tokenizer = None
-    if config.task == "lm":
+    if config.task == "lm" and config.dataset != "synthetic":  # synthetic tokens: no tokenizer
         from data import tokenization
 
         tokenizer = tokenization.load_tokenizer(workdir)

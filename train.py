@@ -157,7 +157,7 @@ def _train_and_evaluate(
             prefix = "train_eval/" if split == "train" else f"{split}/"
             writer.write_scalars(step, scalars, prefix=prefix)
             _print(f"step {step}: eval " + _format_eval(split, results[split]))
-        if config.task == "lm" and config.sample_every_eval:
+        if config.task == "lm" and config.sample_every_eval and run.tokenizer is not None:
             params = compiled.to_global(state).params
             _log_sample(writer, run.model, params, run.tokenizer, config, step)
         return results

@@ -48,8 +48,8 @@ RUN_RECORDS = ("checkpoints", "damaged_checkpoints", "tensorboard", "metrics.jso
 RUN_RECORD_PREFIXES = ("tokenizer", "eval_", "wandb")  # wandb: tracking.py's run id and files
 # Config fields whose change gives a workdir's checkpoints another meaning: resuming with
 # another value is refused (config.restart=True starts afresh instead).
-MEANING_FIELDS = ("task", "dataset", "tokenizer", "tokenizer_vocab_size", "val_fraction",
-                  "model", "optimizer")  # fmt: skip
+MEANING_FIELDS = ("task", "dataset", "synthetic", "tokenizer", "tokenizer_vocab_size",
+                  "val_fraction", "model", "optimizer")  # fmt: skip
 
 
 class WorkdirError(cli.UserError):

@@ -199,3 +199,27 @@ def test_no_tensorflow_on_the_synthetic_path():
                           text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]"
+
+
+def test_a_language_model_trains_and_evaluates_on_synthetic_tokens(tmp_path):
+    """train.py and evaluate.py on synthetic tokens (no tokenizer): the run evaluates in bits
+    per token, takes no text sample, and restores for evaluation."""
+    workdir = str(tmp_path / "run")
+    tiny = ["--config.dataset=synthetic", "--config.model.vocab_size=64",
+            "--config.model.num_layers=1", "--config.model.embed_dim=32",
+            "--config.model.num_heads=2", "--config.model.block_size=16",
+            "--config.batch_size=8", "--config.eval_batch_size=8", "--config.eval_steps=1",
+            "--config.num_train_steps=4", "--config.log_every_steps=2",
+            "--config.eval_every_steps=4", "--config.checkpoint_every_steps=4",
+            "--config.steps_per_dispatch=1", "--config.decay_steps=None"]  # fmt: skip
+    train = subprocess.run(
+        [sys.executable, "train.py", "--config=configs/shakespeare_char_cpu.py",
+         f"--workdir={workdir}", *tiny],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert "bits_per_token=" in train.stdout
+    evaluate = subprocess.run([sys.executable, "evaluate.py", f"--workdir={workdir}"], cwd=REPO,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    assert "bits_per_token=" in evaluate.stdout
