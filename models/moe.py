@@ -48,6 +48,7 @@ inserts the all-to-alls).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -312,8 +313,8 @@ def grouped_experts(
     / [E_local, hidden, embed], in x's dtype); assignments to other experts contribute 0.
 
     The n*k assignments are sorted by expert, so that each expert's rows are contiguous, and
-    multiplied with `jax.lax.ragged_dot` (a grouped matmul: MegaBlocks' block-sparse product
-    in its simplest form), then unsorted. Returns [n, embed] in x's dtype."""
+    multiplied group by group (`_ragged_matmuls`: jax.lax.ragged_dot, the grouped matmul of TPU
+    and GPU; on CPU `_blocked_matmuls`), then unsorted. Returns [n, embed] in x's dtype."""
     n, k = experts.shape
     num_local = kernels["fc"].shape[0]
     local = experts.reshape(-1) - first_expert
@@ -322,16 +323,91 @@ def grouped_experts(
     order = jnp.argsort(key, stable=True)
     group_sizes = jnp.zeros((num_local + 1,), jnp.int32).at[key].add(1)[:num_local]
     rows = jnp.take(x, order // k, axis=0)  # [n*k, embed], grouped by expert
+    out = jax.lax.platform_dependent(
+        rows,
+        jnp.take(key, order),
+        group_sizes,
+        kernels,
+        cpu=functools.partial(_blocked_matmuls, activation=activation),
+        default=functools.partial(_ragged_matmuls, activation=activation),
+    )
+    # Rows of other devices' experts lie past the groups: their values are unspecified.
+    out = jnp.where(jnp.take(is_local, order)[:, None], out, jnp.zeros((), out.dtype))
+    out = jnp.take(out, jnp.argsort(order), axis=0).reshape(n, k, -1)
+    return jnp.einsum("nke,nk->ne", out, weights.astype(out.dtype))
+
+
+def _ragged_matmuls(
+    rows: jax.Array,
+    keys: jax.Array,
+    group_sizes: jax.Array,
+    kernels: dict[str, jax.Array],
+    activation: str,
+) -> jax.Array:
+    """The experts' MLP on rows [M, embed] sorted into groups of group_sizes [E_local] rows
+    (keys: each row's group, unused here), with `jax.lax.ragged_dot`: [M, embed]."""
+    del keys
 
     def matmul(h: jax.Array, name: str) -> jax.Array:
         return jax.lax.ragged_dot(h, kernels[name], group_sizes)
 
     h = matmul(rows, "fc")
     gate = matmul(rows, "gate") if "gate" in kernels else None
-    out = matmul(mlp_activation(activation, h, gate), "proj")
-    # Rows of other devices' experts lie past the groups: ragged_dot leaves them unspecified.
-    out = jnp.where(jnp.take(is_local, order)[:, None], out, jnp.zeros((), out.dtype))
-    out = jnp.take(out, jnp.argsort(order), axis=0).reshape(n, k, -1)
+    return matmul(mlp_activation(activation, h, gate), "proj")
+
+
+def _blocked_matmuls(
+    rows: jax.Array,
+    keys: jax.Array,
+    group_sizes: jax.Array,
+    kernels: dict[str, jax.Array],
+    activation: str,
+) -> jax.Array:
+    """`_ragged_matmuls` as MegaBlocks' block-sparse product with static shapes: each group is
+    padded to a multiple of a block of b rows, every block belongs to one expert, and the
+    blocks are multiplied by their experts' kernels (gathered per block) in one batched matmul.
+    XLA:CPU has no grouped matmul (jax computes ragged_dot densely over the groups, E times the
+    work); this costs at most (M / b + E) * b rows. Rows with key >= E_local are left out."""
+    rows_total, embed = rows.shape
+    num_local = group_sizes.shape[0]
+    block = int(min(128, max(8, 2 ** math.ceil(math.log2(max(1, rows_total // num_local))))))
+    num_blocks = -(-rows_total // block) + num_local  # enough for any group sizes
+    padded = -(-group_sizes // block) * block
+    padded_start = jnp.cumsum(padded) - padded
+    start = jnp.cumsum(group_sizes) - group_sizes
+    group = jnp.minimum(keys, num_local - 1)
+    slot = padded_start[group] + jnp.arange(rows_total) - start[group]
+    slot = jnp.where(keys < num_local, slot, num_blocks * block)  # past the end: dropped
+    padded_rows = jnp.zeros((num_blocks * block, embed), rows.dtype).at[slot].set(rows, mode="drop")
+    owner = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(num_blocks) * block, side="right")
+    owner = jnp.minimum(owner, num_local - 1)  # blocks past the last group: zeros, any expert
+    blocks = padded_rows.reshape(num_blocks, block, embed)
+
+    def matmul(h: jax.Array, name: str) -> jax.Array:
+        return jnp.einsum("nbi,nio->nbo", h, jnp.take(kernels[name], owner, axis=0))
+
+    h = matmul(blocks, "fc")
+    gate = matmul(blocks, "gate") if "gate" in kernels else None
+    out = matmul(mlp_activation(activation, h, gate), "proj").reshape(-1, embed)
+    return jnp.take(out, jnp.minimum(slot, num_blocks * block - 1), axis=0)
+
+
+def gathered_experts(
+    x: jax.Array, experts: jax.Array, weights: jax.Array, kernels: dict[str, jax.Array],
+    activation: str,
+) -> jax.Array:  # fmt: skip
+    """Dropless experts for a decoding step: each token's k experts' kernels gathered
+    ([n, k, embed, hidden]) and applied to it, for few tokens (n * k <= E: it reads no more
+    than the layer's kernels, which a memory-bound decoding step reads anyway). Unlike
+    ragged_dot it maps under jax.vmap (serving/slots.py maps the step over its slots).
+    x [n, embed], experts int32 [n, k], weights [n, k]; returns [n, embed] in x's dtype."""
+
+    def matmul(h: jax.Array, name: str, spec: str) -> jax.Array:
+        return jnp.einsum(spec, h, jnp.take(kernels[name], experts, axis=0))
+
+    h = matmul(x, "fc", "ni,nkio->nko")
+    gate = matmul(x, "gate", "ni,nkio->nko") if "gate" in kernels else None
+    out = matmul(mlp_activation(activation, h, gate), "proj", "nki,nkio->nko")
     return jnp.einsum("nke,nk->ne", out, weights.astype(out.dtype))
 
 
@@ -476,7 +552,13 @@ class MoEFeedForward(nn.Module):
             y, kept = capacity_experts(x, routing, kernels, c)
         else:  # decoding is always dropless: a token's experts never depend on the others
             flat = x.reshape(-1, embed)
-            y = dropless_experts(flat, routing, kernels, c.activation).reshape(x.shape)
+            if c.decode and flat.shape[0] * c.top_k <= c.num_experts:  # a decoding step
+                kernels = {name: k.astype(c.dtype) for name, k in kernels.items()}
+                r = routing
+                y = gathered_experts(flat, r.experts, r.weights, kernels, c.activation)
+            else:
+                y = dropless_experts(flat, routing, kernels, c.activation)
+            y = y.reshape(x.shape)
         y = nn.with_logical_constraint(y, ("batch", "length", "embed"))
         if train and not self.is_initializing():
             self._sow_statistics(routing, kept)
