@@ -357,7 +357,7 @@ def init_from(run: experiment.Run, state: train_state.TrainState) -> train_state
         if merged.problems or merged.extra:
             raise InitFromError(mismatch_message(
                 source_name, merged, list(traverse_util.flatten_dict(fresh.model_state, sep="/")),
-                list(traverse_util.flatten_dict(source_state.model_state, sep="/"))
+                list(traverse_util.flatten_dict(source_model_state, sep="/"))
             ).replace("parameter arrays", "model-state arrays"))  # fmt: skip
         new = new.replace(model_state=merged.params)
     if jax.process_index() == 0:
