@@ -50,6 +50,7 @@ from jax.sharding import PartitionSpec
 STRATEGIES = ("all_gather", "ring")
 SEQUENCE_AXIS = "length"  # the logical name of the sequence axis of activations
 _NEG = -1e30  # the running maximum's start: finite, so that exp(_NEG - m) is 0, never NaN
+KV_BLOCK = 512  # keys per step of the online softmax within a device's block (`_merge`)
 
 
 class TokenPositions(NamedTuple):
@@ -177,6 +178,35 @@ State = tuple[jax.Array, jax.Array, jax.Array]  # output sum, running max, runni
 
 
 def _merge(
+    state: State,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None,
+    softcap: float | None,
+    block: int = KV_BLOCK,
+) -> State:
+    """`_merge_block` over (k, v) in blocks of `block` keys (a scan, each step rematerialised
+    in the backward pass), so that at most [q_len x block] scores exist at a time: a device's
+    chunk of a long sequence is thousands of keys. One block where `block` does not divide."""
+    kv_len = k.shape[1]
+    if kv_len <= block or kv_len % block:
+        return _merge_block(state, q, k, v, mask, softcap)
+    n = kv_len // block
+    blocks = lambda a: jnp.moveaxis(a.reshape(a.shape[0], n, block, *a.shape[2:]), 1, 0)  # noqa: E731
+    xs = (blocks(k), blocks(v))
+    if mask is not None:  # [b, 1, 1, q_len, kv_len] -> [n, b, 1, 1, q_len, block]
+        xs += (jnp.moveaxis(mask.reshape(*mask.shape[:-1], n, block), -2, 0),)
+
+    def step(state: State, x: tuple) -> tuple[State, None]:
+        kb, vb, *maskb = x
+        return _merge_block(state, q, kb, vb, maskb[0] if maskb else None, softcap), None
+
+    state, _ = jax.lax.scan(jax.checkpoint(step, prevent_cse=False), state, xs)
+    return state
+
+
+def _merge_block(
     state: State,
     q: jax.Array,
     k: jax.Array,

@@ -5,7 +5,7 @@
     python scripts/long_context_aot.py --nosearch             # the 32k table only
 
 Each cell is one `python -m tools.aot ... --noeval` in its own process: the train step of GPT-2
-small (configs/gpt2_small.py, vocabulary 50,304) or the Llama-style GPU preset
+small (configs/gpt2_small.py, vocabulary 50,304, its layers scanned) or the Llama-style GPU preset
 (configs/llama_style_gpu.py) on `v5p:2x2x1` (4 chips), bf16 compute with float32 AdamW state,
 global batch 4 (4 sequences a step: every setting holds the same tokens per chip), with remat
 `none`, `full` or `dots_saveable`, in one of the settings:
@@ -42,7 +42,12 @@ GIB = 2**30
 LENGTH = 32768
 
 MODELS = {
-    "small": ["--config=configs/gpt2_small.py", "--config.model.vocab_size=50304"],
+    # Scanned layers (compile time flat in depth; the same function and memory per layer).
+    "small": [
+        "--config=configs/gpt2_small.py",
+        "--config.model.vocab_size=50304",
+        "--config.model.scan_layers=True",
+    ],
     "llama": ["--config=configs/llama_style_gpu.py", "--config.model.vocab_size=50304"],
 }
 SETTINGS = {
