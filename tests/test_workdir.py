@@ -138,8 +138,9 @@ def test_resuming_on_other_characters_is_refused(tiny_lm_config, tmp_path):
 
 
 def test_init_from_another_vocabulary_does_not_copy_its_rows(trained_lm_run, tmp_path, capsys):
-    """Fine-tuning a character model on a corpus of other characters (same vocabulary size):
-    the embedding rows are re-initialised and the reason is printed; the rest is copied."""
+    """Fine-tuning a character model on a corpus of other characters (same vocabulary size),
+    with `init_from.reinit=('wte',)`: the embedding rows start afresh and the reason is printed;
+    the rest is copied. (Without reinit it is refused: tests/test_finetune.py.)"""
     source_config = workdir_files.load_config(trained_lm_run)
     corpus = tmp_path / "other.txt"
     with open(source_config.dataset) as f:
@@ -147,10 +148,11 @@ def test_init_from_another_vocabulary_does_not_copy_its_rows(trained_lm_run, tmp
     config = workdir_files.load_config(trained_lm_run)
     config.dataset = str(corpus)
     config.init_from.workdir = trained_lm_run
+    config.init_from.reinit = ("wte",)
     run = experiment.build_run(config)
     state = finetune.init_from(run, run.init_state())
     out = capsys.readouterr().out
-    assert "re-initialised 1: ['wte/embedding']" in out and "vocabulary rows are not copied" in out
+    assert "re-initialised 1: ['wte/embedding'] (named by config.init_from.reinit)" in out
     source = experiment.restore_run(trained_lm_run)
     assert not (state.params["wte"]["embedding"] == source.params["wte"]["embedding"]).all()
     assert (state.params["ln_f"]["scale"] == source.params["ln_f"]["scale"]).all()
