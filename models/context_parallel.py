@@ -184,11 +184,13 @@ def _merge(
     v: jax.Array,
     mask: jax.Array | None,
     softcap: float | None,
-    block: int = KV_BLOCK,
+    block: int | None = None,
 ) -> State:
     """`_merge_block` over (k, v) in blocks of `block` keys (a scan, each step rematerialised
     in the backward pass), so that at most [q_len x block] scores exist at a time: a device's
-    chunk of a long sequence is thousands of keys. One block where `block` does not divide."""
+    chunk of a long sequence is thousands of keys. One block where `block` (None: KV_BLOCK)
+    does not divide."""
+    block = KV_BLOCK if block is None else block
     kv_len = k.shape[1]
     if kv_len <= block or kv_len % block:
         return _merge_block(state, q, k, v, mask, softcap)
@@ -273,6 +275,8 @@ def _local_attention(
         seg_kv = own_seg[0] if own_seg else None
     shape = (batch, kv_heads, heads // kv_heads, chunk)
     state = (jnp.zeros(shape + (dim,), jnp.float32), jnp.full(shape, _NEG), jnp.zeros(shape))
+    # Each device's sums differ: typed so (varying over the context axes) for the scans' carries.
+    state = tuple(jax.lax.pcast(a, axes, to="varying") for a in state)
 
     # Step 0, the diagonal: this device's own keys, causal within the layout (its two chunks
     # are in sequence order, so the lower triangle is exactly the causal mask).

@@ -38,6 +38,7 @@ FEATURES = {
     "dropout": dict(position_embedding="rope", dropout_rate=0.1),
 }  # fmt: skip
 BATCH = 4
+KV_BLOCK = 512  # models.context_parallel.KV_BLOCK's value (the cases here fit in one block)
 _ONE_DEVICE: dict[tuple[str, bool], Any] = {}  # one device's results, per model and inputs
 
 
@@ -64,8 +65,11 @@ def _compare(case: dict[str, Any]) -> dict[str, Any]:
 
     import sharding
     import steps
+    from models import context_parallel
     from models.gpt import GPT
 
+    # A device's keys in blocks of kv_block (the online softmax's inner loop), if the case asks.
+    context_parallel.KV_BLOCK = case.get("kv_block", KV_BLOCK)
     kwargs = {**MODEL, **FEATURES[case["features"]]}
     train = kwargs.get("dropout_rate", 0.0) > 0
     tokens = jax.random.randint(jax.random.key(1), (BATCH, MODEL["block_size"]), 0, 32)

@@ -53,6 +53,17 @@ def _compare_cases() -> list[dict[str, Any]]:
          "packed": True, "mesh": MESHES["context4_data2"], "strategy": strategy}
         for strategy in STRATEGIES
     ]  # fmt: skip
+    # A device's keys in blocks of 4 (KV_BLOCK's inner loop, which the long sequences use).
+    cases.append(
+        {
+            "kind": "compare",
+            "name": "rope_gqa/kv_block4/ring",
+            "features": "rope_gqa",
+            "mesh": MESHES["context4_data2"],
+            "strategy": "ring",
+            "kv_block": 4,
+        }
+    )
     # Dropout draws its masks in the layout's order (not one device's), the same for both
     # strategies: ring against all-gather, training mode.
     cases.append(
@@ -182,6 +193,14 @@ def test_split_sequences_give_one_devices_numbers(driver, mesh: str, strategy: s
     tensor=2 and context=8 equal one device's."""
     result = driver["results"][f"rope_gqa/{mesh}/{strategy}"]
     assert result["finite"], result
+    assert result["logits"] < TOL and result["loss"] < TOL, result
+    assert result["grads"] < TOL * max(1.0, result["grad_scale"]), result
+
+
+def test_keys_in_blocks_give_the_same_numbers(driver) -> None:
+    """Ring attention with each device's keys taken 4 at a time (the online softmax's inner
+    loop; KV_BLOCK keys on long sequences): one device's numbers on context=4 x data=2."""
+    result = driver["results"]["rope_gqa/kv_block4/ring"]
     assert result["logits"] < TOL and result["loss"] < TOL, result
     assert result["grads"] < TOL * max(1.0, result["grad_scale"]), result
 
