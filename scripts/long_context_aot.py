@@ -11,8 +11,10 @@ global batch 4 (4 sequences a step: every setting holds the same tokens per chip
 `none`, `full` or `dots_saveable`, in one of the settings:
 
 - `fsdp4`: no context parallelism, the state sharded over the 4 chips (data=1, fsdp=4), one
-  whole sequence per chip, attention as training runs it on a TPU (`attention_impl='auto'`:
-  jax.nn.dot_product_attention's XLA path, which holds the [L x L] scores);
+  whole sequence per chip, and the explicit attention, which holds a layer's [heads x L x L]
+  scores in float32 (`attention_impl='auto'` picks `plain_attention` where JAX's default
+  backend is the CPU, as under tools.aot; on a TPU it would pick jax.nn.dot_product_attention's
+  XLA path, which holds them too);
 - `cp4_all_gather`, `cp4_ring`: every sequence split over the 4 chips (context=4, data=fsdp=1;
   models/context_parallel.py), keys and values all-gathered or passed around the ring.
 
