@@ -131,20 +131,7 @@ KINDS = {**sharded_driver.KINDS, "compare": _compare}
 
 def main(argv: list[str]) -> int:
     """Runs every case of the JSON list argv[1], printing one RESULT line per case."""
-    import jax
-
-    cases = json.loads(argv[1])
-    print("RESULT " + json.dumps({"devices": jax.device_count()}), flush=True)
-    for case in cases:
-        try:
-            result = KINDS[case["kind"]](case)
-        except Exception as e:  # report and go on: one failing case must not hide the others
-            import traceback
-
-            traceback.print_exc()
-            result = {"exception": f"{type(e).__name__}: {e}"}
-        print("RESULT " + json.dumps({"name": case["name"], **result}), flush=True)
-    return 0
+    return sharded_driver.run_cases(json.loads(argv[1]), KINDS)
 
 
 if __name__ == "__main__":

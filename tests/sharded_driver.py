@@ -235,17 +235,23 @@ KINDS = {"train": _train, "config_error": _config_error, "evaluate": _evaluate}
 
 def main(argv: list[str]) -> int:
     """Runs every case of the JSON list argv[1], printing one RESULT line per case."""
-    import jax
 
     from data import images
 
     images._load_image_split = cached_image_loader()
-    cases = json.loads(argv[1])
+    return run_cases(json.loads(argv[1]), KINDS)
+
+
+def run_cases(cases: list[dict[str, Any]], kinds: dict[str, Any]) -> int:
+    """Runs each case by its kind, printing the device count and then one RESULT line per case
+    (a case that raises reports its exception: one failing variant must not hide the others)."""
+    import jax
+
     print("RESULT " + json.dumps({"devices": jax.device_count()}), flush=True)
     for case in cases:
         try:
-            result = KINDS[case["kind"]](case)
-        except Exception as e:  # report and go on: one failing variant must not hide the others
+            result = kinds[case["kind"]](case)
+        except Exception as e:
             import traceback
 
             traceback.print_exc()
