@@ -88,7 +88,7 @@ def test_metrics_writer_needs_no_tensorflow(tmp_path):
     """The writer is built on the tensorboard package alone: importing it, and writing every
     kind of summary, imports no TensorFlow (the GPU machines have none)."""
     code = (
-        "import sys, numpy as np, metrics_writer\n"
+        "import sys, numpy as np\nfrom runtime import metrics_writer\n"
         "w = metrics_writer.MetricsWriter(sys.argv[1])\n"
         "w.write_scalars(1, {'loss': 1.0}, prefix='train/')\n"
         "w.write_text(1, 'samples', 'hi')\n"
