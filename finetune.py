@@ -184,6 +184,12 @@ def _fit(
     return other, note, ""
 
 
+def _first_dense(model: Any) -> int:
+    """How many leading blocks an MoE GPT keeps dense (stacked apart, in `h_dense`, when
+    scanned); 0 for a dense model or another model."""
+    return int(getattr(model, "moe_first_dense", 0)) if getattr(model, "moe_num_experts", 0) else 0
+
+
 def _block_count(params: Mapping[str, Any]) -> int:
     return sum(1 for k in params if _BLOCK.fullmatch(k))
 
@@ -199,24 +205,28 @@ def _on_host(fn: Callable[..., Any], *args: Any) -> Any:
         return jax.tree.map(np.asarray, fn(*args))
 
 
-def to_layout(params: Any, source_scanned: bool, target_scanned: bool) -> tuple[Any, str]:
+def to_layout(
+    params: Any, source_scanned: bool, target_scanned: bool, first_dense: int = 0
+) -> tuple[Any, str]:
     """GPT `params` (a dict of numpy arrays) in the block layout of the model: stacked in `h`
-    (scan_layers) or unrolled in h_0 ... h_{L-1}, converted with models.gpt's stack_layers /
-    unstack_layers (every value kept). Returns (params, a note: '' when nothing changed)."""
+    (scan_layers; an MoE model's first `first_dense` dense blocks in `h_dense`) or unrolled in
+    h_0 ... h_{L-1}, converted with models.gpt's stack_layers / unstack_layers (every value
+    kept). Returns (params, a note: '' when nothing changed)."""
     from models import gpt
 
     if source_scanned == target_scanned or not isinstance(params, Mapping):
         return params, ""
-    if source_scanned and "h" in params:
+    if source_scanned and ("h" in params or "h_dense" in params):
         params = _on_host(gpt.unstack_layers, dict(params))
         return params, (f"the source's stacked blocks (scan_layers=True) unstacked into "
                         f"h_0 ... h_{_block_count(params) - 1}")  # fmt: skip
     count = _block_count(params)
     if target_scanned and count:
-        params = _on_host(gpt.stack_layers, dict(params), count)
+        params = _on_host(gpt.stack_layers, dict(params), count, first_dense)
+        into = f"h_dense (the first {first_dense}) and h" if first_dense else "h"
         return (
             params,
-            f"the source's blocks h_0 ... h_{count - 1} stacked into h (scan_layers=True)",
+            f"the source's blocks h_0 ... h_{count - 1} stacked into {into} (scan_layers=True)",
         )
     return params, ""
 
@@ -312,7 +322,10 @@ def init_from(run: experiment.Run, state: train_state.TrainState) -> train_state
 
     source_scanned = bool(getattr(source.model, "scan_layers", False))
     target_scanned = bool(getattr(run.model, "scan_layers", False))
-    source_params, layout_note = to_layout(source_state.params, source_scanned, target_scanned)
+    first_dense = _first_dense(run.model)
+    source_params, layout_note = to_layout(
+        source_state.params, source_scanned, target_scanned, first_dense
+    )
     notes = [layout_note] if layout_note else []
     axes = train_state.param_logical_axes(run.model, run.input_spec.example_input)
     vocab_axes = {path: names.index("vocab") for path, names in axes.items() if "vocab" in names}
@@ -348,11 +361,11 @@ def init_from(run: experiment.Run, state: train_state.TrainState) -> train_state
     new = fresh.replace(params=transfer.params)
     if state_mode:
         new = new.replace(opt_state=_source_opt_state(source_state, fresh, source_scanned,
-                                                      target_scanned),
+                                                      target_scanned, first_dense),
                           step=np.asarray(source_state.step))  # fmt: skip
     if source_state.model_state or fresh.model_state:
         source_model_state, _ = to_layout(source_state.model_state, source_scanned,
-                                          target_scanned)  # fmt: skip
+                                          target_scanned, first_dense)  # fmt: skip
         merged = transfer_params(fresh.model_state, source_model_state, patterns)
         if merged.problems or merged.extra:
             raise InitFromError(mismatch_message(
@@ -413,14 +426,16 @@ def _check_patterns(patterns: Sequence[str], paths: Sequence[str], model_state: 
 
 
 def _source_opt_state(source_state: Any, fresh: Any, source_scanned: bool,
-                      target_scanned: bool) -> Any:  # fmt: skip
+                      target_scanned: bool, first_dense: int) -> Any:  # fmt: skip
     """The source's optimizer state in the model's block layout, checked to be the fresh
     state's structure and shapes (another optimizer or freeze setting is refused)."""
     opt_state = source_state.opt_state
     if source_scanned != target_scanned:
         keys = frozenset(source_state.params)
         opt_state = _relayout_tree(
-            opt_state, keys, lambda p: to_layout(p, source_scanned, target_scanned)[0]
+            opt_state,
+            keys,
+            lambda p: to_layout(p, source_scanned, target_scanned, first_dense)[0],
         )
     ours = jax.tree_util.tree_flatten_with_path(fresh.opt_state)[0]
     theirs = jax.tree_util.tree_flatten_with_path(opt_state)[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -451,20 +452,42 @@ class GPT(nn.Module):
         moe.check_fields(self)  # the moe_* fields (a moe.MoEConfigError)
 
 
-def stack_layers(params: dict, num_layers: int) -> dict:
-    """Unrolled GPT parameters (h_0 ... h_{L-1}) in the scan_layers layout (one `h` whose
-    arrays have a leading [num_layers] axis); the other parameters are kept as they are."""
-    layers = [params[f"h_{i}"] for i in range(num_layers)]
-    rest = {k: v for k, v in params.items() if k not in {f"h_{i}" for i in range(num_layers)}}
-    return {**rest, "h": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+def stack_layers(params: dict, num_layers: int, first_dense: int = 0) -> dict:
+    """Unrolled GPT parameters (h_0 ... h_{L-1}) in the scan_layers layout: one `h` whose arrays
+    have a leading [num_layers] axis or, for an MoE model with `first_dense` > 0
+    (model.moe_first_dense), its first `first_dense` (dense) blocks stacked in `h_dense` and the
+    sparse rest in `h`. The other parameters are kept as they are.
+
+    Raises:
+        ValueError: a block h_i (i < num_layers) is missing, or `first_dense` is not in
+            [0, num_layers).
+    """
+    names = [f"h_{i}" for i in range(num_layers)]
+    missing = [name for name in names if name not in params]
+    if missing:
+        raise ValueError(f"stack_layers: no {missing[:3]} among the parameters {sorted(params)}.")
+    if not 0 <= first_dense < num_layers:
+        raise ValueError(f"stack_layers: first_dense={first_dense} must be in [0, {num_layers}).")
+    rest = {k: v for k, v in params.items() if k not in set(names)}
+
+    def stacked(blocks: list[str]) -> Any:
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *[params[name] for name in blocks])
+
+    if first_dense:
+        rest["h_dense"] = stacked(names[:first_dense])
+    return {**rest, "h": stacked(names[first_dense:])}
 
 
 def unstack_layers(params: dict) -> dict:
-    """The inverse of `stack_layers`: scan_layers parameters in the unrolled layout."""
-    stacked = params["h"]
-    num_layers = jax.tree.leaves(stacked)[0].shape[0]
-    rest = {k: v for k, v in params.items() if k != "h"}
-    layers = {f"h_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(num_layers)}
+    """The inverse of `stack_layers`: scan_layers parameters (`h`, and an MoE model's `h_dense`,
+    whose blocks come first) in the unrolled layout h_0 ... h_{L-1}."""
+    segments = [params[name] for name in ("h_dense", "h") if name in params]
+    rest = {k: v for k, v in params.items() if k not in ("h_dense", "h")}
+    layers, index = {}, 0
+    for stacked in segments:
+        for i in range(jax.tree.leaves(stacked)[0].shape[0]):
+            layers[f"h_{index}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+            index += 1
     return {**rest, **layers}
 
 

@@ -352,6 +352,29 @@ def test_causal_and_cached_decoding(variant: str) -> None:
     np.testing.assert_allclose(decoded, full, atol=1e-5)
 
 
+def test_scanned_first_dense_layout_converts_both_ways() -> None:
+    """An MoE model whose first block stays dense: its unrolled parameters stacked with
+    stack_layers(first_dense=1) are the scanned model's tree (h_dense and h) and compute its
+    logits; unstack_layers returns them unchanged (what init_from's layout conversion uses)."""
+    from models.gpt import stack_layers, unstack_layers
+
+    model = GPT(**{**TINY, "num_layers": 3}, **MOE, moe_first_dense=1)
+    scanned = model.clone(scan_layers=True)
+    tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, TINY["vocab_size"])
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), tokens))["params"]
+    stacked = stack_layers(params, model.num_layers, first_dense=1)
+    want = jax.eval_shape(scanned.init, jax.random.key(0), tokens)["params"]
+    shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), nn.unbox(tree))  # noqa: E731
+    assert shapes(stacked) == shapes(want)
+    np.testing.assert_allclose(
+        scanned.apply({"params": stacked}, tokens), model.apply({"params": params}, tokens),
+        atol=1e-5,
+    )  # fmt: skip
+    jax.tree.map(np.testing.assert_array_equal, unstack_layers(stacked), params)
+    with pytest.raises(ValueError, match="first_dense=3"):
+        stack_layers(params, model.num_layers, first_dense=3)
+
+
 NUM_PARAM_VARIANTS = {
     "top2": dict(MOE),
     "swiglu_shared_bias": dict(
