@@ -45,10 +45,16 @@ from models.layers import padded_vocab_size
 
 NORMS = ("layernorm", "rmsnorm")
 MLP_ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "relu2")
+# What a block keeps for the backward pass (JAX's checkpoint policies): everything ('none': no
+# remat), nothing ('full'), every matmul output ('dots_saveable', attention's [heads x L x L]
+# scores included, which dominate at long sequences), or the matmuls without batch dimensions
+# only: the projections' outputs, not attention's score or value products (JAX's
+# dots_with_no_batch_dims_saveable; MaxText's 'minimal').
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 

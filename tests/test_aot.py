@@ -172,7 +172,12 @@ def test_find_max_batch() -> None:
     assert found["remat_policy"] == "full" and found["batch_multiple"] == 4
     assert found["max_global_batch"] == 16
     assert [p["batch"] for p in found["probes"]] == [8, 16]
-    assert aot.remat_policies(config) == ["none", "full", "dots_saveable"]
+    assert aot.remat_policies(config) == [
+        "none",
+        "full",
+        "dots_saveable",
+        "dots_with_no_batch_dims_saveable",
+    ]
 
 
 def test_does_not_fit_exits_1_with_the_numbers() -> None:

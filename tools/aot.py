@@ -20,8 +20,8 @@ against the chip's HBM (`CHIPS`), FLOPs per step (XLA's cost analysis and the mo
 analytic formula) with the step time they imply at 50% MFU, and the compile times. Prints a
 table, then one JSON line; exits with status 1 if a step does not fit.
 
-`--find_max_batch` searches, for each remat policy of the model (none, full, dots_saveable for
-the GPT), the largest global batch (a multiple of the data-parallel size) whose train step fits.
+`--find_max_batch` searches, for each remat policy of the model (the GPT's REMAT_POLICIES: none,
+full, dots_saveable, dots_with_no_batch_dims_saveable), the largest global batch (a multiple of the data-parallel size) whose train step fits.
 
 No TPU is needed, and none is contacted: on a host without one, libtpu is told not to query a
 metadata server (TPU_SKIP_MDS_QUERY) nor look for other hosts, before JAX is imported
