@@ -67,7 +67,11 @@ def define_flags() -> None:
     """The command's flags (defined only when run as a script)."""
     flags.DEFINE_list("models", list(MODELS), f"Of {list(MODELS)}.")
     flags.DEFINE_list("settings", list(SETTINGS), f"Of {list(SETTINGS)}.")
-    flags.DEFINE_list("remats", ["none", "full", "dots_saveable"], "Remat policies.")
+    flags.DEFINE_list(
+        "remats",
+        ["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"],
+        "Remat policies.",
+    )
     flags.DEFINE_string("topology", "v5p:2x2x1", "tools.aot's --topology.")
     flags.DEFINE_integer("batch_size", 4, "Global batch (sequences per step).")
     flags.DEFINE_bool("search", True, "Also search the longest sequence that fits.")

@@ -15,8 +15,9 @@ The model is configs/shakespeare_char_cpu.py's GPT (4 layers of width 128, 4 hea
 
 Each CPU cell is one `python -m tools.bench` in its own process (step time: the median of
 --steps single steps; tokens/s; peak memory per device from XLA's compiled memory analysis).
-A length is skipped, not run, when the last one measured in its setting needed more than
---memory_fraction of this machine's available memory / 4 (the scores grow as L^2).
+A length is skipped, not run, when the last one measured in its setting, scaled by the square
+of the lengths' ratio (the scores grow as L^2), needs more than --memory_fraction of this
+machine's available memory.
 Unless --notpu, the TPU compiler's per-chip memory of the same train step on `v5p:2x2x1`
 (`python -m tools.aot`, batch 4: one sequence per chip): `fsdp4` (whole sequences) against
 `cp4_ring` (each sequence over the 4 chips). Cells are appended to --out (JSON lines) as they
@@ -153,16 +154,17 @@ def main(argv: list[str]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     cells = Cells(FLAGS.out)
     for setting in FLAGS.settings:
-        needed = 0
+        needed, last = 0, 0
         for length in lengths:
             key = ("cpu", setting, length)
-            if key not in cells.done and needed * 4 > FLAGS.memory_fraction * _available_bytes():
+            expected = needed * (length / last) ** 2 if last else 0
+            if key not in cells.done and expected > FLAGS.memory_fraction * _available_bytes():
                 cells.done[key] = {"skipped": True, "cell_kind": "cpu"}
                 print(f"cpu {setting:15} L={length:6}: skipped (memory)", flush=True)
                 continue
             r = cells.get("cpu", setting, length)
             devices = 8 if setting != "one" else 1
-            needed = r.get("peak_device_memory_bytes", 0) * devices
+            needed, last = r.get("peak_device_memory_bytes", 0) * devices, length
     if FLAGS.tpu:
         for setting in TPU_SETTINGS:
             for length in lengths:
