@@ -107,6 +107,33 @@ def test_gpt_compiles_for_v5e_meshes(mesh: dict, shards: int | None) -> None:
     )
 
 
+def test_moe_compiles_with_experts_over_the_chips() -> None:
+    """An MoE GPT (8 experts, top-2) compiles for v5e:2x2 with expert=4: the report names the
+    expert axis, the batch splits over it (8 sequences: 2 per chip), and each chip holds a
+    quarter of the experts' parameters and all of the rest."""
+    import jax
+    import numpy as np
+
+    import models
+
+    config = _tiny_gpt(moe_num_experts=8, moe_top_k=2, moe_hidden_dim=64)
+    result = _analyze(config, expert=4)
+    assert result["train_fits"] and result["eval_fits"]
+    assert "expert=4" in result["mesh"] and result["batch_per_data_parallel_device"] == 2
+    model = models.build_model(config)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 8), np.int32))
+    expert_params = sum(
+        int(np.prod(leaf.shape))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(shapes["params"])
+        if "moe" in jax.tree_util.keystr(path) and "router" not in jax.tree_util.keystr(path)
+    )
+    total = 4 * result["num_params"]  # float32 bytes
+    assert expert_params > 0
+    assert result["params_bytes_per_device"] == pytest.approx(
+        total - 4 * expert_params * 3 / 4, rel=0.01
+    )
+
+
 def test_scan_layers_and_two_slices() -> None:
     """A scanned GPT compiles for two v5e:2x2 slices (data parallel over the slices, FSDP
     inside), its parameters sharded as the unrolled model's."""

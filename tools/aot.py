@@ -21,7 +21,8 @@ analytic formula) with the step time they imply at 50% MFU, and the compile time
 table, then one JSON line; exits with status 1 if a step does not fit.
 
 `--find_max_batch` searches, for each remat policy of the model (the GPT's REMAT_POLICIES: none,
-full, dots_saveable, dots_with_no_batch_dims_saveable), the largest global batch (a multiple of the data-parallel size) whose train step fits.
+full, dots_saveable, dots_with_no_batch_dims_saveable), the largest global batch (a multiple of
+the data-parallel size: data x fsdp x expert) whose train step fits.
 
 No TPU is needed, and none is contacted: on a host without one, libtpu is told not to query a
 metadata server (TPU_SKIP_MDS_QUERY) nor look for other hosts, before JAX is imported
@@ -302,7 +303,8 @@ def analyze(config: ml_collections.ConfigDict, topology: Topology,
     """Builds and compiles the run's steps for `topology`; every figure as a flat dict."""
     run = build(config, topology)
     config = run.config
-    data, fsdp, context, tensor = (run.mesh.shape[a] for a in ("data", "fsdp", "context", "tensor"))
+    # The batch splits over data, fsdp and expert (sharding.DEFAULT_RULES' 'batch').
+    batch_ways = math.prod(run.mesh.shape[a] for a in ("data", "fsdp", "expert"))
     n = len(topology.devices)
     params_bytes = bytes_per_device(run.abstract_state.params)
     opt_bytes = bytes_per_device(run.abstract_state.opt_state)
@@ -315,9 +317,9 @@ def analyze(config: ml_collections.ConfigDict, topology: Topology,
         "num_devices": n,
         "num_chips": topology.num_chips,
         "devices_per_chip": topology.devices_per_chip,
-        "mesh": f"data={data} fsdp={fsdp} context={context} tensor={tensor}",
+        "mesh": " ".join(f"{axis}={size}" for axis, size in run.mesh.shape.items()),
         "global_batch": int(config.batch_size),
-        "batch_per_data_parallel_device": int(config.batch_size) // (data * fsdp),
+        "batch_per_data_parallel_device": int(config.batch_size) // batch_ways,
         "grad_accum_steps": int(config.grad_accum_steps),
         "steps_per_dispatch": run.compiled.steps_per_dispatch,
         "dtype": config.dtype,
@@ -447,8 +449,8 @@ def find_max_batch(config: ml_collections.ConfigDict, topology: Topology,
     if policy is not None:
         config = _with(config, model__remat_policy=policy)
     run = build(config, topology)
-    data, fsdp = run.mesh.shape["data"], run.mesh.shape["fsdp"]
-    unit = data * fsdp * int(config.grad_accum_steps)
+    batch_ways = math.prod(run.mesh.shape[a] for a in ("data", "fsdp", "expert"))
+    unit = batch_ways * int(config.grad_accum_steps)
     probes: list[dict[str, Any]] = []
 
     def fits(multiple: int) -> bool:
