@@ -193,3 +193,22 @@ def test_packing_without_document_separators_is_refused(tiny_corpus, tmp_path) -
     config.dataset = "synthetic"
     with pytest.raises(config_validation.ConfigError, match="config.packing=False"):
         experiment.build_run(config)
+
+
+def test_kjv_chapters_cuts_the_verses_into_chapters_verbatim() -> None:
+    """scripts/kjv_chapters.py (the packing ablation's corpus): one document per book and
+    chapter, its verse lines verbatim, so the documents joined are the text; a line that is not a
+    verse is refused, naming it."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts", "kjv_chapters.py")
+    spec = importlib.util.spec_from_file_location("kjv_chapters", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = "Ge1:1 In the beginning\nGe1:2 And the earth\nGe2:1 Thus\n1Co13:4 Charity\n"
+    chapters = module.chapters(text)
+    assert chapters == ["Ge1:1 In the beginning\nGe1:2 And the earth\n", "Ge2:1 Thus\n",
+                        "1Co13:4 Charity\n"]  # fmt: skip
+    assert "".join(chapters) == text
+    with pytest.raises(ValueError, match="line 2 is not a verse"):
+        module.chapters("Ge1:1 a\nnot a verse\n")
