@@ -36,7 +36,12 @@ from absl import app, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2**30
-MODEL = ["--config=configs/shakespeare_char_cpu.py", "--config.dataset=synthetic"]
+# One step per call (the config's steps_per_dispatch would stack 10 batches in memory).
+MODEL = [
+    "--config=configs/shakespeare_char_cpu.py",
+    "--config.dataset=synthetic",
+    "--config.steps_per_dispatch=1",
+]
 CPU_SETTINGS = {
     "one": [],
     "cp8_all_gather": ["--config.mesh_shape.data=1", "--config.mesh_shape.context=8",
