@@ -168,3 +168,57 @@ def test_through_the_server_equals_in_process(trained_lm_run, tasks_dir, in_proc
                 exact = metric.startswith(("acc", "exact_match"))
                 np.testing.assert_allclose(served[task][metric], value, rtol=0 if exact else 1e-6,
                                            err_msg=metric)  # fmt: skip
+
+
+def test_perplexity_bits_per_byte_is_jaxlabs_evaluation(trained_lm_run, tasks_dir,
+                                                         in_process) -> None:  # fmt: skip
+    """The perplexity task's bits per byte (lm-eval's loglikelihood_rolling through JaxlabLM)
+    equals jaxlab's own evaluation loop (`evaluation.eval_sums`, what evaluate.py and training
+    use) on the same rolling windows: the harness's windows of each text, each scored for its
+    continuation tokens only, summed in nats, over ln 2 and the texts' UTF-8 bytes."""
+    import math
+
+    from lm_eval import utils
+
+    import evaluation
+    import experiment
+    from tools.lm_eval import JaxlabLM
+
+    restored = experiment.restore_run(trained_lm_run)
+    lm = JaxlabLM(restored, batch_size=4)
+    with open(os.path.join(tasks_dir, "perplexity.jsonl")) as f:
+        texts = [json.loads(line)["text"] for line in f]
+    length = restored.config.model.block_size
+    rows = []  # (inputs, targets, weights) of every window, padded to the block
+    for text in texts:
+        for context, continuation in (
+            utils.make_disjoint_window(w)
+            for w in utils.get_rolling_token_windows(
+                token_list=lm.tok_encode(text), prefix_token=lm.prefix_token_id,
+                max_seq_len=lm.max_length - 1, context_len=1,
+            )
+        ):  # fmt: skip
+            whole = (list(context) + list(continuation))[-(length + 1) :]
+            pad = length + 1 - len(whole)
+            weights = np.zeros(length, np.float32)
+            weights[len(whole) - 1 - len(continuation) : len(whole) - 1] = 1.0
+            rows.append((whole[:-1] + [0] * pad, whole[1:] + [0] * pad, weights))
+    assert len(rows) > len(texts)  # some texts span several windows
+    size = restored.config.eval_batch_size
+    batches = []
+    for start in range(0, len(rows), size):
+        chunk = rows[start : start + size]
+        real = len(chunk)
+        chunk += [chunk[0]] * (size - real)  # padding rows, masked out
+        batches.append({
+            "inputs": np.asarray([r[0] for r in chunk], np.int32),
+            "targets": np.asarray([r[1] for r in chunk], np.int32),
+            "weights": np.asarray([r[2] for r in chunk], np.float32),
+            "mask": (np.arange(size) < real).astype(np.float32),
+        })  # fmt: skip
+    sums = evaluation.eval_sums(restored.run, restored.state, batches)
+    assert int(sums["count"]) == sum(len(lm.tok_encode(t)) for t in texts)
+    num_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    ours = float(sums["loss_sum"]) / math.log(2) / num_bytes
+    theirs = in_process["report"]["results"]["tiny_perplexity"]["bits_per_byte,none"]
+    assert theirs == pytest.approx(ours, rel=1e-5)
