@@ -9,7 +9,6 @@ from typing import Any
 
 import jax
 import ml_collections
-from flax import linen as nn
 
 import models
 import sharding
@@ -289,8 +288,7 @@ def check_parallelism(
         )
     _check_context(config, axes["context"])
     # The mesh axes the batch splits over, as the logical rules say (data x fsdp x expert).
-    spec = nn.logical_to_mesh_axes(("batch",), sharding.logical_axis_rules(config))[0]
-    split = {a: axes[a] for a in ((spec,) if isinstance(spec, str) else tuple(spec or ()))}
+    split = {a: axes[a] for a in sharding.batch_mesh_axes(config)}
     if config.parallelism == "pmap":
         split = {"data": jax.local_device_count() * jax.process_count()}
         if jax.process_count() > 1:

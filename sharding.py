@@ -129,6 +129,13 @@ def logical_axis_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, An
     return tuple(rules) + tuple(overrides.items())
 
 
+def batch_mesh_axes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The mesh axes the logical 'batch' axis splits over under the config's rules (by default
+    data, fsdp and expert): their product is the data-parallel size a batch must divide."""
+    spec = nn.logical_to_mesh_axes(("batch",), logical_axis_rules(config))[0]
+    return (spec,) if isinstance(spec, str) else tuple(spec or ())
+
+
 def batch_sharding(
     mesh: Mesh, rules: Sequence[tuple[str, Any]], stacked: bool = False
 ) -> NamedSharding:

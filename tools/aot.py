@@ -303,8 +303,7 @@ def analyze(config: ml_collections.ConfigDict, topology: Topology,
     """Builds and compiles the run's steps for `topology`; every figure as a flat dict."""
     run = build(config, topology)
     config = run.config
-    # The batch splits over data, fsdp and expert (sharding.DEFAULT_RULES' 'batch').
-    batch_ways = math.prod(run.mesh.shape[a] for a in ("data", "fsdp", "expert"))
+    batch_ways = math.prod(run.mesh.shape[a] for a in sharding.batch_mesh_axes(config))
     n = len(topology.devices)
     params_bytes = bytes_per_device(run.abstract_state.params)
     opt_bytes = bytes_per_device(run.abstract_state.opt_state)
@@ -449,7 +448,7 @@ def find_max_batch(config: ml_collections.ConfigDict, topology: Topology,
     if policy is not None:
         config = _with(config, model__remat_policy=policy)
     run = build(config, topology)
-    batch_ways = math.prod(run.mesh.shape[a] for a in ("data", "fsdp", "expert"))
+    batch_ways = math.prod(run.mesh.shape[a] for a in sharding.batch_mesh_axes(config))
     unit = batch_ways * int(config.grad_accum_steps)
     probes: list[dict[str, Any]] = []
 
