@@ -72,12 +72,13 @@ test-floor: floor-env data
 	JAXLAB_FLOOR_ENV=1 $(FLOOR)/bin/python -m pytest $(PYTEST_ARGS) $(FLOOR_TESTS)
 
 # PyTorch and Hugging Face transformers, in their own environment and only as references:
-# scripts/compare_nanogpt.py's nanoGPT baseline and tests/hf_reference.py (run by
-# tests/test_hf_convert.py in a subprocess). Nothing that trains or samples imports them.
+# scripts/compare_nanogpt.py's nanoGPT baseline, tests/hf_reference.py (run by
+# tests/test_hf_convert.py in a subprocess) and lm-eval's `hf` backend (tests/test_lm_eval.py
+# scores the same model both ways). Nothing that trains or samples imports them.
 # torch==2.13.0 is a CPU build on this machine's disk; elsewhere add
 # --index-url https://download.pytorch.org/whl/cpu to avoid a multi-GB CUDA build.
 # It keeps the interpreter that wheel was built for (the system's python3).
-TORCH_ENV_PACKAGES := numpy torch==2.13.0 'transformers>=5,<6'
+TORCH_ENV_PACKAGES := numpy torch==2.13.0 'transformers>=5,<6' 'lm-eval[hf]==0.4.13'
 TORCH_PYTHON ?= python3
 torch-env: .venv-torch/.installed
 .venv-torch/.installed: Makefile

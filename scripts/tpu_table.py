@@ -10,6 +10,13 @@ or `full`. Cells are appended to --out (JSON lines) as they finish, and cells al
 not compiled again, so an interrupted table resumes. Prints a line per cell, then the Markdown
 table: per-chip GiB and the train step's compile time, or "no (N)" where XLA refused the program
 (N GiB being what it counted).
+
+    python scripts/tpu_table.py --find_max_batch                 # the largest-batch column
+
+With --find_max_batch each cell is instead a model x topology's search for the largest global
+batch with remat `full` (`tools.aot --find_max_batch --remat_policies=full
+--search_tolerance=0.25`), started at the batch in SEARCH_START (the previous compiler's
+answer: starting near it saves compilations), appended to runs/tpu_largest.jsonl.
 """
 
 from __future__ import annotations
@@ -47,6 +54,19 @@ TOPOLOGIES = {
                    "--config.mesh_shape.fsdp=-1"],
 }  # fmt: skip
 
+# Where each largest-batch search starts (--config.batch_size): libtpu 0.0.42.1's answers
+# (docs/tpu.md); the search doubles from there, then bisects.
+SEARCH_START = {
+    ("small", "v5p:2x2x1"): 2560, ("small", "v5e:2x2"): 320, ("small", "v6e:2x2"): 768,
+    ("small", "v5e:2x2x2s"): 768, ("small", "tpu7x:2x2x1"): 2560,
+    ("medium", "v5p:2x2x1"): 1280, ("medium", "v5e:2x2"): 128, ("medium", "v6e:2x2"): 320,
+    ("medium", "v5e:2x2x2s"): 256, ("medium", "tpu7x:2x2x1"): 1280,
+    ("large", "v5p:2x2x1"): 896, ("large", "v5e:2x2"): 96, ("large", "v6e:2x2"): 224,
+    ("large", "v5e:2x2x2s"): 160, ("large", "tpu7x:2x2x1"): 896,
+    ("xl", "v5p:2x2x1"): 640, ("xl", "v5e:2x2"): 40, ("xl", "v6e:2x2"): 128,
+    ("xl", "v5e:2x2x2s"): 80, ("xl", "tpu7x:2x2x1"): 640,
+}  # fmt: skip
+
 FLAGS = flags.FLAGS
 
 
@@ -57,14 +77,18 @@ def define_flags() -> None:
     flags.DEFINE_list("remats", ["none", "full"], "Remat policies.")
     flags.DEFINE_integer("batch_size", 32, "Global batch.")
     flags.DEFINE_string("out", "runs/tpu_table.jsonl", "JSON lines, one per cell (resumable).")
-    flags.DEFINE_integer("timeout_s", 1800, "Longest one compilation may take.")
+    flags.DEFINE_integer("timeout_s", 1800, "Longest one cell may take.")
+    flags.DEFINE_bool("find_max_batch", False, "Search each cell's largest batch (remat full).")
 
 
 def run_cell(model: str, topology: str, remat: str) -> dict:
     """One tools.aot run; its JSON result with the cell's names and the wall time added."""
+    batch = SEARCH_START[(model, topology)] if FLAGS.find_max_batch else FLAGS.batch_size
     command = [sys.executable, "-m", "tools.aot", *MODELS[model], *TOPOLOGIES[topology],
-               f"--config.model.remat_policy={remat}", f"--config.batch_size={FLAGS.batch_size}",
+               f"--config.model.remat_policy={remat}", f"--config.batch_size={batch}",
                "--noeval"]  # fmt: skip
+    if FLAGS.find_max_batch:
+        command += ["--find_max_batch", "--remat_policies=full", "--search_tolerance=0.25"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     started = time.time()
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
@@ -79,7 +103,19 @@ def run_cell(model: str, topology: str, remat: str) -> dict:
 
 
 def cell_text(result: dict) -> str:
-    """'14.76 GiB, 41 s' or 'no (33.4)'."""
+    """'14.76 GiB, 41 s' or 'no (33.4)'; for a search, '2,560 (3,072: 103.6 GiB; 87.39 GiB at
+    2,560; 5 compiles, 141 s)'."""
+    if "max_batch" in result:
+        found = result["max_batch"][0]
+        failing = found["smallest_failing_batch"]
+        probe = next((p for p in found["probes"] if p["batch"] == failing), {})
+        needs = probe.get("total_bytes")
+        over = f"{failing:,}: " + ("refused" if needs is None else f"{needs / GIB:.1f} GiB")
+        at = found["total_bytes_at_max"]
+        at = "?" if at is None else f"{at / GIB:.2f}"
+        return (f"{found['max_global_batch']:,} ({over}; {at} GiB at "
+                f"{found['max_global_batch']:,}; {found['compiles']} compiles, "
+                f"{result['cell_wall_s']:,.0f} s)")  # fmt: skip
     if result.get("train_total_bytes") is None:
         needed = result.get("train_needed_gib_per_device")
         return f"no ({needed:.1f})" if needed is not None else "no"
@@ -97,6 +133,9 @@ def main(argv: list[str]) -> None:
         raise cli.UserError(
             f"unknown {unknown}: models are {list(MODELS)}, topologies {list(TOPOLOGIES)}"
         )
+    remats = ["full"] if FLAGS.find_max_batch else FLAGS.remats
+    if FLAGS.find_max_batch and FLAGS.out == "runs/tpu_table.jsonl":
+        FLAGS.out = "runs/tpu_largest.jsonl"
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     done = {}
     if os.path.exists(FLAGS.out):
@@ -106,7 +145,7 @@ def main(argv: list[str]) -> None:
                 done[(r["cell_model"], r["cell_topology"], r["cell_remat"])] = r
     for model in FLAGS.models:
         for topology in FLAGS.topologies:
-            for remat in FLAGS.remats:
+            for remat in remats:
                 key = (model, topology, remat)
                 if key not in done:
                     done[key] = run_cell(*key)
@@ -117,12 +156,13 @@ def main(argv: list[str]) -> None:
     import importlib.metadata
 
     versions = {p: importlib.metadata.version(p) for p in ("jax", "libtpu")}
-    print(f"\njax {versions['jax']}, libtpu {versions['libtpu']}, batch {FLAGS.batch_size}")
-    print("| model | topology | " + " | ".join(f"remat {r}" for r in FLAGS.remats) + " |")
-    print("|---|---|" + "---|" * len(FLAGS.remats))
+    batch = "largest" if FLAGS.find_max_batch else FLAGS.batch_size
+    print(f"\njax {versions['jax']}, libtpu {versions['libtpu']}, batch {batch}")
+    print("| model | topology | " + " | ".join(f"remat {r}" for r in remats) + " |")
+    print("|---|---|" + "---|" * len(remats))
     for model in FLAGS.models:
         for topology in FLAGS.topologies:
-            cells = [cell_text(done[(model, topology, r)]) for r in FLAGS.remats]
+            cells = [cell_text(done[(model, topology, r)]) for r in remats]
             print(f"| {model} | {topology} | " + " | ".join(cells) + " |")
 
 

@@ -199,6 +199,15 @@ def test_find_max_batch() -> None:
     assert found["remat_policy"] == "full" and found["batch_multiple"] == 4
     assert found["max_global_batch"] == 16
     assert [p["batch"] for p in found["probes"]] == [8, 16]
+    # The command's own analysis at the config's batch is the search's first probe, reused
+    # rather than compiled again (its compile time comes from the analysis).
+    config.model.remat_policy = "full"
+    analysis = {"global_batch": 8, "train_fits": True, "train_compile_s": -1.0,
+                "train_total_bytes": 1}  # fmt: skip
+    again = aot.find_max_batch(config, topo, "full", limit=16, known=analysis)
+    assert again["max_global_batch"] == 16
+    assert [p["compile_s"] for p in again["probes"]][0] == -1.0
+    assert again["probes"][1]["compile_s"] > 0
     assert aot.remat_policies(config) == [
         "none",
         "full",

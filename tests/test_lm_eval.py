@@ -98,14 +98,22 @@ def tasks_dir(tiny_corpus, tmp_path_factory) -> str:
     return write_tasks(str(tmp_path_factory.mktemp("lm_eval_tasks")), tiny_corpus)
 
 
+def _block_size(workdir: str) -> int:
+    with open(os.path.join(workdir, "config.json")) as f:
+        return int(json.load(f)["model"]["block_size"])
+
+
 @pytest.fixture(scope="module")
 def in_process(trained_lm_run, tasks_dir) -> dict:
     """`python -m tools.lm_eval` on the tiny run: its printed table, results file and
-    TensorBoard scalars."""
+    TensorBoard scalars. max_length is one below the context, as lm-eval scores through the
+    server (which takes at most a context of tokens a request)."""
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    max_length = _block_size(trained_lm_run) - 1
     result = subprocess.run(
         [sys.executable, "-m", "tools.lm_eval", f"--workdir={trained_lm_run}",
-         f"--tasks={','.join(TASKS)}", f"--include_path={tasks_dir}", "--batch_size=4"],
+         f"--tasks={','.join(TASKS)}", f"--include_path={tasks_dir}", "--batch_size=4",
+         f"--max_length={max_length}"],
         cwd=REPO, capture_output=True, text=True, timeout=900, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-5000:]
@@ -143,9 +151,11 @@ def test_through_the_server_equals_in_process(trained_lm_run, tasks_dir, in_proc
     try:
         env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
         newline = server.post("/tokenize", {"prompt": "\n"}).json()["tokens"][0]
+        # lm-eval's API models keep max_length - 1 tokens a request: the context here.
         model_args = (
             f"base_url={server.url}/v1/completions,model={os.path.basename(trained_lm_run)},"
-            f"tokenizer_backend=remote,max_length=33,custom_prefix_token_id={newline},"
+            f"tokenizer_backend=remote,max_length={_block_size(trained_lm_run) + 1},"
+            f"custom_prefix_token_id={newline},"
             "max_gen_toks=8"
         )
         output = tmp_path / "out"
@@ -185,17 +195,17 @@ def test_perplexity_bits_per_byte_is_jaxlabs_evaluation(trained_lm_run, tasks_di
     from tools.lm_eval import JaxlabLM
 
     restored = experiment.restore_run(trained_lm_run)
-    lm = JaxlabLM(restored, batch_size=4)
+    length = restored.config.model.block_size
+    lm = JaxlabLM(restored, batch_size=4, max_length=length - 1)  # as the in_process fixture
     with open(os.path.join(tasks_dir, "perplexity.jsonl")) as f:
         texts = [json.loads(line)["text"] for line in f]
-    length = restored.config.model.block_size
     rows = []  # (inputs, targets, weights) of every window, padded to the block
     for text in texts:
         for context, continuation in (
             utils.make_disjoint_window(w)
             for w in utils.get_rolling_token_windows(
                 token_list=lm.tok_encode(text), prefix_token=lm.prefix_token_id,
-                max_seq_len=lm.max_length - 1, context_len=1,
+                max_seq_len=lm.max_length, context_len=1,
             )
         ):  # fmt: skip
             whole = (list(context) + list(continuation))[-(length + 1) :]
@@ -222,3 +232,93 @@ def test_perplexity_bits_per_byte_is_jaxlabs_evaluation(trained_lm_run, tasks_di
     ours = float(sums["loss_sum"]) / math.log(2) / num_bytes
     theirs = in_process["report"]["results"]["tiny_perplexity"]["bits_per_byte,none"]
     assert theirs == pytest.approx(ours, rel=1e-5)
+
+
+def _kjv_task_corpus(path: str) -> str:
+    """24 lines of the King James Bible: every third line eight verses long (~400 tokens of
+    the reference tokenizer: several of its 128-token windows, and a multiple-choice context
+    that must be cut), the others a verse each."""
+    from data import sources
+
+    verses = sources.load_text_corpus("kjv").splitlines()[20_000:20_200]
+    lines, i = [], 0
+    while len(lines) < 24:
+        take = 8 if len(lines) % 3 == 2 else 1
+        lines.append(" ".join(v.split(" ", 1)[1] for v in verses[i : i + take]))
+        i += take
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def test_imported_gpt2_scores_as_transformers_under_lm_evals_hf_backend(tmp_path_factory) -> None:
+    """A GPT-2 (tests/hf_reference.py's random one, context 128) imported into jaxlab gets,
+    in process and with defaults, the numbers lm-eval's own `hf` backend gets from
+    `transformers` on the original directory (run under .venv-torch): the same accuracies and
+    greedy text, and the same perplexities to float32 rounding (the two frameworks' logits
+    agree to ~1e-6). The texts span several context windows and some choice contexts must be
+    cut, so both cut sequences alike (lm-eval's `hf` convention: max_length + 1 tokens scored
+    together, rolling windows of max_length)."""
+    from test_hf_convert import _TORCH_ENV, TORCH_PYTHON, _build_reference, _shared_dir
+
+    from hf import importing
+
+    usable = os.path.exists(TORCH_PYTHON) and subprocess.run(
+        [TORCH_PYTHON, "-c", "import lm_eval.models.huggingface, transformers"],
+        capture_output=True, env=_TORCH_ENV,
+    ).returncode == 0  # fmt: skip
+    if not usable:
+        pytest.skip("needs .venv-torch with torch, transformers and lm-eval: `make torch-env`")
+    hf_dir = str(_build_reference(_shared_dir(tmp_path_factory)) / "gpt2_tiny")
+    root = tmp_path_factory.mktemp("lm_eval_hf")
+    tasks = write_tasks(str(root / "tasks"), _kjv_task_corpus(str(root / "kjv_lines.txt")))
+    workdir = importing.import_hf(hf_dir, str(root / "imported"))
+    offline = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    theirs_dir = root / "hf_results"
+    common = [f"--tasks={','.join(TASKS)}", f"--include_path={tasks}"]
+    hf = subprocess.run(
+        [TORCH_PYTHON, "-m", "lm_eval", "run", "--model=hf", "--device=cpu", "--batch_size=1",
+         f"--model_args=pretrained={hf_dir},dtype=float32", f"--output_path={theirs_dir}",
+         "--log_samples", *common],
+        cwd=str(root), capture_output=True, text=True, timeout=900, env={**_TORCH_ENV, **offline},
+    )  # fmt: skip
+    assert hf.returncode == 0, hf.stderr[-5000:]
+    ours_path = str(root / "jaxlab_results.json")
+    jaxlab = subprocess.run(
+        [sys.executable, "-m", "tools.lm_eval", f"--workdir={workdir}", "--batch_size=4",
+         f"--output={ours_path}", "--log_samples", *common],
+        cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, **offline},
+    )  # fmt: skip
+    assert jaxlab.returncode == 0, jaxlab.stderr[-5000:]
+    files = {f: os.path.join(r, f) for r, _, fs in os.walk(theirs_dir) for f in fs}
+    (path,) = [p for f, p in files.items() if f.startswith("results")]
+    with open(path) as f:
+        theirs = json.load(f)["results"]
+    with open(ours_path) as f:
+        ours = json.load(f)["results"]
+    for task in TASKS:
+        for metric, value in theirs[task].items():
+            if isinstance(value, float) and "stderr" not in metric:
+                exact = metric.startswith(("acc", "exact_match"))
+                np.testing.assert_allclose(ours[task][metric], value, rtol=0 if exact else 1e-5,
+                                           err_msg=f"{task} {metric}")  # fmt: skip
+    # Document by document: each choice's log-likelihood and greediness, each text's, each
+    # generated text.
+    for task in TASKS:
+        (theirs_samples,) = [p for f, p in files.items() if f.startswith(f"samples_{task}_")]
+        ours_samples = os.path.join(str(root / "jaxlab_results_samples"), f"{task}.jsonl")
+        by_doc = []
+        for samples in (theirs_samples, ours_samples):
+            with open(samples) as f:
+                rows = sorted((json.loads(line) for line in f), key=lambda r: r["doc_id"])
+            by_doc.append([r["filtered_resps"] for r in rows])
+        assert len(by_doc[0]) == len(by_doc[1]) == (8 if task == "tiny_generation" else 24)
+        for hf_resps, our_resps in zip(*by_doc, strict=True):
+            if task == "tiny_generation":
+                assert our_resps == hf_resps
+                continue
+            for hf_resp, our_resp in zip(hf_resps, our_resps, strict=True):
+                hf_resp = hf_resp if isinstance(hf_resp, list) else [hf_resp]
+                our_resp = our_resp if isinstance(our_resp, list) else [our_resp]
+                np.testing.assert_allclose(float(our_resp[0]), float(hf_resp[0]), rtol=1e-5)
+                assert our_resp[1:] == hf_resp[1:], task  # greedy or not

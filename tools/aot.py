@@ -439,12 +439,14 @@ def largest_fitting(fits: Callable[[int], bool], start: int, limit: int,
 
 def find_max_batch(config: ml_collections.ConfigDict, topology: Topology,
                    policy: str | None = None, limit: int = 1 << 20,
-                   tolerance: float = 0.0) -> dict[str, Any]:  # fmt: skip
+                   tolerance: float = 0.0,
+                   known: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """The largest global batch whose train step fits (with `model.remat_policy=policy` if
     given): doubling, then bisection, over multiples of the data-parallel size (times
     grad_accum_steps), each probe a compilation. `limit`: the largest batch tried;
     `tolerance`: stop when the smallest failing batch is within this fraction of the largest
-    fitting one (0: the exact multiple)."""
+    fitting one (0: the exact multiple). `known`: `analyze`'s result for this config and
+    policy, whose train step at the config's batch is then not compiled again."""
     if policy is not None:
         config = _with(config, model__remat_policy=policy)
     run = build(config, topology)
@@ -454,6 +456,11 @@ def find_max_batch(config: ml_collections.ConfigDict, topology: Topology,
 
     def fits(multiple: int) -> bool:
         batch = multiple * unit
+        if known is not None and batch == known["global_batch"]:
+            fit = bool(known["train_fits"])
+            probes.append({"batch": batch, "fits": fit, "compile_s": known.get("train_compile_s"),
+                           "total_bytes": known.get("train_total_bytes")})  # fmt: skip
+            return fit
         run = build(_with(config, batch_size=batch), topology)
         try:
             compiled, seconds = compile_step(run, batch, train=True)
@@ -550,9 +557,12 @@ def main(argv: list[str]) -> int:
     result = analyze(config, topology, evaluate=FLAGS.eval)
     if FLAGS.find_max_batch:
         policies = FLAGS.remat_policies or remat_policies(config)
+        # The analysis above compiled the config's batch: the search reuses it for its policy.
+        known = {result["remat_policy"]: result, None: result}
+        tolerance = FLAGS.search_tolerance
         result["max_batch"] = [
-            find_max_batch(config, topology, policy, tolerance=FLAGS.search_tolerance)
-            for policy in policies
+            find_max_batch(config, topology, p, tolerance=tolerance, known=known.get(p))
+            for p in policies
         ]
     print(format_table(result), flush=True)
     print(json.dumps(result), flush=True)

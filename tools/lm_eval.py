@@ -11,15 +11,20 @@ evaluate.py restores it, so a model that only fits sharded is evaluated sharded)
   one compilation);
 - `generate_until` decodes with the server's batching engine (serving/engine.py: every
   request in flight together, stop strings, and past the context nanoGPT's way).
-They score and generate what lm-eval's `local-completions` model gets from `serve.py` for the
-same run: the same tokens (lm-eval's own context truncation, with max_length = the context +
-1 tokens there: `max_length=<block_size + 1>` in its model_args), the same float32
-log-probabilities (to their last bits: a window's row in the scoring batch may change those),
-summed in the same order, and the same greedy text (tests/test_lm_eval.py).
+Sequences are cut as lm-eval's `hf` backend cuts them for a Hugging Face model with the same
+context (`max_length` = block_size): a loglikelihood request scores the last max_length + 1
+tokens of context + continuation (the first only as context), a rolling one its text in
+disjoint windows of max_length tokens, so an imported GPT-2 gets the numbers `transformers`
+gets under `--model hf` (tests/test_lm_eval.py). lm-eval's `local-completions` against
+`serve.py` can send the server at most block_size tokens a request (its windows are one token
+shorter): with `max_length=block_size - 1` here the two score the same tokens, the same float32
+log-probabilities (to their last bits: a window's row in the scoring batch may change those)
+summed in the same order, and generate the same greedy text (tests/test_lm_eval.py).
 
 The command writes lm-eval's results (its `results` and `configs`, with the run's step) to
 `<workdir>/lm_eval.json` (or --output) and each task's metrics as TensorBoard scalars
-`lm_eval/<task>/<metric>` at the checkpoint's step, in `<workdir>/lm_eval/tensorboard`.
+`lm_eval/<task>/<metric>` at the checkpoint's step, in `<workdir>/lm_eval/tensorboard`; with
+--log_samples, each document's arguments and responses in `<output stem>_samples/<task>.jsonl`.
 lm-eval is an optional dependency (`pip install -c constraints.txt -e '.[eval]'`), imported
 by this module only. Standard tasks download their data from the Hugging Face Hub; offline,
 give local tasks (`--include_path`, lm-eval's YAML task format over local files;
@@ -71,8 +76,9 @@ class JaxlabLM(TemplateLM):
       prefix_token_id: the token a text is scored after when it has no context (lm-eval's
         empty contexts and the first rolling window): default the tokenizer's end-of-text
         token, else the token of '\\n', else 0.
-      max_length: tokens per scored sequence (context and continuation); default the
-        model's context (block_size), the most the server scores in one request.
+      max_length: lm-eval's `hf` backend's max_length: a scored sequence keeps at most
+        max_length + 1 tokens (context and continuation), rolling windows are max_length
+        tokens; default the model's context (block_size). Raises ValueError below 1.
     """
 
     def __init__(self, restored: Any = None, workdir: str | None = None,
@@ -93,7 +99,9 @@ class JaxlabLM(TemplateLM):
         self.restored = restored
         self.tokenizer_ = restored.tokenizer
         self.block_size = int(restored.model.block_size)
-        self._max_length = int(max_length or self.block_size)
+        self._max_length = self.block_size if max_length is None else int(max_length)
+        if self._max_length < 1:
+            raise ValueError(f"max_length must be at least 1, got {self._max_length}")
         self.scorer = Scorer(restored, int(batch_size))
         self.num_slots = int(num_slots)
         self._engine = None
@@ -135,14 +143,16 @@ class JaxlabLM(TemplateLM):
     def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False,
                               **kwargs: Any) -> list[tuple[float, bool]]:  # fmt: skip
         """(log p(continuation | context), whether the continuation is the greedy one) of
-        each (key, context ids, continuation ids): the last max_length tokens of context +
-        continuation scored together, as lm-eval's API models truncate them."""
+        each (key, context ids, continuation ids): the last max_length + 1 tokens of context +
+        continuation scored together, as lm-eval's `hf` backend truncates them (a continuation
+        longer than that is scored from its second kept token on: the first has no context)."""
         inputs, ctxlens = [], []
+        keep = self.max_length + 1
         for _, context, continuation in requests:
-            whole = (list(context) + list(continuation))[-self.max_length :]
+            whole = (list(context) + list(continuation))[-keep:]
             inputs.append(np.asarray(whole, np.int32))
-            cut = max(0, len(context) + len(continuation) - self.max_length)
-            ctxlens.append(len(context) - cut)
+            cut = max(0, len(context) + len(continuation) - keep)
+            ctxlens.append(max(1, len(context) - cut))
         out = []
         for (key, _, _), scores, ctxlen in zip(
             requests, self.scorer.score(inputs), ctxlens, strict=True
@@ -157,7 +167,7 @@ class JaxlabLM(TemplateLM):
 
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
         """log p(text) of each request's text, in lm-eval's disjoint rolling windows of
-        max_length - 1 tokens after the prefix token (as its API models cut them)."""
+        max_length tokens after the prefix token (as its `hf` backend cuts them)."""
         from lm_eval import utils
 
         out = []
@@ -168,7 +178,7 @@ class JaxlabLM(TemplateLM):
                 for w in utils.get_rolling_token_windows(
                     token_list=self.tok_encode(string),
                     prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length - 1,
+                    max_seq_len=self.max_length,
                     context_len=1,
                 )
             ]
@@ -194,7 +204,7 @@ class JaxlabLM(TemplateLM):
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
         """The greedy (or, with a temperature, seeded) continuation of each context,
         ended by its `until` strings or `max_gen_toks` tokens; the context cut to its last
-        max_length - max_gen_toks tokens as lm-eval's API models cut it (to the last
+        max_length - max_gen_toks tokens as lm-eval's models cut it (to the last
         block_size when that leaves none). Generation goes past the context when it must."""
         from serving import engine as engine_lib
 
@@ -248,16 +258,18 @@ class JaxlabLM(TemplateLM):
 
 def evaluate(lm: JaxlabLM, tasks: list[str], include_path: str | None = None,
              num_fewshot: int | None = None, limit: float | None = None,
-             include_defaults: bool = True) -> dict[str, Any]:  # fmt: skip
+             include_defaults: bool = True,
+             log_samples: bool = False) -> dict[str, Any]:  # fmt: skip
     """lm-eval's `simple_evaluate` of `lm` on `tasks` (names, or groups; those of
-    `include_path`'s YAML files too): its results dict ('results', 'configs', ...)."""
+    `include_path`'s YAML files too): its results dict ('results', 'configs', ...; with
+    log_samples, 'samples': each task's documents with the model's responses)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=include_path, include_defaults=include_defaults)
     return lm_eval.simple_evaluate(
         model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-        log_samples=False, bootstrap_iters=0,
+        log_samples=log_samples, bootstrap_iters=0,
     )  # fmt: skip
 
 
@@ -299,6 +311,33 @@ def write_results(workdir: str, step: int, results: dict[str, Any], output: str 
     return path
 
 
+def write_samples(directory: str, results: dict[str, Any]) -> list[str]:
+    """Writes each task's samples (lm-eval's per-document records: doc_id, doc, arguments,
+    resps, filtered_resps, metrics...) as JSON lines to <directory>/<task>.jsonl, sanitized
+    as lm-eval's own --log_samples files are (its EvaluationTracker: responses as strings,
+    arguments as gen_args_i/arg_j). Returns the paths."""
+    from lm_eval.utils import handle_non_serializable, sanitize_list
+
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for task, samples in results.get("samples", {}).items():
+        path = os.path.join(directory, f"{task}.jsonl")
+        with open(path, "w", encoding="utf-8") as f:
+            for sample in samples:
+                sample = {
+                    **sample,
+                    "arguments": {f"gen_args_{i}": {f"arg_{j}": a for j, a in enumerate(arg)}
+                                  for i, arg in enumerate(sample["arguments"])},
+                    "resps": sanitize_list(sample["resps"]),
+                    "filtered_resps": sanitize_list(sample["filtered_resps"]),
+                    "target": str(sample["target"]),
+                }  # fmt: skip
+                line = json.dumps(sample, default=handle_non_serializable, ensure_ascii=False)
+                f.write(line + "\n")
+        paths.append(path)
+    return paths
+
+
 FLAGS = flags.FLAGS
 
 
@@ -312,7 +351,12 @@ def define_flags() -> None:
     flags.DEFINE_float("limit", None, "Examples per task (a count, or a fraction if < 1).")
     flags.DEFINE_integer("batch_size", 8, "Windows per scoring call.")
     flags.DEFINE_integer("num_slots", 8, "Sequences generated together.")
+    flags.DEFINE_integer("max_length", None, "lm-eval's max_length (default: the model's "
+                         "context, as its hf backend; block_size - 1 scores as through "
+                         "serve.py).")  # fmt: skip
     flags.DEFINE_string("output", None, "Results path (default <workdir>/lm_eval.json).")
+    flags.DEFINE_bool("log_samples", False, "Also write each document's responses to "
+                      "<output without .json>_samples/<task>.jsonl.")  # fmt: skip
     flags.mark_flags_as_required(["workdir", "tasks"])
 
 
@@ -325,14 +369,22 @@ def main(argv: Sequence[str]) -> None:
     import experiment
 
     restored = experiment.restore_run(FLAGS.workdir, FLAGS.step)
-    lm = JaxlabLM(restored, batch_size=FLAGS.batch_size, num_slots=FLAGS.num_slots)
     try:
-        results = evaluate(lm, FLAGS.tasks, FLAGS.include_path, FLAGS.num_fewshot, FLAGS.limit)
+        lm = JaxlabLM(restored, batch_size=FLAGS.batch_size, num_slots=FLAGS.num_slots,
+                      max_length=FLAGS.max_length)  # fmt: skip
+    except ValueError as e:
+        raise cli.UserError(f"--max_length: {e}") from None
+    try:
+        results = evaluate(lm, FLAGS.tasks, FLAGS.include_path, FLAGS.num_fewshot, FLAGS.limit,
+                           log_samples=FLAGS.log_samples)  # fmt: skip
     finally:
         lm.close()
     print(make_table(results))
     path = write_results(FLAGS.workdir, restored.step, results, FLAGS.output)
     print(f"Wrote {path} and TensorBoard scalars lm_eval/* at step {restored.step}")
+    if FLAGS.log_samples:
+        samples = write_samples(path.removesuffix(".json") + "_samples", results)
+        print("Wrote " + ", ".join(samples))
 
 
 if __name__ == "__main__":
