@@ -254,11 +254,13 @@ def _kjv_task_corpus(path: str) -> str:
 def test_imported_gpt2_scores_as_transformers_under_lm_evals_hf_backend(tmp_path_factory) -> None:
     """A GPT-2 (tests/hf_reference.py's random one, context 128) imported into jaxlab gets,
     in process and with defaults, the numbers lm-eval's own `hf` backend gets from
-    `transformers` on the original directory (run under .venv-torch): the same accuracies and
-    greedy text, and the same perplexities to float32 rounding (the two frameworks' logits
-    agree to ~1e-6). The texts span several context windows and some choice contexts must be
-    cut, so both cut sequences alike (lm-eval's `hf` convention: max_length + 1 tokens scored
-    together, rolling windows of max_length)."""
+    `transformers` on the original directory (run under .venv-torch), document by document:
+    every log-likelihood to float32 rounding (the two frameworks' logits agree to ~1e-6), the
+    same greediness, accuracies and greedy text. The texts span several context windows and
+    some choice contexts must be cut, so both cut sequences alike (lm-eval's `hf` convention:
+    max_length + 1 tokens scored together, rolling windows of max_length). jaxlab's side runs
+    sharded, its parameters split over 4 devices (FSDP), as a model too large for one device
+    is evaluated."""
     from test_hf_convert import _TORCH_ENV, TORCH_PYTHON, _build_reference, _shared_dir
 
     from hf import importing
@@ -273,6 +275,11 @@ def test_imported_gpt2_scores_as_transformers_under_lm_evals_hf_backend(tmp_path
     root = tmp_path_factory.mktemp("lm_eval_hf")
     tasks = write_tasks(str(root / "tasks"), _kjv_task_corpus(str(root / "kjv_lines.txt")))
     workdir = importing.import_hf(hf_dir, str(root / "imported"))
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = json.load(f)
+    config["mesh_shape"] = {"data": 1, "fsdp": 4, "tensor": 1}  # as a run trained with FSDP
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(config, f)
     offline = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     theirs_dir = root / "hf_results"
     common = [f"--tasks={','.join(TASKS)}", f"--include_path={tasks}"]
@@ -286,10 +293,11 @@ def test_imported_gpt2_scores_as_transformers_under_lm_evals_hf_backend(tmp_path
     ours_path = str(root / "jaxlab_results.json")
     jaxlab = subprocess.run(
         [sys.executable, "-m", "tools.lm_eval", f"--workdir={workdir}", "--batch_size=4",
-         f"--output={ours_path}", "--log_samples", *common],
+         f"--output={ours_path}", "--log_samples", "--cpu_devices=4", *common],
         cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, **offline},
     )  # fmt: skip
     assert jaxlab.returncode == 0, jaxlab.stderr[-5000:]
+    assert "on 4 cpu devices, mesh {" in jaxlab.stdout and "'fsdp': 4" in jaxlab.stdout
     files = {f: os.path.join(r, f) for r, _, fs in os.walk(theirs_dir) for f in fs}
     (path,) = [p for f, p in files.items() if f.startswith("results")]
     with open(path) as f:

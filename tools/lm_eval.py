@@ -355,6 +355,7 @@ def define_flags() -> None:
                          "context, as its hf backend; block_size - 1 scores as through "
                          "serve.py).")  # fmt: skip
     flags.DEFINE_string("output", None, "Results path (default <workdir>/lm_eval.json).")
+    flags.DEFINE_integer("cpu_devices", None, "Simulated CPU devices (testing sharded runs).")
     flags.DEFINE_bool("log_samples", False, "Also write each document's responses to "
                       "<output without .json>_samples/<task>.jsonl.")  # fmt: skip
     flags.mark_flags_as_required(["workdir", "tasks"])
@@ -364,11 +365,17 @@ def main(argv: Sequence[str]) -> None:
     """Restores the run, evaluates the tasks, prints the table and writes the results."""
     del argv
     _require_lm_eval()
+    import jax
     from lm_eval.utils import make_table
 
     import experiment
 
+    if FLAGS.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
     restored = experiment.restore_run(FLAGS.workdir, FLAGS.step)
+    mesh = dict(restored.run.mesh.shape)
+    print(f"Restored step {restored.step} on {jax.device_count()} {jax.default_backend()} "
+          f"devices, mesh {mesh}", flush=True)  # fmt: skip
     try:
         lm = JaxlabLM(restored, batch_size=FLAGS.batch_size, num_slots=FLAGS.num_slots,
                       max_length=FLAGS.max_length)  # fmt: skip
