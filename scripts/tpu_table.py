@@ -54,8 +54,9 @@ TOPOLOGIES = {
                    "--config.mesh_shape.fsdp=-1"],
 }  # fmt: skip
 
-# Where each largest-batch search starts (--config.batch_size): libtpu 0.0.42.1's answers
-# (docs/tpu.md); the search doubles from there, then bisects.
+# Where each largest-batch search starts (--config.batch_size), the starts of docs/tpu.md's
+# table: libtpu 0.0.42.1's answers (v5p medium and large: a step below them; TPU7x: v5p's).
+# The search doubles from there, then bisects.
 SEARCH_START = {
     ("small", "v5p:2x2x1"): 2560, ("small", "v5e:2x2"): 320, ("small", "v6e:2x2"): 768,
     ("small", "v5e:2x2x2s"): 768, ("small", "tpu7x:2x2x1"): 2560,
