@@ -77,7 +77,10 @@ def define_flags() -> None:
     flags.DEFINE_list("topologies", list(TOPOLOGIES), f"Of {list(TOPOLOGIES)}.")
     flags.DEFINE_list("remats", ["none", "full"], "Remat policies.")
     flags.DEFINE_integer("batch_size", 32, "Global batch.")
-    flags.DEFINE_string("out", "runs/tpu_table.jsonl", "JSON lines, one per cell (resumable).")
+    flags.DEFINE_string(
+        "out", None, "JSON lines, one per cell (resumable); default runs/tpu_table.jsonl "
+        "(--find_max_batch: runs/tpu_largest.jsonl).",
+    )  # fmt: skip
     flags.DEFINE_integer("timeout_s", 1800, "Longest one cell may take.")
     flags.DEFINE_bool("find_max_batch", False, "Search each cell's largest batch (remat full).")
 
@@ -135,12 +138,12 @@ def main(argv: list[str]) -> None:
             f"unknown {unknown}: models are {list(MODELS)}, topologies {list(TOPOLOGIES)}"
         )
     remats = ["full"] if FLAGS.find_max_batch else FLAGS.remats
-    if FLAGS.find_max_batch and FLAGS.out == "runs/tpu_table.jsonl":
-        FLAGS.out = "runs/tpu_largest.jsonl"
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    default = "runs/tpu_largest.jsonl" if FLAGS.find_max_batch else "runs/tpu_table.jsonl"
+    out = FLAGS.out or default
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     done = {}
-    if os.path.exists(FLAGS.out):
-        with open(FLAGS.out) as f:
+    if os.path.exists(out):
+        with open(out) as f:
             for line in f:
                 r = json.loads(line)
                 done[(r["cell_model"], r["cell_topology"], r["cell_remat"])] = r
@@ -150,7 +153,7 @@ def main(argv: list[str]) -> None:
                 key = (model, topology, remat)
                 if key not in done:
                     done[key] = run_cell(*key)
-                    with open(FLAGS.out, "a") as f:
+                    with open(out, "a") as f:
                         f.write(json.dumps(done[key]) + "\n")
                 print(f"{model:6} {topology:12} remat {remat:5}: {cell_text(done[key])} "
                       f"(wall {done[key]['cell_wall_s']} s)", flush=True)  # fmt: skip
